@@ -1,0 +1,1 @@
+"""Data backends (pytorch, synthetic, dali-cpu, dali-gpu) behind one registry."""

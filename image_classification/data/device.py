@@ -1,0 +1,102 @@
+"""Move uint8 CPU batches to the device and normalise them there.
+
+Images stay uint8 until they reach the device (4x less to copy than float32); the float
+conversion and the mean/std normalisation run on the device in one pass. On CUDA the next batch is
+copied on a side stream while the current one trains.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD
+
+
+class Normalize:
+    """uint8 ``[N,3,H,W]`` → float32 ``(x - 255·mean) / (255·std)`` in the requested memory format."""
+
+    def __init__(self, device: torch.device, memory_format: torch.memory_format):
+        self.memory_format = memory_format
+        self.scale = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1).to(device)
+        self.shift = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1).to(device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=self.memory_format)
+        # x*scale + shift == (x/255 - mean)/std; addcmul keeps it one kernel and preserves the layout.
+        return torch.addcmul(self.shift, images.float(), self.scale).contiguous(memory_format=self.memory_format)
+
+
+class DeviceLoader:
+    """Wraps an iterable of ``(uint8 images, int64 labels)`` CPU batches.
+
+    Yields normalised float images and labels on ``device``. ``source`` may also yield a third
+    element, a list of file paths skipped while building the batch; they are collected for
+    :meth:`take_skipped`.
+    """
+
+    def __init__(self, source: Iterable, *, device: torch.device, memory_format: torch.memory_format,
+                 length: int, num_classes: int, class_names: list[str], sampler=None):
+        self.source = source
+        self.device = device
+        self.normalize = Normalize(device, memory_format)
+        self.length = length
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.sampler = sampler
+        self._skipped: list[str] = []
+
+    def __len__(self) -> int:
+        if self.sampler is not None:
+            return -(-len(self.sampler) // self.sampler.batch_size)
+        return self.length
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start_batch)
+
+    def take_skipped(self) -> list[str]:
+        skipped, self._skipped = self._skipped, []
+        return skipped
+
+    def _to_device(self, batch):
+        images, labels, *rest = batch
+        if rest:
+            self._skipped.extend(rest[0])
+        non_blocking = self.device.type == "cuda"
+        images = images.to(self.device, non_blocking=non_blocking)
+        labels = labels.to(self.device, non_blocking=non_blocking)
+        return self.normalize(images), labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type != "cuda":
+            for batch in self.source:
+                yield self._to_device(batch)
+            return
+        yield from self._cuda_prefetch()
+
+    def _cuda_prefetch(self):
+        # One batch of lookahead on a side stream: the copy and normalisation of batch i+1 overlap
+        # the training step on batch i. Each batch carries an event so the main stream waits for
+        # exactly that batch; record_stream tells the caching allocator the tensors are also used
+        # by the main stream, so their memory is not recycled while still in use.
+        side = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        pending = None
+        for batch in self.source:
+            with torch.cuda.stream(side):
+                ready = self._to_device(batch)
+                done = torch.cuda.Event()
+                done.record(side)
+            if pending is not None:
+                yield self._hand_over(*pending, main)
+            pending = (ready, done)
+        if pending is not None:
+            yield self._hand_over(*pending, main)
+
+    @staticmethod
+    def _hand_over(batch, done, main):
+        main.wait_event(done)
+        for tensor in batch:
+            tensor.record_stream(main)
+        return batch

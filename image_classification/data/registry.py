@@ -1,0 +1,96 @@
+"""Data backend registry and the contract every backend fulfils.
+
+A backend turns a :class:`LoaderConfig` into a :class:`Loader`: an iterable of
+``(images, labels)`` batches that are already on ``config.device`` -- images float32, normalised
+with the ImageNet mean/std, ``[N, 3, H, W]`` in ``config.memory_format``; labels int64 ``[N]``.
+MixUp/CutMix and one-hot targets are the engine's business, not the backend's.
+
+Sharding and epoch length follow ``image_classification.data.sampling`` for every backend, so the
+LR schedule and the checkpoints mean the same thing whichever backend produced the batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+from image_classification.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
+AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    data_dir: str | None          # ImageFolder root holding train/ and val/ (None for synthetic)
+    image_size: int               # training crop / validation crop
+    val_resize_size: int          # validation: resize the shorter side to this, then center crop
+    batch_size: int               # per process
+    workers: int
+    prefetch: int
+    interpolation: str
+    augmentation: str             # one of AUGMENTATIONS
+    memory_format: torch.memory_format
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0                 # always set: main draws one when --seed is not given
+    num_classes: int = 1000       # synthetic only; folders decide it otherwise
+    synthetic_epoch_size: int = 0  # synthetic only: samples per epoch (0 = backend default)
+
+
+class Loader(Protocol):
+    """What the engine needs from a backend's loader."""
+
+    num_classes: int
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        """Batches this process yields per epoch."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's shuffle and skip the first ``start_batch`` batches (mid-epoch resume)."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ...
+
+    def take_skipped(self) -> list[str]:
+        """Files skipped as unreadable since the last call (and forget them)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    train_loader: Callable[[LoaderConfig], Loader]
+    val_loader: Callable[[LoaderConfig], Loader]
+    description: str = ""
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register(name: str, factory: Callable[[], Backend]) -> None:
+    """Register a backend lazily: ``factory`` runs only when the backend is chosen, so an optional
+    dependency (DALI) is imported only by the runs that use it."""
+    _BACKENDS[name] = factory
+
+
+def names() -> list[str]:
+    _ensure_loaded()
+    return list(_BACKENDS)
+
+
+def get(name: str) -> Backend:
+    _ensure_loaded()
+    try:
+        factory = _BACKENDS[name]
+    except KeyError:
+        raise UserError(f"unknown --data-backend {name!r}; choose one of: {', '.join(_BACKENDS)}") from None
+    return factory()
+
+
+def _ensure_loaded() -> None:
+    from image_classification.data import backends  # noqa: F401  (registers the built-in backends)

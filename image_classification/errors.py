@@ -1,0 +1,9 @@
+"""The one exception type that reaches the user as a single line instead of a traceback."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, bad file, bad dataset).
+
+    Entry points catch it and print ``error: <message>`` with exit status 2; everything else
+    is a bug and keeps its traceback.
+    """

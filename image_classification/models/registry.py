@@ -1,0 +1,66 @@
+"""Name → model builder registry.
+
+Every architecture registers a :class:`ModelSpec`. The command line validates ``--arch`` and the
+model flags against the spec, so a flag that does not apply to a family (``--fused_se`` for an
+EfficientNet) is a clear error instead of being silently ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from image_classification.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    builder: Callable[..., nn.Module]
+    default_image_size: int
+    # Keyword arguments `builder` accepts, besides num_classes; used to validate model flags.
+    options: frozenset[str] = frozenset()
+    # Per-architecture defaults for those options (e.g. dropout 0.2 for B0, 0.4 for B4).
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # Name used by the reference's torch.hub entry point, e.g. "nvidia_resnet50".
+    hub_name: str | None = None
+
+    def build(self, num_classes: int = 1000, **options: Any) -> nn.Module:
+        unknown = set(options) - self.options
+        if unknown:
+            raise UserError(
+                f"--arch {self.name} does not take model option(s) {', '.join(sorted(unknown))}; "
+                f"it takes: {', '.join(sorted(self.options)) or 'none'}"
+            )
+        kwargs = {**self.defaults, **{k: v for k, v in options.items() if v is not None}}
+        return self.builder(num_classes=num_classes, **kwargs)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_loaded() -> None:
+    # Importing the family modules registers their architectures.
+    from image_classification.models import efficientnet, resnet  # noqa: F401
+
+
+def names() -> list[str]:
+    _ensure_loaded()
+    return list(_REGISTRY)
+
+
+def get(name: str) -> ModelSpec:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown --arch {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
