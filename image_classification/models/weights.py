@@ -1,0 +1,226 @@
+"""Loading weight files into models, shared by every family.
+
+Files are always read with ``weights_only=True``: a weights file is untrusted input and must not
+be able to run code. Checkpoints from the reference (``{"state_dict": ...}``), torchvision's
+reference scripts (``{"model": ...}``), DDP (``module.``) and torch.compile (``_orig_mod.``) are
+unwrapped here; key renames that depend on the target model live in :func:`adapt_state_dict`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from image_classification.errors import UserError
+
+StateDict = dict[str, torch.Tensor]
+# fn(state_dict, target_keys) -> converted state dict, or the input unchanged if it does not apply.
+Converter = Callable[[StateDict, set[str]], StateDict]
+
+_CONVERTERS: dict[str, list[Converter]] = {}
+
+_WRAPPER_KEYS = ("state_dict", "model")  # reference checkpoints, torchvision reference checkpoints
+_PREFIXES = ("module.", "_orig_mod.")
+_LAYER_RE = re.compile(r"^layer(\d+)\.")
+_SE_SUFFIXES = ("squeeze.weight", "expand.weight")
+_UNSAFE_GLOBAL_RE = re.compile(r"Unsupported (?:global|class): (?:GLOBAL )?([\w.]+)")
+
+
+def register_converter(family: str, fn: Converter) -> Converter:
+    """Add a key converter for a model family (e.g. torchvision EfficientNet -> ours).
+
+    Converters run in registration order after the generic ``layerN`` rename and before the SE
+    reshape. They must return every entry they were given (renamed or not): dropping keys would
+    hide a mismatch that the strict load is there to report.
+    """
+    _CONVERTERS.setdefault(family, []).append(fn)
+    return fn
+
+
+# ---------------------------------------------------------------- reading a file
+
+def load_state_dict_file(path: str, key: str | None = None) -> StateDict:
+    """Read a weights file or training checkpoint and return a plain ``name -> tensor`` dict."""
+    obj = _read(path)
+    state_dict = _unwrap(obj, path, key)
+    return strip_prefixes(state_dict, path)
+
+
+def _read(path: str) -> object:
+    if not os.path.exists(path):
+        raise UserError(f"weights file {path} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"weights file {path} is a directory, not a file")
+    try:
+        # torchvision's reference checkpoints store their args as an argparse.Namespace: a plain
+        # attribute bag, safe to rebuild, so it is the one class allowed beyond torch's defaults.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = _UNSAFE_GLOBAL_RE.search(str(exc))
+        if unsafe:
+            raise UserError(
+                f"weights file {path} holds a {unsafe.group(1)} object, which would need unsafe "
+                f"unpickling; re-save it as a plain state_dict of tensors"
+            ) from None
+        raise UserError(f"weights file {path} is not a readable PyTorch file "
+                        f"(corrupt, or not saved by torch.save)") from None
+    except PermissionError:
+        raise UserError(f"weights file {path} cannot be read: permission denied") from None
+    except (RuntimeError, EOFError, ValueError, OSError, TypeError, KeyError,
+            AttributeError, IndexError) as exc:
+        detail = f": {_first_sentence(exc)}" if isinstance(exc, RuntimeError) else ""
+        raise UserError(f"weights file {path} is not a readable PyTorch file "
+                        f"(truncated or corrupt?){detail}") from None
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip().split(". ")[0].splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _unwrap(obj: object, path: str, key: str | None) -> Mapping[str, object]:
+    """Pick the state dict out of a checkpoint: ``key`` if given, else a known wrapper entry."""
+    if not isinstance(obj, Mapping):
+        raise UserError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
+    if key is not None:
+        if key not in obj:
+            raise UserError(f"weights file {path} has no entry {key!r}; "
+                            f"it has: {', '.join(map(str, list(obj)[:10]))}")
+        obj = obj[key]
+    else:
+        for wrapper in _WRAPPER_KEYS:
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise UserError(f"weights file {path} does not contain a state dict"
+                        + (f" under {key!r}" if key else ""))
+    bad = next((k for k, v in obj.items() if not isinstance(k, str)
+                or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise UserError(f"weights file {path} is not a state dict: entry {bad!r} is not a tensor "
+                        f"(entries: {', '.join(map(str, list(obj)[:10]))})")
+    return obj
+
+
+def strip_prefixes(state_dict: Mapping[str, object], path: str) -> StateDict:
+    """Drop leading ``module.`` (DDP) and ``_orig_mod.`` (torch.compile), in any nesting."""
+    out: StateDict = {}
+    for name, tensor in state_dict.items():
+        new = name
+        while new.startswith(_PREFIXES):
+            new = new.split(".", 1)[1]
+        if new in out:
+            raise UserError(f"weights file {path} has key {new!r} twice (with and without a "
+                            f"module./_orig_mod. prefix)")
+        out[new] = tensor  # type: ignore[assignment]
+    return out
+
+
+# ---------------------------------------------------------------- matching a model
+
+def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                     family: str | None = None) -> StateDict:
+    """Rename/reshape keys so a file from NGC, torchvision or ourselves fits ``model``.
+
+    Rules, in order: ``layerN.`` -> ``layers.(N-1).`` (NGC 20.06 files and torchvision ResNets),
+    the family's registered converters, then SE squeeze/expand weights reshaped between Linear
+    ``[out, in]`` and 1x1 conv ``[out, in, 1, 1]`` to whatever the model uses. A key is renamed
+    only when the new name exists in the model and the old one does not; nothing is dropped.
+    """
+    target = model.state_dict()
+    target_keys = set(target)
+    out = _rename_layers(dict(state_dict), target_keys)
+    for converter in _CONVERTERS.get(family or getattr(model, "family", ""), []):
+        converted = converter(out, target_keys)
+        if len(converted) != len(out):
+            raise ValueError(f"weight converter {converter.__name__} changed the number of "
+                             f"entries ({len(out)} -> {len(converted)}); "
+                             f"converters must not drop keys")
+        out = dict(converted)
+    return _reshape_se(out, target)
+
+
+def _rename_layers(state_dict: StateDict, target_keys: set[str]) -> StateDict:
+    out: StateDict = {}
+    for name, tensor in state_dict.items():
+        new = name
+        match = _LAYER_RE.match(name)
+        if match and name not in target_keys and int(match.group(1)) >= 1:
+            candidate = f"layers.{int(match.group(1)) - 1}.{name[match.end():]}"
+            if candidate in target_keys:
+                new = candidate
+        out[new] = tensor
+    return out
+
+
+def _reshape_se(state_dict: StateDict, target: Mapping[str, torch.Tensor]) -> StateDict:
+    out: StateDict = {}
+    for name, tensor in state_dict.items():
+        want = target.get(name)
+        if (want is not None and name.endswith(_SE_SUFFIXES) and want.shape != tensor.shape
+                and want.numel() == tensor.numel() and {tensor.dim(), want.dim()} == {2, 4}):
+            tensor = tensor.reshape(want.shape)
+        out[name] = tensor
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+def load_pretrained(model: nn.Module, path: str, family: str | None = None,
+                    key: str | None = None, arch: str | None = None) -> None:
+    """Load ``path`` into ``model`` strictly; any mismatch is one UserError line saying what."""
+    load_state_dict_into(model, load_state_dict_file(path, key), source=path, family=family, arch=arch)
+
+
+def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str,
+                         family: str | None = None, arch: str | None = None) -> None:
+    """Adapt ``state_dict`` (NGC / torchvision / ours) to ``model`` and load it strictly."""
+    state_dict = adapt_state_dict(strip_prefixes(state_dict, source), model, family)
+    arch = arch or getattr(model, "arch", None) or type(model).__name__
+    problem = describe_mismatch(state_dict, model.state_dict())
+    if problem:
+        raise UserError(f"weights in {source} do not fit --arch {arch}: {problem}")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # anything the key/shape check above did not foresee
+        raise UserError(f"weights in {source} do not fit --arch {arch}: "
+                        f"{_first_sentence(exc)}") from None
+
+
+def describe_mismatch(state_dict: Mapping[str, torch.Tensor],
+                      target: Mapping[str, torch.Tensor]) -> str:
+    """Summarise missing/unexpected keys and shape mismatches; empty string when they fit."""
+    missing = [k for k in target if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in target]
+    shapes = [k for k in target if k in state_dict and state_dict[k].shape != target[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        hint = _classes_hint(shapes, state_dict, target)
+        more = f" and {len(shapes) - 1} more" if len(shapes) > 1 and not hint else ""
+        parts.append(f"shape mismatch at {k}: file {list(state_dict[k].shape)} vs model "
+                     f"{list(target[k].shape)}{more}{hint}")
+    return ", ".join(parts)
+
+
+def _classes_hint(shapes: list[str], state_dict: Mapping[str, torch.Tensor],
+                  target: Mapping[str, torch.Tensor]) -> str:
+    """Suggest --num-classes when the classifier's output size is the only shape that differs."""
+    weight = next((k for k in shapes if k.endswith("fc.weight")), None)
+    if weight is None or any(k not in (weight, weight[:-len("weight")] + "bias") for k in shapes):
+        return ""
+    file_shape, model_shape = state_dict[weight].shape, target[weight].shape
+    if len(file_shape) == 2 and len(model_shape) == 2 and file_shape[1] == model_shape[1]:
+        return f" (use --num-classes {file_shape[0]})"
+    return ""
