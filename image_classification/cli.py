@@ -1,0 +1,252 @@
+"""``main.py``: parse flags, build the runtime, data, model and engine, then train or evaluate."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from image_classification import checkpoint, config, distributed, models, runtime
+from image_classification.data import registry as data_registry
+from image_classification.data.registry import LoaderConfig
+from image_classification.engine import loop, trainer
+from image_classification.engine.ema import ModelEma
+from image_classification.engine.losses import SmoothedCrossEntropy
+from image_classification.engine.optim import build_optimizer
+from image_classification.engine.schedules import build_scheduler
+from image_classification.engine.trainer import TrainComponents
+from image_classification.errors import UserError
+from image_classification.models import weights
+from image_classification.reporting.reporter import Reporter
+
+
+def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> int:
+    """Entry point; returns the exit status. User errors print one line and return 2."""
+    try:
+        args = config.parse_args(argv, defaults)
+        config.validate(args)
+        return run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+
+
+def run(args) -> int:
+    context = distributed.context_from_env()
+    device = runtime.select_device(args.device, context.local_rank)
+    rt = runtime.build_runtime(device=device, amp=args.amp, amp_dtype=args.amp_dtype,
+                               memory_format=args.memory_format, tf32=args.tf32)
+    if args.gpu_affinity != "none" and device.type == "cuda":
+        from image_classification.affinity import set_affinity
+        set_affinity(device.index, args.gpu_affinity)
+    distributed.init(context, device)
+    seed = _shared_seed(args.seed, device)
+    runtime.seed_everything(seed + context.rank)
+    if args.static_loss_scale != 1.0 and not rt.uses_grad_scaler:
+        print("warning: --static-loss-scale only applies to fp16 AMP (--amp on CUDA); ignored", file=sys.stderr)
+
+    spec = models.get(args.arch)
+    image_size = args.image_size or spec.default_image_size
+    train_loader, val_loader = _build_loaders(args, spec, image_size, rt, context, seed)
+    num_classes, class_names = _resolve_classes(args, train_loader or val_loader)
+    resume = checkpoint.load(args.resume) if args.resume else None
+
+    model = spec.build(num_classes=num_classes, **config.model_options(args))
+    _load_initial_weights(model, args, spec, resume)
+    model = model.to(device, memory_format=rt.memory_format)
+
+    reporter = Reporter(str(Path(args.workspace) / args.raport_file), enabled=context.is_main, topk=args.topk)
+    try:
+        reporter.log("PARAMETER", {**vars(args), "seed": seed, "image_size": image_size, "num_classes": num_classes,
+                                   "world_size": context.world_size, "device": str(device),
+                                   "precision": rt.precision_name})
+        if args.evaluate:
+            return _evaluate(args, model, val_loader, rt, resume, reporter)
+        return _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
+                      class_names=class_names, seed=seed)
+    finally:
+        reporter.close()
+
+
+def _shared_seed(seed: int | None, device: torch.device) -> int:
+    """The user's seed, or a random one chosen by rank 0: every rank must shuffle identically."""
+    if seed is not None:
+        return seed
+    value = torch.tensor([random.SystemRandom().randrange(2**31)], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(value, src=0)
+    return int(value.item())
+
+
+def _build_loaders(args, spec, image_size: int, rt: runtime.Runtime, context, seed: int):
+    backend = data_registry.get(args.data_backend)
+    loader_config = LoaderConfig(
+        data_dir=args.data, image_size=image_size, val_resize_size=args.val_resize_size or image_size + 32,
+        batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch, interpolation=args.interpolation,
+        augmentation=args.augmentation, memory_format=rt.memory_format, device=rt.device, rank=context.rank,
+        world_size=context.world_size, seed=seed, num_classes=args.num_classes or 1000,
+        synthetic_epoch_size=args.synthetic_epoch_size)
+    train_loader = None if args.evaluate else backend.train_loader(loader_config)
+    val_loader = None if args.training_only else backend.val_loader(loader_config)
+    if train_loader is not None and len(train_loader) == 0:
+        raise UserError(f"the training set gives no full batch of {args.batch_size} per process "
+                        f"({context.world_size} process(es)); lower --batch-size")
+    return train_loader, val_loader
+
+
+def _resolve_classes(args, loader) -> tuple[int, list[str]]:
+    found = loader.num_classes
+    if args.num_classes is not None and args.num_classes != found and args.data_backend != "synthetic":
+        raise UserError(f"--num-classes {args.num_classes} but the dataset has {found} classes")
+    if args.mixup > 0 and found < 2:
+        raise UserError(f"--mixup needs at least 2 classes; the dataset has {found}")
+    return found, list(loader.class_names)
+
+
+def _load_initial_weights(model: nn.Module, args, spec, resume: dict | None) -> None:
+    if resume is not None:
+        if resume.get("arch", args.arch) != args.arch:
+            raise UserError(f"{args.resume} was trained with --arch {resume['arch']}, not --arch {args.arch}")
+        weights.load_state_dict_into(model, resume["state_dict"], source=args.resume, arch=args.arch)
+    elif args.pretrained_from_file:
+        weights.load_pretrained(model, args.pretrained_from_file, family=spec.family, arch=args.arch)
+    elif args.pretrained:
+        from image_classification.models.published import download_weights
+        weights.load_pretrained(model, download_weights(args.arch), family=spec.family, arch=args.arch)
+
+
+def _evaluate(args, model, val_loader, rt, resume, reporter) -> int:
+    criterion = SmoothedCrossEntropy(args.label_smoothing)
+    metrics = trainer.validate(model, val_loader, runtime=rt, criterion=criterion, topk=args.topk, prof=args.prof,
+                               print_freq=args.print_freq, log=reporter.log, progress=reporter.progress)
+    if resume is not None and resume.get("state_dict_ema") is not None:
+        ema_model = _ema_from_checkpoint(model, resume)
+        metrics.update(trainer.validate(ema_model, val_loader, runtime=rt, criterion=criterion, topk=args.topk,
+                                        prefix="val_ema", prof=args.prof, progress=reporter.progress))
+    reporter.log([], metrics)
+    return 0
+
+
+def _ema_from_checkpoint(model: nn.Module, resume: dict) -> nn.Module:
+    ema = ModelEma(model, decay=0.0)
+    weights.load_state_dict_into(ema.module, resume["state_dict_ema"], source="state_dict_ema of the checkpoint")
+    return ema.module
+
+
+def _train(args, model, train_loader, val_loader, rt, context, resume, reporter, *, class_names, seed) -> int:
+    steps = config.accumulation_steps(args.optimizer_batch_size, args.batch_size, context.world_size)
+    optimizer = build_optimizer(model, name=args.optimizer, lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay, nesterov=args.nesterov,
+                                bn_weight_decay=args.bn_weight_decay, rmsprop_alpha=args.rmsprop_alpha,
+                                rmsprop_eps=args.rmsprop_eps)
+    steps_per_epoch = -(-len(train_loader) // steps)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, granularity=args.lr_granularity,
+                                base=args.lr, policy=args.lr_schedule, epochs=args.epochs, warmup=args.warmup,
+                                end_lr=args.end_lr, milestones=args.lr_milestones, gamma=args.lr_gamma)
+    scaler = rt.grad_scaler(args.static_loss_scale)
+    state = loop.RunState()
+    ema = ModelEma(model, args.use_ema) if args.use_ema else None
+    if resume is not None:
+        state = _restore(resume, optimizer, scaler, ema, context)
+    _seek_schedule(scheduler, state, steps_per_epoch, steps)
+    if state.epoch >= args.epochs:
+        reporter.message(f"{args.resume} has already completed {state.epoch} of --epochs {args.epochs}; "
+                         "nothing to train")
+        return 0
+
+    module = torch.jit.script(model) if args.jit == "script" else model
+    parts = TrainComponents(
+        model=_wrap_distributed(module, rt.device, context), module=module, optimizer=optimizer,
+        scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
+        accumulation_steps=steps, ema=ema, batch_transform=_batch_transform(args, train_loader.num_classes),
+        world_size=context.world_size)
+    stop = loop.GracefulStop(rt.device)
+
+    def save(run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
+        rng = _gather_rng_states()
+        if context.is_main and args.save_checkpoints:
+            checkpoint.save(_checkpoint_state(parts, run_state, args, class_names, rng, seed), args.workspace,
+                            epoch_index=epoch_index, is_best=is_best, filename=args.checkpoint_filename,
+                            keep=args.gather_checkpoints)
+
+    try:
+        state = loop.fit(parts, train_loader, val_loader, state, epochs=args.epochs, run_epochs=args.run_epochs,
+                         patience=args.early_stopping_patience, print_freq=args.print_freq, prof=args.prof,
+                         topk=args.topk, training_only=args.training_only,
+                         criterion_val=SmoothedCrossEntropy(args.label_smoothing), reporter=reporter, save=save,
+                         stop=stop)
+    finally:
+        stop.restore()
+    summary = {"epochs_completed": state.epoch}
+    if not args.training_only:
+        summary["val.top1"] = state.best_top1
+    reporter.log([], summary)
+    return 0
+
+
+def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> loop.RunState:
+    """Load optimizer, scaler, EMA and RNG state from a checkpoint (the weights are already in)."""
+    optimizer.load_state_dict(resume["optimizer"])
+    if resume.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(resume["scaler"])
+    if ema is not None and resume.get("state_dict_ema") is not None:
+        # Without a saved EMA (reference defect 3) the EMA simply starts from the loaded weights.
+        weights.load_state_dict_into(ema.module, resume["state_dict_ema"], source="state_dict_ema of the checkpoint")
+        ema.updates = int(resume.get("ema_updates", 0))
+    rng = resume.get("rng")
+    if rng and len(rng) == context.world_size:
+        runtime.set_rng_state(rng[context.rank])
+    return loop.RunState(epoch=int(resume["epoch"]), step_in_epoch=int(resume.get("step_in_epoch", 0)),
+                         best_top1=float(resume.get("best_prec1", 0.0)),
+                         epochs_since_best=int(resume.get("epochs_since_best", 0)))
+
+
+def _seek_schedule(scheduler, state: loop.RunState, steps_per_epoch: int, accumulation: int) -> None:
+    """Put the LR schedule at the optimizer step the run state points to (derived, not stored,
+    so a resume with another batch size still lands on the right epoch)."""
+    position = state.epoch * steps_per_epoch + -(-state.step_in_epoch // accumulation)
+    if position:
+        scheduler.last_epoch = position - 1
+        scheduler.step()
+
+
+def _wrap_distributed(model: nn.Module, device: torch.device, context) -> nn.Module:
+    if not context.enabled:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def _batch_transform(args, num_classes: int):
+    if args.mixup <= 0:
+        return None
+    from torchvision.transforms import v2
+    return v2.MixUp(alpha=args.mixup, num_classes=num_classes)
+
+
+def _gather_rng_states() -> list[dict]:
+    state = runtime.rng_state()
+    if not torch.distributed.is_initialized():
+        return [state]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _checkpoint_state(parts: TrainComponents, state: loop.RunState, args, class_names, rng, seed) -> dict:
+    saved = {
+        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "best_prec1": state.best_top1,
+        "epochs_since_best": state.epochs_since_best, "arch": args.arch, "num_classes": len(class_names),
+        "class_names": class_names, "state_dict": parts.module.state_dict(),
+        "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
+        "config": {**vars(args), "seed": seed},
+    }
+    if parts.ema is not None:
+        saved.update(state_dict_ema=parts.ema.state_dict(), ema_updates=parts.ema.updates)
+    return saved

@@ -1,0 +1,270 @@
+"""Every command-line flag of ``main.py``, defined once.
+
+Names, defaults and meanings follow the reference ``main.py`` (see README "Flags"); flags the
+reference lacks follow its dash style. Model flags accept both the reference's underscore spelling
+(``--num_classes``) and dashes (``--num-classes``). ``launch.py`` feeds ``configs.yml`` presets in
+as parser defaults, so an explicit flag on the command line always wins.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+from image_classification.errors import UserError
+
+DATA_BACKENDS = ("pytorch", "synthetic", "dali-cpu", "dali-gpu")
+LR_SCHEDULES = ("step", "linear", "cosine")
+AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment")
+GPU_AFFINITIES = ("none", "socket", "socket_single", "socket_single_unique",
+                  "socket_unique_interleaved", "socket_unique_contiguous")
+
+def str2bool(text: str | bool) -> bool:
+    """Parse true/false/1/0/yes/no (the reference parsed every string, even "False", as True)."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _choice_with_none(choices: Sequence[str]):
+    """``--augmentation None`` (the reference's spelling) means ``none``."""
+    def parse(text: str) -> str:
+        value = "none" if text in ("None", "") else text.lower()
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
+        return value
+    return parse
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("data", metavar="DIR", nargs="?", default=None,
+                       help="dataset root with train/ and val/ in ImageFolder layout "
+                            "(not needed with --data-backend synthetic)")
+    group.add_argument("--data-backend", metavar="BACKEND", default="dali-cpu", choices=DATA_BACKENDS,
+                       help=f"data loader: {' | '.join(DATA_BACKENDS)} (default: dali-cpu)")
+    group.add_argument("--interpolation", metavar="INTERPOLATION", default="bilinear",
+                       choices=("bilinear", "bicubic", "triangular"),
+                       help="resize filter: bilinear | bicubic | triangular (DALI only) (default: bilinear)")
+    group.add_argument("-j", "--workers", default=5, type=int, metavar="N",
+                       help="data loading workers (DALI: threads) per process (default: 5)")
+    group.add_argument("--prefetch", default=2, type=positive_int, metavar="N",
+                       help="batches each worker loads ahead (pytorch backend) (default: 2)")
+    group.add_argument("--image-size", default=None, type=positive_int, metavar="PX",
+                       help="training and validation crop size (default: the architecture's, e.g. 224; B4 380)")
+    group.add_argument("--val-resize-size", default=None, type=positive_int, metavar="PX",
+                       help="validation: resize the shorter side to PX, then center crop "
+                            "(default: image size + 32, e.g. 256 for 224)")
+    group.add_argument("--augmentation", type=_choice_with_none(AUGMENTATIONS), default="none",
+                       metavar="POLICY", help=f"extra training augmentation: {' | '.join(AUGMENTATIONS)} (default: none)")
+    group.add_argument("--synthetic-epoch-size", default=0, type=int, metavar="N",
+                       help="synthetic backend: images per epoch (default: 64 batches per process)")
+
+
+def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--epochs", default=90, type=positive_int, metavar="N", help="total epochs (default: 90)")
+    group.add_argument("--run-epochs", default=-1, type=int, metavar="N",
+                       help="run at most N epochs in this invocation, then stop (default: -1, all)")
+    group.add_argument("--early-stopping-patience", default=-1, type=int, metavar="N",
+                       help="stop after N epochs without a new best val top-1 (default: -1, off)")
+    group.add_argument("-b", "--batch-size", default=256, type=positive_int, metavar="N",
+                       help="batch size per process (per GPU) (default: 256)")
+    group.add_argument("--optimizer-batch-size", default=-1, type=int, metavar="N",
+                       help="global batch per optimizer step, reached by gradient accumulation "
+                            "(default: -1, batch size x processes)")
+    group.add_argument("--lr", "--learning-rate", default=0.1, type=non_negative_float, metavar="LR",
+                       dest="lr", help="base learning rate (default: 0.1)")
+    group.add_argument("--lr-schedule", default="step", choices=LR_SCHEDULES, metavar="SCHEDULE",
+                       help=f"learning rate policy: {' | '.join(LR_SCHEDULES)} (default: step)")
+    group.add_argument("--end-lr", default=0.0, type=non_negative_float, metavar="LR",
+                       help="cosine schedule floor (default: 0)")
+    group.add_argument("--warmup", default=0, type=int, metavar="E", help="linear warmup epochs (default: 0)")
+    group.add_argument("--lr-milestones", default=[30, 60, 80], type=int, nargs="+", metavar="E",
+                       help="step schedule: epochs at which the LR is multiplied by --lr-gamma (default: 30 60 80)")
+    group.add_argument("--lr-gamma", default=0.1, type=non_negative_float, metavar="G",
+                       help="step schedule: LR factor at each milestone (default: 0.1)")
+    group.add_argument("--lr-granularity", default="epoch", choices=("epoch", "iteration"),
+                       help="epoch: LR constant within an epoch, as the reference (published results); "
+                            "iteration: LR updated every optimizer step (default: epoch)")
+    group.add_argument("--label-smoothing", default=0.0, type=non_negative_float, metavar="S",
+                       help="label smoothing epsilon (default: 0.0)")
+    group.add_argument("--mixup", default=0.0, type=non_negative_float, metavar="ALPHA",
+                       help="MixUp alpha, 0 = off (default: 0.0)")
+    group.add_argument("--optimizer", default="sgd", choices=("sgd", "rmsprop"), help="optimizer (default: sgd)")
+    group.add_argument("--momentum", default=0.9, type=non_negative_float, metavar="M", help="momentum (default: 0.9)")
+    group.add_argument("--weight-decay", "--wd", default=1e-4, type=non_negative_float, metavar="W",
+                       dest="weight_decay", help="weight decay (default: 1e-4)")
+    group.add_argument("--bn-weight-decay", action="store_true",
+                       help="also apply weight decay to BatchNorm weights and biases (default: off)")
+    group.add_argument("--rmsprop-alpha", default=0.9, type=non_negative_float, metavar="A",
+                       help="RMSprop smoothing constant (default: 0.9)")
+    group.add_argument("--rmsprop-eps", default=1e-3, type=non_negative_float, metavar="EPS",
+                       help="RMSprop epsilon, added outside the square root as in PyTorch (default: 1e-3)")
+    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum for SGD (default: off)")
+    group.add_argument("--use-ema", default=None, type=non_negative_float, metavar="DECAY",
+                       help="keep an exponential moving average of the weights with this decay and "
+                            "validate it each epoch as val_ema.* (default: off)")
+
+
+def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("precision and performance")
+    group.add_argument("--amp", action="store_true",
+                       help="automatic mixed precision: fp16 + dynamic loss scaling on CUDA, bf16 on CPU")
+    group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
+                       help="autocast dtype for --amp (default: float16 on CUDA, bfloat16 on CPU)")
+    group.add_argument("--static-loss-scale", default=1.0, type=float, metavar="S",
+                       help="initial scale of the dynamic loss scaler (fp16 AMP only) (default: 1)")
+    group.add_argument("--tf32", default=True, type=str2bool, metavar="BOOL",
+                       help="allow TF32 matmuls and convolutions on Ampere+ GPUs; false for strict FP32 (default: true)")
+    group.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
+                       help="nhwc: channels_last model and inputs (default: nchw)")
+    group.add_argument("--jit", default="no", choices=("no", "script"), help="torch.jit.script the model (default: no)")
+    group.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                       help="auto: CUDA when available, else CPU (default: auto)")
+    group.add_argument("--gpu-affinity", default="none", choices=GPU_AFFINITIES,
+                       help="pin each process to CPU cores near its GPU (needs pynvml) (default: none)")
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run control, checkpoints and logging")
+    group.add_argument("--arch", "-a", default="resnet50", metavar="ARCH",
+                       help="model architecture, see README for the list (default: resnet50)")
+    group.add_argument("--print-freq", "-p", default=10, type=positive_int, metavar="N",
+                       help="log every N iterations (default: 10)")
+    group.add_argument("--resume", default=None, metavar="PATH", help="continue from this training checkpoint")
+    group.add_argument("--prof", default=-1, type=int, metavar="N",
+                       help="stop each train/val phase after N iterations (default: -1, off)")
+    group.add_argument("--seed", default=None, type=int, metavar="S",
+                       help="random seed; the same seed gives the same run (default: random)")
+    group.add_argument("--gather-checkpoints", default=0, type=int, metavar="N",
+                       help="per-epoch checkpoint_XXXX.pth.tar files to keep: 0 = none (only the last "
+                            "and best copies), -1 = all, N = the last N (default: 0)")
+    group.add_argument("--raport-file", default="experiment_raport.json", metavar="FILE",
+                       help="DLLogger JSON-lines log, written inside --workspace (default: experiment_raport.json)")
+    group.add_argument("--evaluate", action="store_true", help="only evaluate the model on the validation set")
+    group.add_argument("--training-only", action="store_true", help="skip validation")
+    group.add_argument("--no-checkpoints", action="store_false", dest="save_checkpoints",
+                       help="do not write checkpoints")
+    group.add_argument("--checkpoint-filename", default="checkpoint.pth.tar", metavar="NAME",
+                       help="name of the latest-checkpoint copy (default: checkpoint.pth.tar)")
+    group.add_argument("--workspace", default="./", metavar="DIR", help="output directory (default: ./)")
+    group.add_argument("--topk", default=5, type=positive_int, metavar="K",
+                       help="second accuracy metric, reported as val.top{K} (default: 5)")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (defaults come from --arch)")
+    group.add_argument("--num-classes", "--num_classes", dest="num_classes", default=None, type=positive_int,
+                       metavar="N", help="output classes (default: the dataset's; 1000 for synthetic data)")
+    group.add_argument("--pretrained-from-file", default=None, metavar="PATH",
+                       help="initialise from this weights file (our, NGC or torchvision format)")
+    group.add_argument("--pretrained", action="store_true",
+                       help="download published weights (needs network access; prefer --pretrained-from-file)")
+    flag = dict(nargs="?", const=True, default=None, type=str2bool, metavar="BOOL")
+    group.add_argument("--last-bn-0-init", "--last_bn_0_init", dest="last_bn_0_init",
+                       help="ResNet: zero-init the last BN of each block", **flag)
+    group.add_argument("--trt", help="SE as 1x1 convolutions (TensorRT-friendly export)", **flag)
+    group.add_argument("--fused-se", "--fused_se", dest="fused_se",
+                       help="ResNet: fuse the SE multiply with the residual add", **flag)
+    group.add_argument("--conv-init", "--conv_init", dest="conv_init", default=None,
+                       choices=("fan_in", "fan_out"), help="Kaiming init mode of convolutions (default: fan_in)")
+    group.add_argument("--bn-momentum", "--bn_momentum", dest="bn_momentum", default=None, type=float,
+                       metavar="M", help="EfficientNet: BatchNorm momentum (default: 0.01)")
+    group.add_argument("--bn-epsilon", "--bn_epsilon", dest="bn_epsilon", default=None, type=float,
+                       metavar="EPS", help="EfficientNet: BatchNorm epsilon (default: 1e-3)")
+    group.add_argument("--dropout", default=None, type=float, metavar="P",
+                       help="EfficientNet: dropout before the classifier (default: per variant, B0 0.2, B4 0.4)")
+    group.add_argument("--survival-prob", "--survival_prob", dest="survival_prob", default=None, type=float,
+                       metavar="P", help="EfficientNet: stochastic depth survival probability of the last "
+                                         "block (default: per variant; 1.0 = off)")
+
+
+# Model flags forwarded to ModelSpec.build. They default to None ("the architecture's default");
+# the ModelSpec decides which of them a family accepts.
+MODEL_OPTION_DESTS = ("last_bn_0_init", "trt", "fused_se", "conv_init", "bn_momentum", "bn_epsilon",
+                      "dropout", "survival_prob")
+
+
+def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train or evaluate an image classifier (ResNet v1.5 / EfficientNet family).",
+        formatter_class=argparse.HelpFormatter)
+    _add_data_flags(parser)
+    _add_optimization_flags(parser)
+    _add_precision_flags(parser)
+    _add_run_flags(parser)
+    _add_model_flags(parser)
+    return parser
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The model flags the user (or a preset) actually set."""
+    return {dest: getattr(args, dest) for dest in MODEL_OPTION_DESTS if getattr(args, dest) is not None}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Reject flag combinations that cannot work, with one line each (dataset-dependent checks
+    happen once the data is known)."""
+    if args.data is None and args.data_backend != "synthetic":
+        raise UserError(f"--data-backend {args.data_backend} needs the dataset directory DIR "
+                        "(or use --data-backend synthetic)")
+    if args.evaluate and args.training_only:
+        raise UserError("--evaluate and --training-only exclude each other")
+    if args.label_smoothing >= 1:
+        raise UserError(f"--label-smoothing must be below 1, got {args.label_smoothing}")
+    if args.use_ema is not None and not 0 < args.use_ema < 1:
+        raise UserError(f"--use-ema takes a decay in (0, 1), e.g. 0.9999; got {args.use_ema}")
+    if not 0 <= args.warmup < args.epochs:
+        raise UserError(f"--warmup {args.warmup} must be between 0 and --epochs - 1 ({args.epochs - 1})")
+    if args.run_epochs == 0 or args.run_epochs < -1:
+        raise UserError("--run-epochs must be a positive number of epochs or -1 (all)")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.static_loss_scale <= 0:
+        raise UserError(f"--static-loss-scale must be positive, got {args.static_loss_scale}")
+    if args.pretrained and args.pretrained_from_file:
+        raise UserError("--pretrained and --pretrained-from-file exclude each other")
+    if sorted(args.lr_milestones) != args.lr_milestones:
+        raise UserError(f"--lr-milestones must be increasing, got {args.lr_milestones}")
+
+
+def accumulation_steps(optimizer_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step so that ``batch x processes x steps == optimizer batch``."""
+    if optimizer_batch_size == -1:
+        return 1
+    per_step = batch_size * world_size
+    if optimizer_batch_size < per_step or optimizer_batch_size % per_step:
+        raise UserError(
+            f"--optimizer-batch-size {optimizer_batch_size} must be a multiple of --batch-size x processes "
+            f"= {batch_size} x {world_size} = {per_step}")
+    return optimizer_batch_size // per_step
+
+
+def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; ``defaults`` (from launch.py presets) replace the built-in defaults only."""
+    parser = build_parser()
+    if defaults:
+        unknown = set(defaults) - {action.dest for action in parser._actions}
+        if unknown:
+            raise UserError(f"unknown preset key(s): {', '.join(sorted(unknown))}")
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""Training engine: optimizer, LR schedule, loss, EMA and the train/validate loops."""

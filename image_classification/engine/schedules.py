@@ -1,0 +1,70 @@
+"""Learning-rate policies as functions of the (fractional) epoch, driven by ``LambdaLR``.
+
+With ``e`` the epoch, ``W`` the warmup epochs, ``e' = e - W`` and ``E' = epochs - W``:
+
+* warmup (``e < W``): ``base * (e + 1) / W`` for every policy;
+* step: ``base * gamma ** (number of milestones <= e)``;
+* linear: ``base * (1 - e'/E')``;
+* cosine: ``end + (base - end) * (1 + cos(pi * e'/E')) / 2`` (the last epoch stays above ``end``).
+
+By default the epoch is an integer (the LR is constant within an epoch, as in the reference's
+published runs); ``granularity="iteration"`` uses the fractional epoch of each optimizer step.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def step_policy(epoch: float, *, base: float, warmup: int, milestones: Sequence[int], gamma: float, **_) -> float:
+    if epoch < warmup:
+        return _warmup(epoch, base, warmup)
+    return base * gamma ** bisect.bisect_right(list(milestones), epoch)
+
+
+def linear_policy(epoch: float, *, base: float, warmup: int, epochs: int, **_) -> float:
+    if epoch < warmup:
+        return _warmup(epoch, base, warmup)
+    return base * (1 - (epoch - warmup) / (epochs - warmup))
+
+
+def cosine_policy(epoch: float, *, base: float, warmup: int, epochs: int, end_lr: float, **_) -> float:
+    if epoch < warmup:
+        return _warmup(epoch, base, warmup)
+    progress = (epoch - warmup) / (epochs - warmup)
+    return end_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (base - end_lr)
+
+
+def _warmup(epoch: float, base: float, warmup: int) -> float:
+    # base*(e+1)/W at whole epochs, as the reference; capped so that a fractional epoch just
+    # before W (iteration granularity) never overshoots base.
+    return base * min(1.0, (epoch + 1) / warmup)
+
+
+POLICIES: dict[str, Callable[..., float]] = {"step": step_policy, "linear": linear_policy, "cosine": cosine_policy}
+
+
+def lr_at(epoch: float, *, policy: str, base: float, epochs: int, warmup: int = 0, end_lr: float = 0.0,
+          milestones: Sequence[int] = (30, 60, 80), gamma: float = 0.1) -> float:
+    """The learning rate at ``epoch`` (fractional epochs allowed)."""
+    return POLICIES[policy](epoch, base=base, epochs=epochs, warmup=warmup, end_lr=end_lr,
+                            milestones=milestones, gamma=gamma)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, granularity: str,
+                    base: float, **policy_args) -> LambdaLR:
+    """A ``LambdaLR`` stepped once per optimizer step; its ``last_epoch`` counts optimizer steps,
+    so its state dict is the schedule position a resume needs."""
+    def factor(step: int) -> float:
+        epoch = step / steps_per_epoch
+        if granularity == "epoch":
+            epoch = math.floor(epoch)
+        return lr_at(epoch, base=base, **policy_args) / base if base else 0.0
+
+    for group in optimizer.param_groups:
+        group["initial_lr"] = base
+    return LambdaLR(optimizer, lr_lambda=factor)

@@ -1,0 +1,218 @@
+"""One training epoch and one validation pass.
+
+Hot-path rules: the loss is accumulated on the device and read back only every ``print_freq``
+iterations (the only host sync of a training step); gradients are all-reduced only on the last
+micro-batch of an accumulation group (DDP ``no_sync``); the EMA and the LR schedule advance once per
+optimizer step, not per micro-batch. Throughput is images divided by wall time, with the first
+iteration (worker start-up, cuDNN autotuning) left out.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from image_classification import distributed
+from image_classification.engine.ema import ModelEma
+from image_classification.runtime import Runtime
+
+
+@dataclass
+class StepOutcome:
+    """How a training epoch ended."""
+    batches_done: int           # batches of this epoch completed (including those before a resume)
+    interrupted: bool = False   # stopped early by a signal (checkpoint must record batches_done)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainComponents:
+    model: nn.Module                 # what runs forward/backward (DDP-wrapped when distributed)
+    module: nn.Module                # the plain model (EMA source, checkpoints)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    runtime: Runtime
+    accumulation_steps: int = 1
+    ema: ModelEma | None = None
+    batch_transform: Callable | None = None   # MixUp / CutMix on device batches
+    world_size: int = 1
+
+
+class IntervalMeter:
+    """Sums since the last report, kept on the device where they are produced."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.batches = 0
+        self.images = 0
+        self.data_time = 0.0
+        self.start = time.perf_counter()
+
+
+def _no_sync(model: nn.Module, sync: bool):
+    if not sync and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int = 0, print_freq: int = 10,
+                prof: int = -1, log: Callable[[list[int], dict], None] | None = None,
+                should_stop: Callable[[], bool] = lambda: False, progress=None) -> StepOutcome:
+    """Train ``epoch`` from batch ``start_batch`` on. ``should_stop`` is polled after optimizer
+    steps; when it returns True the epoch ends early (at an accumulation-group boundary)."""
+    model, runtime = parts.model, parts.runtime
+    model.train()
+    num_batches = len(loader) + start_batch
+    steps = parts.accumulation_steps
+    loader.set_epoch(epoch, start_batch)
+    interval = IntervalMeter(runtime.device)
+    epoch_images, epoch_loss, data_wait, timed_from = 0, torch.zeros((), device=runtime.device), 0.0, None
+    batch = start_batch
+    end = time.perf_counter()
+    batches = progress(loader, len(loader), f"epoch {epoch}") if progress else loader
+    for batch, (images, target) in enumerate(batches, start=start_batch):
+        if prof > 0 and batch - start_batch >= prof:
+            break
+        waited = time.perf_counter() - end
+        group_start = batch - batch % steps
+        group_size = min(steps, num_batches - group_start)
+        last_of_group = batch == group_start + group_size - 1
+        loss = _forward_backward(parts, images, target, group_size, sync=last_of_group)
+        if last_of_group:
+            _optimizer_step(parts)
+        interval.loss += loss
+        epoch_loss += loss
+        interval.batches += 1
+        interval.images += images.shape[0]
+        interval.data_time += waited
+        if timed_from is None:  # leave the first iteration out of the throughput
+            timed_from = time.perf_counter()
+        else:
+            epoch_images += images.shape[0]
+            data_wait += waited
+        if (batch + 1) % print_freq == 0 and log is not None:
+            log([epoch, batch + 1], _interval_metrics(parts, interval))
+            interval.reset()
+        end = time.perf_counter()
+        if last_of_group and should_stop():
+            return StepOutcome(batch + 1, interrupted=batch + 1 < num_batches)
+    runtime.synchronize()
+    elapsed = time.perf_counter() - timed_from if timed_from else 0.0
+    done = batch + 1 - start_batch
+    metrics = {"train.loss": distributed.all_reduce_mean(epoch_loss / max(done, 1)).item(),
+               **_throughput("train", epoch_images * parts.world_size, elapsed, data_wait)}
+    return StepOutcome(batch + 1, metrics=metrics)
+
+
+def _forward_backward(parts: TrainComponents, images, target, group_size: int, sync: bool) -> torch.Tensor:
+    if parts.batch_transform is not None:
+        images, target = parts.batch_transform(images, target)
+    with _no_sync(parts.model, sync):
+        with parts.runtime.autocast():
+            output = parts.model(images)
+        loss = parts.criterion(output, target)
+        # Each micro-batch contributes 1/group_size of the step's gradient (a short last group
+        # at the end of an epoch is averaged over its own size).
+        parts.scaler.scale(loss / group_size).backward()
+    return loss.detach()
+
+
+def _optimizer_step(parts: TrainComponents) -> None:
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scheduler.step()
+    if parts.ema is not None:
+        parts.ema.update(parts.module)
+
+
+def _interval_metrics(parts: TrainComponents, interval: IntervalMeter) -> dict[str, float]:
+    parts.runtime.synchronize()
+    elapsed = time.perf_counter() - interval.start
+    loss = distributed.all_reduce_mean(interval.loss / interval.batches).item()
+    metrics = {"train.loss": loss,
+               **_throughput("train", interval.images * parts.world_size, elapsed, interval.data_time),
+               "train.data_time": interval.data_time / interval.batches,
+               "train.compute_time": (elapsed - interval.data_time) / interval.batches,
+               "train.lr": parts.scheduler.get_last_lr()[0]}
+    if parts.scaler.is_enabled():
+        metrics["train.grad_scale"] = parts.scaler.get_scale()
+    return metrics
+
+
+def _throughput(prefix: str, images: int, elapsed: float, data_wait: float) -> dict[str, float]:
+    if elapsed <= 0 or images == 0:
+        return {}
+    compute = max(elapsed - data_wait, 1e-9)
+    return {f"{prefix}.total_ips": images / elapsed, f"{prefix}.compute_ips": images / compute}
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, loader, *, runtime: Runtime, criterion: nn.Module, topk: int = 5,
+             prefix: str = "val", prof: int = -1, epoch: int = 0, print_freq: int = 10,
+             log: Callable[[list[int], dict], None] | None = None, progress=None) -> dict[str, float]:
+    """Top-1 / top-k accuracy (%), loss and latency over the whole validation split.
+
+    Every rank scores its own (uneven) shard; sums are all-reduced, so each image counts once.
+    Latency is measured per batch with a device sync (it is a latency measurement).
+    """
+    model.eval()
+    loader.set_epoch(epoch)
+    sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)  # loss*n, top1, topk, n
+    latencies, data_wait = [], 0.0
+    start = end = time.perf_counter()
+    batches = progress(loader, len(loader), prefix) if progress else loader
+    for batch, (images, target) in enumerate(batches):
+        if prof > 0 and batch >= prof:
+            break
+        data_wait += time.perf_counter() - end
+        compute_start = time.perf_counter()
+        with runtime.autocast():
+            output = model(images)
+        loss = criterion(output, target)
+        runtime.synchronize()
+        latencies.append(time.perf_counter() - compute_start)
+        k = min(topk, output.shape[1])
+        hits = output.topk(k, dim=1).indices.eq(target.unsqueeze(1))
+        sums += torch.stack([loss.double() * target.shape[0], hits[:, 0].sum().double(),
+                             hits.any(dim=1).sum().double(), torch.tensor(float(target.shape[0]), device=sums.device,
+                                                                          dtype=torch.float64)])
+        if log is not None and (batch + 1) % print_freq == 0:
+            log([epoch, 0, batch + 1], {f"{prefix}.compute_latency": latencies[-1]})
+        end = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    distributed.all_reduce_sum(sums)
+    loss_sum, top1, topk_hits, count = sums.tolist()
+    count = max(count, 1.0)
+    metrics = {f"{prefix}.top1": 100.0 * top1 / count, f"{prefix}.top{topk}": 100.0 * topk_hits / count,
+               f"{prefix}.loss": loss_sum / count}
+    metrics.update(_latency_metrics(prefix, latencies, int(count), elapsed, data_wait))
+    return metrics
+
+
+def _latency_metrics(prefix: str, latencies: list[float], images: int, elapsed: float, data_wait: float) -> dict:
+    if not latencies:
+        return {}
+    ordered = sorted(latencies)
+
+    def quantile(q: float) -> float:  # nearest rank
+        return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered))) - 1))]
+
+    compute = sum(latencies)
+    return {f"{prefix}.compute_latency": compute / len(latencies),
+            f"{prefix}.compute_latency_at95": quantile(0.95),
+            f"{prefix}.compute_latency_at99": quantile(0.99),
+            f"{prefix}.compute_latency_at100": ordered[-1],
+            f"{prefix}.compute_ips": images / compute if compute > 0 else 0.0,
+            f"{prefix}.total_ips": images / elapsed if elapsed > 0 else 0.0,
+            f"{prefix}.data_time": data_wait / len(latencies)}

@@ -1,0 +1,1 @@
+"""Run records: DLLogger-format JSON lines, console lines, progress bars."""

@@ -1,0 +1,122 @@
+"""Device, precision policy and seeding: decided once, here, and passed to everything else.
+
+The same code runs on CUDA and on CPU:
+
+=========  ===============================  ==================================
+``--amp``  CUDA                             CPU
+=========  ===============================  ==================================
+on         fp16 autocast + GradScaler       bf16 autocast, no scaler (bf16 has
+           (initial scale --static-loss-    fp32's exponent range, so gradients
+           scale), or bf16 with --amp-dtype do not underflow)
+off        fp32; TF32 on/off per --tf32     fp32
+=========  ===============================  ==================================
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from image_classification.errors import UserError
+
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp: bool
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+
+    @property
+    def uses_grad_scaler(self) -> bool:
+        return self.amp and self.amp_dtype == torch.float16
+
+    @property
+    def precision_name(self) -> str:
+        if not self.amp:
+            return "FP32"
+        return "AMP-fp16" if self.amp_dtype == torch.float16 else "AMP-bf16"
+
+    def autocast(self):
+        """The forward-pass context: autocast under AMP, nothing otherwise."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (only for timing; a no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def grad_scaler(self, init_scale: float) -> torch.amp.GradScaler:
+        # growth/backoff as the reference; disabled (a pass-through) unless fp16 AMP.
+        return torch.amp.GradScaler(self.device.type, init_scale=init_scale, growth_factor=2.0,
+                                    backoff_factor=0.5, growth_interval=100, enabled=self.uses_grad_scaler)
+
+
+def select_device(preference: str, local_rank: int) -> torch.device:
+    """``auto`` → CUDA device ``local_rank mod count`` when CUDA is available, else CPU."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available (use --device cpu)")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, memory_format: str,
+                  tf32: bool) -> Runtime:
+    if device.type == "cuda":
+        # Set explicitly for both precisions: torch's own defaults differ between cuDNN (on) and
+        # matmul (off), and a "FP32" run must not silently use TF32.
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
+    dtype = None
+    if amp:
+        default = "float16" if device.type == "cuda" else "bfloat16"
+        dtype = getattr(torch, amp_dtype or default)
+        if device.type == "cpu" and dtype == torch.float16:
+            raise UserError("--amp-dtype float16 is not supported on the CPU; use bfloat16")
+    return Runtime(device=device, amp=amp, amp_dtype=dtype, memory_format=MEMORY_FORMATS[memory_format])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Callers pass ``seed + global rank``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states to store in a checkpoint, so a resumed run draws the same random numbers."""
+    # NumPy's state is stored as plain ints and a tensor: torch.load(weights_only=True) refuses
+    # numpy arrays, and checkpoints are always loaded that way.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                     int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_python_state(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_python_state(state):
+    # weights_only loading returns lists where random.getstate() had tuples.
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

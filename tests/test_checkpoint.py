@@ -1,0 +1,97 @@
+"""Checkpoint files: atomic writes, retention, safe loading."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from image_classification import checkpoint
+from image_classification.errors import UserError
+
+
+def _state(epoch, size=10):
+    return {"epoch": epoch, "best_prec1": 1.0, "state_dict": {"w": torch.full((size,), float(epoch))},
+            "optimizer": {}}
+
+
+def test_save_writes_reference_files_and_loads(tmp_path):
+    written = checkpoint.save(_state(1), tmp_path, epoch_index=0, is_best=True, keep=-1)
+    assert [p.name for p in written] == ["checkpoint_0000.pth.tar", "checkpoint.pth.tar", "model_best.pth.tar"]
+    loaded = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    assert loaded["epoch"] == 1 and loaded["format_version"] == checkpoint.FORMAT_VERSION
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("keep, expected", [(0, []), (-1, [0, 1, 2, 3]), (2, [2, 3])])
+def test_gather_checkpoints_keeps_what_its_help_says(tmp_path, keep, expected):
+    for epoch in range(4):
+        checkpoint.save(_state(epoch), tmp_path, epoch_index=epoch, is_best=False, keep=keep)
+    kept = sorted(int(p.name[11:15]) for p in tmp_path.glob("checkpoint_*.pth.tar"))
+    assert kept == expected
+    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["epoch"] == 3
+
+
+def test_failure_during_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(_state(1), tmp_path, epoch_index=None, is_best=False)
+
+    def crash(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(_state(2), tmp_path, epoch_index=None, is_best=False)
+    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth.tar"]
+
+
+WRITER = """
+import sys, torch
+from image_classification import checkpoint
+epoch = 0
+while True:
+    epoch += 1
+    checkpoint.save({"epoch": epoch, "state_dict": {"w": torch.full((4_000_000,), float(epoch))}},
+                    sys.argv[1], epoch_index=None, is_best=False)
+    print(epoch, flush=True)
+"""
+
+
+def test_kill_9_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    for delay in (0.35, 0.6, 0.9):
+        process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], cwd=repo,
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "1"  # one complete checkpoint exists
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        state = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+        assert torch.all(state["state_dict"]["w"] == state["epoch"])
+
+
+def test_truncated_foreign_and_missing_files_are_clear_errors(tmp_path):
+    checkpoint.save(_state(1), tmp_path, epoch_index=None, is_best=False)
+    good = (tmp_path / "checkpoint.pth.tar").read_bytes()
+    truncated = tmp_path / "truncated.pth.tar"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        checkpoint.load(truncated)
+    foreign = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
+    with pytest.raises(UserError, match="not a training checkpoint"):
+        checkpoint.load(foreign)
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.load(tmp_path / "nope.pth.tar")
+
+
+def test_unsafe_pickles_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {}, "payload": Evil()}, path)
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        checkpoint.load(path)
