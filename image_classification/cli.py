@@ -91,7 +91,7 @@ def _build_loaders(args, spec, image_size: int, rt: runtime.Runtime, context, se
         batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch, interpolation=args.interpolation,
         augmentation=args.augmentation, memory_format=rt.memory_format, device=rt.device, rank=context.rank,
         world_size=context.world_size, seed=seed, num_classes=args.num_classes or 1000,
-        synthetic_epoch_size=args.synthetic_epoch_size)
+        synthetic_epoch_size=args.synthetic_epoch_size, crop_scale=tuple(args.crop_scale))
     train_loader = None if args.evaluate else backend.train_loader(loader_config)
     val_loader = None if args.training_only else backend.val_loader(loader_config)
     if train_loader is not None and len(train_loader) == 0:

@@ -73,6 +73,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--val-resize-size", default=None, type=positive_int, metavar="PX",
                        help="validation: resize the shorter side to PX, then center crop "
                             "(default: image size + 32, e.g. 256 for 224)")
+    group.add_argument("--crop-scale", default=[0.08, 1.0], type=float, nargs=2, metavar=("MIN", "MAX"),
+                       help="training random-resized-crop: fraction of the image area kept (default: 0.08 1.0)")
     group.add_argument("--augmentation", type=_choice_with_none(AUGMENTATIONS), default="none",
                        metavar="POLICY", help=f"extra training augmentation: {' | '.join(AUGMENTATIONS)} (default: none)")
     group.add_argument("--synthetic-epoch-size", default=0, type=int, metavar="N",
@@ -243,6 +245,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--static-loss-scale must be positive, got {args.static_loss_scale}")
     if args.pretrained and args.pretrained_from_file:
         raise UserError("--pretrained and --pretrained-from-file exclude each other")
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise UserError(f"--crop-scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale[0]} {args.crop_scale[1]}")
     if sorted(args.lr_milestones) != args.lr_milestones:
         raise UserError(f"--lr-milestones must be increasing, got {args.lr_milestones}")
 

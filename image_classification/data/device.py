@@ -32,7 +32,8 @@ class DeviceLoader:
 
     Yields normalised float images and labels on ``device``. ``source`` may also yield a third
     element, a list of file paths skipped while building the batch; they are collected for
-    :meth:`take_skipped`.
+    :meth:`take_skipped`. A batch left empty by skipped files is not yielded (a training step on
+    zero images would divide by zero), so an epoch may have fewer batches than ``len()``.
     """
 
     def __init__(self, source: Iterable, *, device: torch.device, memory_format: torch.memory_format,
@@ -70,10 +71,18 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type != "cuda":
-            for batch in self.source:
+            for batch in self._nonempty():
                 yield self._to_device(batch)
             return
         yield from self._cuda_prefetch()
+
+    def _nonempty(self):
+        for batch in self.source:
+            if batch[0].shape[0] == 0:
+                if len(batch) > 2:
+                    self._skipped.extend(batch[2])
+                continue
+            yield batch
 
     def _cuda_prefetch(self):
         # One batch of lookahead on a side stream: the copy and normalisation of batch i+1 overlap
@@ -83,7 +92,7 @@ class DeviceLoader:
         side = torch.cuda.Stream(self.device)
         main = torch.cuda.current_stream(self.device)
         pending = None
-        for batch in self.source:
+        for batch in self._nonempty():
             with torch.cuda.stream(side):
                 ready = self._to_device(batch)
                 done = torch.cuda.Event()

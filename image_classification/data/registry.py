@@ -40,6 +40,7 @@ class LoaderConfig:
     seed: int = 0                 # always set: main draws one when --seed is not given
     num_classes: int = 1000       # synthetic only; folders decide it otherwise
     synthetic_epoch_size: int = 0  # synthetic only: samples per epoch (0 = backend default)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # training random-resized-crop area range
 
 
 class Loader(Protocol):

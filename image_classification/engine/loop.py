@@ -72,7 +72,7 @@ def fit(parts: TrainComponents, train_loader, val_loader, state: RunState, *, ep
             reporter.message(f"interrupted in epoch {epoch} after {outcome.batches_done} batches; "
                              "checkpoint saved, continue with --resume")
             return state
-        metrics = {**outcome.metrics, "train.lr": parts.scheduler.get_last_lr()[0]}
+        metrics = dict(outcome.metrics)
         is_best = False
         if not training_only:
             metrics.update(_validate_all(parts, val_loader, epoch, prof, topk, criterion_val, reporter, print_freq))

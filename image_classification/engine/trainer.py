@@ -78,6 +78,7 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
     interval = IntervalMeter(runtime.device)
     epoch_images, epoch_loss, data_wait, timed_from = 0, torch.zeros((), device=runtime.device), 0.0, None
     batch = start_batch
+    lr = parts.optimizer.param_groups[0]["lr"]
     end = time.perf_counter()
     batches = progress(loader, len(loader), f"epoch {epoch}") if progress else loader
     for batch, (images, target) in enumerate(batches, start=start_batch):
@@ -89,6 +90,7 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
         last_of_group = batch == group_start + group_size - 1
         loss = _forward_backward(parts, images, target, group_size, sync=last_of_group)
         if last_of_group:
+            lr = parts.optimizer.param_groups[0]["lr"]  # the LR this step used (a float, no sync)
             _optimizer_step(parts)
         interval.loss += loss
         epoch_loss += loss
@@ -101,7 +103,7 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
             epoch_images += images.shape[0]
             data_wait += waited
         if (batch + 1) % print_freq == 0 and log is not None:
-            log([epoch, batch + 1], _interval_metrics(parts, interval))
+            log([epoch, batch + 1], _interval_metrics(parts, interval, lr))
             interval.reset()
         end = time.perf_counter()
         if last_of_group and should_stop():
@@ -110,7 +112,7 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
     elapsed = time.perf_counter() - timed_from if timed_from else 0.0
     done = batch + 1 - start_batch
     metrics = {"train.loss": distributed.all_reduce_mean(epoch_loss / max(done, 1)).item(),
-               **_throughput("train", epoch_images * parts.world_size, elapsed, data_wait)}
+               **_throughput("train", epoch_images * parts.world_size, elapsed, data_wait), "train.lr": lr}
     return StepOutcome(batch + 1, metrics=metrics)
 
 
@@ -136,7 +138,7 @@ def _optimizer_step(parts: TrainComponents) -> None:
         parts.ema.update(parts.module)
 
 
-def _interval_metrics(parts: TrainComponents, interval: IntervalMeter) -> dict[str, float]:
+def _interval_metrics(parts: TrainComponents, interval: IntervalMeter, lr: float) -> dict[str, float]:
     parts.runtime.synchronize()
     elapsed = time.perf_counter() - interval.start
     loss = distributed.all_reduce_mean(interval.loss / interval.batches).item()
@@ -144,7 +146,7 @@ def _interval_metrics(parts: TrainComponents, interval: IntervalMeter) -> dict[s
                **_throughput("train", interval.images * parts.world_size, elapsed, interval.data_time),
                "train.data_time": interval.data_time / interval.batches,
                "train.compute_time": (elapsed - interval.data_time) / interval.batches,
-               "train.lr": parts.scheduler.get_last_lr()[0]}
+               "train.lr": lr}
     if parts.scaler.is_enabled():
         metrics["train.grad_scale"] = parts.scaler.get_scale()
     return metrics

@@ -1,0 +1,158 @@
+"""The "pytorch" backend: an ImageFolder-layout dataset decoded by PIL in DataLoader workers.
+
+Three things differ from a plain ``ImageFolder`` + ``DataLoader``:
+
+* **Unreadable files do not end the run.** A file that fails to decode (corrupt, truncated, text
+  with an image name) is left out of its batch; the batch is built from the other samples and
+  carries the skipped paths as a third element, which :class:`DeviceLoader` collects for the
+  engine (``loader.take_skipped()``). A batch may therefore be smaller than ``batch_size``.
+* **Augmentation is reproducible.** Each sample's random crop/flip/policy is drawn from a
+  generator seeded with ``(seed, epoch, sample index)``, so a batch's content does not depend on
+  ``--workers``, on which worker decoded it, or on whether the epoch was resumed mid-way.
+* **Sharding is** :mod:`image_classification.data.sampling`, the same for every backend.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Iterator, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from image_classification.data.checks import scan_split
+from image_classification.data.device import DeviceLoader
+from image_classification.data.registry import Backend, LoaderConfig
+from image_classification.data.sampling import ShardSampler
+from image_classification.data.transforms import Transform, open_rgb, train_transform, val_transform
+from image_classification.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class Sample(NamedTuple):
+    image: torch.Tensor | None  # uint8 [3,H,W]; None when the file could not be decoded
+    label: int
+    path: str
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample in one epoch, well mixed so nearby keys do not correlate."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class FolderDataset(Dataset):
+    """Samples from :func:`scan_split`, indexed by ``(epoch, index)`` (or a plain index: epoch 0)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Transform, seed: int):
+        self.samples = samples
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[index]
+        try:
+            image = open_rgb(path)
+        except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
+            log.debug("skipping unreadable image %s: %s", path, error)
+            return Sample(None, label, path)
+        # The transforms draw from torch's global CPU generator. With --workers 0 this runs in the
+        # training process, whose generator (dropout, mixup) must not be reset by every sample,
+        # so its state is put back afterwards. (Not torch.random.fork_rng: it probes the
+        # accelerator, which a forked worker must not touch.)
+        state = torch.get_rng_state()
+        torch.manual_seed(sample_seed(self.seed, epoch, index))
+        try:
+            return Sample(self.transform(image), label, path)
+        finally:
+            torch.set_rng_state(state)
+
+
+class EpochKeys(Sampler):
+    """Yields ``(epoch, index)`` for a :class:`ShardSampler`'s indices.
+
+    The epoch travels with each index because persistent workers hold their own copy of the
+    dataset, which a ``set_epoch`` in the main process would never reach.
+    """
+
+    def __init__(self, sampler: ShardSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class Collate:
+    """Stacks samples into ``(uint8 [N,3,S,S], int64 [N], skipped paths)``, leaving out failed ones.
+
+    The batch is laid out in the run's memory format already, so the device-side conversion is a
+    no-op. A batch in which every file failed has N = 0 (DeviceLoader drops it).
+    """
+
+    def __init__(self, image_size: int, memory_format: torch.memory_format):
+        self.image_size = image_size
+        self.memory_format = memory_format
+
+    def __call__(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        good = [s for s in samples if s.image is not None]
+        skipped = [s.path for s in samples if s.image is None]
+        images = torch.empty((len(good), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        images = images.contiguous(memory_format=self.memory_format)
+        for row, sample in zip(images, good):
+            row.copy_(sample.image)
+        labels = torch.tensor([s.label for s in good], dtype=torch.int64)
+        return images, labels, skipped
+
+
+def train_loader(config: LoaderConfig) -> DeviceLoader:
+    transform = train_transform(config.image_size, config.interpolation, config.augmentation, config.crop_scale)
+    return _loader(config, "train", transform)
+
+
+def val_loader(config: LoaderConfig) -> DeviceLoader:
+    transform = val_transform(config.image_size, config.val_resize_size, config.interpolation)
+    return _loader(config, "val", transform)
+
+
+def _loader(config: LoaderConfig, split: str, transform: Transform) -> DeviceLoader:
+    train = split == "train"
+    scan = scan_split(config.data_dir, split)
+    sampler = ShardSampler(len(scan.samples), batch_size=config.batch_size, rank=config.rank,
+                           world_size=config.world_size, seed=config.seed, train=train)
+    if train and len(sampler) == 0:
+        raise UserError(f"{scan.root} has {len(scan.samples)} images, less than one batch per process "
+                        f"({config.batch_size} x {config.world_size} processes): lower --batch-size")
+    batches = DataLoader(
+        FolderDataset(scan.samples, transform, config.seed),
+        batch_size=config.batch_size,
+        sampler=EpochKeys(sampler),
+        collate_fn=Collate(config.image_size, config.memory_format),
+        pin_memory=config.device.type == "cuda",
+        **_worker_options(config),
+    )
+    return DeviceLoader(batches, device=config.device, memory_format=config.memory_format,
+                        length=len(batches), num_classes=scan.num_classes,
+                        class_names=list(scan.class_names), sampler=sampler)
+
+
+def _worker_options(config: LoaderConfig) -> dict:
+    if config.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {config.workers}")
+    if config.workers == 0:
+        return {"num_workers": 0}
+    if config.prefetch < 1:
+        raise UserError(f"--prefetch must be >= 1 with --workers > 0, got {config.prefetch}")
+    return {"num_workers": config.workers, "prefetch_factor": config.prefetch, "persistent_workers": True}
+
+
+BACKEND = Backend("pytorch", train_loader=train_loader, val_loader=val_loader,
+                  description="PIL decoding and torchvision transforms in DataLoader workers")
