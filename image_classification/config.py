@@ -198,12 +198,16 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--survival-prob", "--survival_prob", dest="survival_prob", default=None, type=float,
                        metavar="P", help="EfficientNet: stochastic depth survival probability of the last "
                                          "block (default: per variant; 1.0 = off)")
+    group.add_argument("--stochastic-depth-mode", "--stochastic_depth_mode", dest="stochastic_depth_mode",
+                       default=None, choices=("row", "batch"),
+                       help="EfficientNet: drop each sample's residual branch independently (row) or the "
+                            "whole batch's at once, as the reference (batch) (default: row)")
 
 
 # Model flags forwarded to ModelSpec.build. They default to None ("the architecture's default");
 # the ModelSpec decides which of them a family accepts.
 MODEL_OPTION_DESTS = ("last_bn_0_init", "trt", "fused_se", "conv_init", "bn_momentum", "bn_epsilon",
-                      "dropout", "survival_prob")
+                      "dropout", "survival_prob", "stochastic_depth_mode")
 
 
 def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
