@@ -239,8 +239,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--label-smoothing must be below 1, got {args.label_smoothing}")
     if args.use_ema is not None and not 0 < args.use_ema < 1:
         raise UserError(f"--use-ema takes a decay in (0, 1), e.g. 0.9999; got {args.use_ema}")
-    if not 0 <= args.warmup < args.epochs:
-        raise UserError(f"--warmup {args.warmup} must be between 0 and --epochs - 1 ({args.epochs - 1})")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0 epochs, got {args.warmup}")
     if args.run_epochs == 0 or args.run_epochs < -1:
         raise UserError("--run-epochs must be a positive number of epochs or -1 (all)")
     if args.workers < 0:
@@ -271,8 +271,26 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | Non
     """Parse ``argv``; ``defaults`` (from launch.py presets) replace the built-in defaults only."""
     parser = build_parser()
     if defaults:
-        unknown = set(defaults) - {action.dest for action in parser._actions}
-        if unknown:
-            raise UserError(f"unknown preset key(s): {', '.join(sorted(unknown))}")
+        _check_presets(parser, defaults)
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+def _check_presets(parser: argparse.ArgumentParser, presets: dict[str, Any]) -> None:
+    """Check preset values as command-line values are checked (argparse checks neither the
+    choices nor the types of defaults), so a typo in configs.yml is one clear line."""
+    actions = {action.dest: action for action in parser._actions}
+    unknown = set(presets) - set(actions)
+    if unknown:
+        raise UserError(f"unknown preset key(s): {', '.join(sorted(unknown))}")
+    for key, value in presets.items():
+        action = actions[key]
+        if value is None:
+            continue
+        if action.type is not None and not isinstance(value, (list, bool)):
+            try:
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as error:
+                raise UserError(f"preset {key}: {presets[key]!r} is invalid ({error})") from None
+        if action.choices is not None and value not in action.choices:
+            raise UserError(f"preset {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")

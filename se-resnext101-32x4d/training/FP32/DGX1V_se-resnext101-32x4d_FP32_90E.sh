@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# SE-ResNeXt-101 32x4d training, FP32, DGX1V (8 processes), 90 epochs, no mixup.
+# Usage: bash se-resnext101-32x4d/training/FP32/DGX1V_se-resnext101-32x4d_FP32_90E.sh [WORKSPACE] [main.py flags...]   (dataset: $DATA_DIR, default /imagenet)
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
+"${PYTHON:-python}" "$ROOT/multiproc.py" --nproc_per_node 8 "$ROOT/launch.py" --model se-resnext101-32x4d --precision FP32 --mode convergence --platform DGX1V "${DATA_DIR:-/imagenet}" --epochs 90 --mixup 0.0 --workspace "${1:-./}" --raport-file raport.json "${@:2}"
