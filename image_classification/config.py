@@ -67,7 +67,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-j", "--workers", default=5, type=int, metavar="N",
                        help="data loading workers (DALI: threads) per process (default: 5)")
     group.add_argument("--prefetch", default=2, type=positive_int, metavar="N",
-                       help="batches each worker loads ahead (pytorch backend) (default: 2)")
+                       help="batches each worker loads ahead (pytorch); pipeline queue depth (DALI) (default: 2)")
     group.add_argument("--image-size", default=None, type=positive_int, metavar="PX",
                        help="training and validation crop size (default: the architecture's, e.g. 224; B4 380)")
     group.add_argument("--val-resize-size", default=None, type=positive_int, metavar="PX",

@@ -12,5 +12,17 @@ def _synthetic():
     return synthetic.BACKEND
 
 
+def _dali_cpu():
+    from image_classification.data import dali  # imports nvidia.dali only when it is called
+    return dali.backend("cpu")
+
+
+def _dali_gpu():
+    from image_classification.data import dali
+    return dali.backend("gpu")
+
+
 register("pytorch", _pytorch)
 register("synthetic", _synthetic)
+register("dali-cpu", _dali_cpu)
+register("dali-gpu", _dali_gpu)

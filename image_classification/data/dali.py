@@ -1,0 +1,448 @@
+"""The "dali-cpu" and "dali-gpu" backends: NVIDIA DALI pipelines (``fn`` API, ``pipeline_def``).
+
+Training: fused decode + random crop (``fn.decoders.image_random_crop``, so only the crop window
+is decoded; area ``--crop-scale``, aspect 3/4..4/3) → resize to ``[S, S]`` → optional
+``--augmentation`` policy (DALI's own AutoAugment / RandAugment / TrivialAugment) → coin-flip
+mirror + mean/std normalisation in ``crop_mirror_normalize``. Validation: decode → resize the
+shorter side to ``val_resize_size`` → center crop + normalisation, with torchvision's size and
+crop-position arithmetic, so both backends score the same pixels (up to resampling differences of
+a grey level or two). EXIF orientation is ignored, as PIL does in the pytorch backend.
+
+``dali-cpu`` runs every stage on the CPU (``device_id=None`` when the run's device is the CPU; on
+a CUDA run only the last, normalising stage runs on the GPU, as in the reference); ``dali-gpu``
+decodes with the "mixed" (nvJPEG) decoder and runs every later stage on the GPU.
+
+Why the pipeline is fed from Python (``fn.external_source``) rather than by ``fn.readers.file``:
+the reader shards a dataset into contiguous blocks and shuffles with its own generator, so its
+per-rank sample sets, padding and epoch length would differ from the pytorch backend's, and a
+mid-epoch resume would have to decode the batches it skips. Here the sample order is
+:class:`~image_classification.data.sampling.ShardSampler`'s -- the one definition every backend
+uses -- and the source hands DALI the encoded bytes (``numpy.fromfile``) of exactly the batches
+this rank gets in this epoch, from ``start_batch`` on. Both backends therefore see the same samples
+in the same batches; reading a batch of files in the main thread costs a few milliseconds, against
+the tens spent decoding it on the pipeline's threads.
+
+One pipeline serves every epoch: at the end of an epoch the source raises ``StopIteration`` and
+the pipeline is rewound (``reset``). An epoch left part-way (``--prof``, an interrupt) is drained
+when the next one starts. Batches reach torch through DLPack without a copy (DALI's default,
+dynamic executor reference-counts its output buffers). With ``--memory-format nhwc`` the pipeline
+emits HWC, which *is* the channels_last layout, so the NCHW-shaped tensor handed on is a
+``permute`` view of DALI's buffer.
+
+Randomness comes from the pipeline seed, derived from ``--seed`` and the rank: the same seed gives
+the same batches. Unlike the pytorch backend (whose draws depend on ``(seed, epoch, sample)``) the
+pipeline's generator runs on across epochs, so a resumed run sees the same samples in the same
+batches but different random crops.
+
+Undecodable files: DALI aborts the whole pipeline on one. The loader catches that, decodes each
+file of the batches in flight on its own to find the culprits, and raises a one-line
+:class:`UserError` naming them. (Zero-byte files never get here: ``scan_split`` drops them.)
+
+``nvidia.dali`` is imported only when one of these backends is chosen.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import hashlib
+import types as pytypes
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from image_classification.data.checks import scan_split
+from image_classification.data.registry import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, Backend, LoaderConfig
+from image_classification.data.sampling import ShardSampler
+from image_classification.errors import UserError
+
+INSTALL_HINT = "pip install nvidia-dali-cuda120"
+_MEAN = [255.0 * m for m in IMAGENET_MEAN]
+_STD = [255.0 * s for s in IMAGENET_STD]
+_BLACK = [-m / s for m, s in zip(_MEAN, _STD)]  # pixel value 0, normalised
+_ASPECT = [3 / 4, 4 / 3]
+_CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop, then a center-crop fallback (as DALI)
+_RANDAUGMENT = {"n": 2, "m": 9}  # torchvision's RandAugment defaults
+_POLICY_FILL = 0  # torchvision's policies fill uncovered pixels with black
+# nvJPEG buffer preallocation for the mixed decoder, as the reference (avoids reallocations).
+_DEVICE_MEMORY_PADDING = 211_025_920
+_HOST_MEMORY_PADDING = 140_544_512
+_SHOWN = 5
+
+
+# ---------------------------------------------------------------- DALI import and the backends
+
+def import_dali(backend: str = "dali-cpu") -> pytypes.SimpleNamespace:
+    """``nvidia.dali``'s pieces this module uses, or a UserError with the install command."""
+    try:
+        from nvidia.dali import fn, math, pipeline_def, types
+        from nvidia.dali.tensors import TensorGPU
+    except ImportError as error:
+        raise UserError(f"--data-backend {backend} needs NVIDIA DALI, which cannot be imported ({error}); "
+                        f"install it with `{INSTALL_HINT}`, or use --data-backend pytorch") from None
+    return pytypes.SimpleNamespace(fn=fn, math=math, types=types, pipeline_def=pipeline_def, TensorGPU=TensorGPU)
+
+
+def backend(kind: str) -> Backend:
+    """The ``dali-cpu`` (``kind="cpu"``) or ``dali-gpu`` (``kind="gpu"``) backend."""
+    name = f"dali-{kind}"
+    import_dali(name)
+    description = ("DALI: CPU decoding (fused random crop) and CPU augmentation" if kind == "cpu" else
+                   "DALI: nvJPEG (mixed) decoding and GPU augmentation")
+    return Backend(name, train_loader=functools.partial(DaliLoader, train=True, kind=kind),
+                   val_loader=functools.partial(DaliLoader, train=False, kind=kind), description=description)
+
+
+# ---------------------------------------------------------------- what a pipeline does
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything the graph definition needs, resolved from a LoaderConfig."""
+
+    train: bool
+    image_size: int
+    val_resize_size: int
+    crop_scale: tuple[float, float]
+    interpolation: str
+    augmentation: str
+    layout: str            # "CHW" (nchw) or "HWC" (nhwc: channels_last)
+    decoder: str           # "cpu" or "mixed"
+    gpu_tail: bool         # move to the GPU before crop_mirror_normalize (dali-cpu on a CUDA run)
+
+
+def _interp(dali, name: str):
+    modes = {"bilinear": dali.types.INTERP_LINEAR, "bicubic": dali.types.INTERP_CUBIC,
+             "triangular": dali.types.INTERP_TRIANGULAR}
+    try:
+        return modes[name]
+    except KeyError:
+        raise UserError(f"unknown --interpolation {name!r}; choose one of: {', '.join(modes)}") from None
+
+
+def _policy(dali, spec: PipelineSpec, images):
+    """``--augmentation`` with DALI's implementations (they need ``enable_conditionals``)."""
+    if spec.augmentation == "none":
+        return images
+    # DALI's warp_affine (the policies' rotate/shear/translate) offers only nearest and linear
+    # filters, so those ops are bilinear whatever --interpolation says (it still applies to resizing).
+    common = {"shape": [spec.image_size, spec.image_size], "fill_value": _POLICY_FILL,
+              "interp_type": dali.types.INTERP_LINEAR}
+    # (Called while the pipeline is built, inside _quiet_deprecations: DALI's policies still use
+    # deprecated aliases such as fn.experimental.equalize.)
+    from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
+    if spec.augmentation == "autoaugment":
+        return auto_augment.auto_augment_image_net(images, **common)
+    if spec.augmentation == "randaugment":
+        return rand_augment.rand_augment(images, **_RANDAUGMENT, **common)
+    if spec.augmentation == "trivialaugment":
+        return trivial_augment.trivial_augment_wide(images, **common)
+    raise UserError(f"unknown --augmentation {spec.augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+
+
+def _graph(dali, spec: PipelineSpec, source):
+    """The pipeline: encoded bytes + labels from ``source`` → normalised images + labels."""
+    fn, types = dali.fn, dali.types
+    encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True,
+                                         dtype=[types.UINT8, types.INT64])
+    # EXIF orientation is ignored, as by PIL in the pytorch backend, so both backends see the same pixels.
+    decoder = {"device": spec.decoder, "output_type": types.RGB, "adjust_orientation": False}
+    if spec.decoder == "mixed":
+        decoder.update(device_memory_padding=_DEVICE_MEMORY_PADDING, host_memory_padding=_HOST_MEMORY_PADDING)
+    interp = _interp(dali, spec.interpolation)
+    size = spec.image_size
+    if spec.train:
+        images = fn.decoders.image_random_crop(encoded, random_area=list(spec.crop_scale),
+                                               random_aspect_ratio=_ASPECT, num_attempts=_CROP_ATTEMPTS,
+                                               **decoder)
+        images = fn.resize(images, size=[size, size], interp_type=interp)
+        images = _policy(dali, spec, images)
+        crop, mirror = {}, fn.random.coin_flip(probability=0.5)
+    else:
+        resize, crop = _val_geometry(dali, fn.peek_image_shape(encoded, adjust_orientation=False,
+                                                               dtype=types.FLOAT64), spec)
+        images = fn.resize(fn.decoders.image(encoded, **decoder), interp_type=interp, **resize)
+        mirror = 0
+    if spec.gpu_tail:
+        images = images.gpu()
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=spec.layout, mean=_MEAN,
+                                      std=_STD, mirror=mirror, **crop)
+    return images, labels
+
+
+def _val_geometry(dali, shape, spec: PipelineSpec) -> tuple[dict, dict]:
+    """Resize and center-crop arguments with torchvision's exact arithmetic (pytorch backend).
+
+    torchvision resizes the shorter side to R and the longer one to ``int(R * long / short)``
+    (DALI's ``resize_shorter`` would round it), and puts the crop at ``round((side - S) / 2)`` with
+    Python's round-half-to-even (DALI's center rounds halves up). Computed per sample from the
+    encoded image's shape, in float64.
+    """
+    floor, types = dali.math.floor, dali.types
+    height, width = shape[0], shape[1]
+    scale = spec.val_resize_size / dali.math.min(height, width)
+    # The epsilon absorbs float error in side * R / side (exact sizes are at least 1 / short apart).
+    new_height, new_width = floor(height * scale + 1e-6), floor(width * scale + 1e-6)
+    resize = {"resize_y": dali.fn.cast(new_height, dtype=types.FLOAT),
+              "resize_x": dali.fn.cast(new_width, dtype=types.FLOAT)}
+
+    def position(side):
+        # CMN's window start is trunc(pos * (side - S)): choose pos so that it lands on
+        # round_half_even((side - S) / 2). A negative margin (crop larger than the image, padded)
+        # keeps pos 0.5, which centres the image as torchvision's padding does.
+        margin = dali.math.max(side - spec.image_size, 0.0)
+        half = floor(margin / 2)
+        odd_margin, odd_half = margin - 2 * half, half - 2 * floor(half / 2)
+        start = half + odd_margin * odd_half
+        return dali.fn.cast((start + 0.5) / dali.math.max(margin, 1.0), dtype=types.FLOAT)
+
+    crop = {"crop": [spec.image_size, spec.image_size], "crop_pos_y": position(new_height),
+            "crop_pos_x": position(new_width), "rounding": "truncate", "out_of_bounds_policy": "pad",
+            "fill_values": _BLACK}  # torchvision pads with black; DALI fills the normalised output
+    return resize, crop
+
+
+@contextlib.contextmanager
+def _quiet_deprecations():
+    """Drop DALI's own DeprecationWarnings (about its internals, not this code); keep the rest.
+
+    DALI forces the "default" filter around these warnings, so an "ignore" filter cannot hide them;
+    recording them can.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield
+    for warning in caught:
+        if not issubclass(warning.category, DeprecationWarning):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def pipeline_seed(seed: int, rank: int, train: bool) -> int:
+    """A per-rank DALI seed from ``--seed`` (the reference used a fixed 12 + device id)."""
+    digest = hashlib.blake2b(f"dali:{seed}:{rank}:{int(train)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**31 - 1)
+
+
+# ---------------------------------------------------------------- feeding the pipeline
+
+def read_encoded(path: str) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+class Feeder:
+    """The ``external_source``: one call, one batch of the planned epoch (encoded bytes, labels).
+
+    ``in_flight`` holds the paths of the batches handed to DALI and not yet delivered, so a failed
+    batch can be examined file by file.
+    """
+
+    def __init__(self, paths: list[str], labels: np.ndarray):
+        self.paths = paths
+        self.labels = labels
+        self.plan: list[list[int]] = []
+        self.position = 0
+        self.stopped = False
+        self.in_flight: collections.deque[list[str]] = collections.deque()
+
+    def start(self, plan: list[list[int]]) -> None:
+        self.plan, self.position, self.stopped = plan, 0, False
+        self.in_flight.clear()
+
+    def stop(self) -> None:
+        """End the epoch early: the next call raises StopIteration."""
+        self.stopped = True
+
+    def __call__(self):
+        if self.stopped or self.position >= len(self.plan):
+            raise StopIteration
+        indices = self.plan[self.position]
+        self.position += 1
+        paths = [self.paths[i] for i in indices]
+        self.in_flight.append(paths)
+        return [read_encoded(path) for path in paths], self.labels[indices]
+
+
+# ---------------------------------------------------------------- the loader
+
+class DaliLoader:
+    """A :class:`~image_classification.data.registry.Loader` over one split, driving one pipeline."""
+
+    def __init__(self, config: LoaderConfig, *, train: bool, kind: str = "cpu"):
+        self.dali = import_dali(f"dali-{kind}")
+        self.train = train
+        self.device = _check_device(config.device, kind)
+        scan = scan_split(config.data_dir, "train" if train else "val")
+        self.num_classes = scan.num_classes
+        self.class_names = list(scan.class_names)
+        self.batch_size = config.batch_size
+        self.sampler = ShardSampler(len(scan.samples), batch_size=config.batch_size, rank=config.rank,
+                                    world_size=config.world_size, seed=config.seed, train=train)
+        if train and len(self.sampler) == 0:
+            raise UserError(f"{scan.root} has {len(scan.samples)} images, less than one batch per process "
+                            f"({config.batch_size} x {config.world_size} processes): lower --batch-size")
+        if config.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {config.workers}")
+        self.channels_last = config.memory_format == torch.channels_last
+        gpu = self.device.type == "cuda"
+        self.spec = PipelineSpec(
+            train=train, image_size=config.image_size, val_resize_size=config.val_resize_size,
+            crop_scale=tuple(config.crop_scale), interpolation=config.interpolation,
+            augmentation=config.augmentation if train else "none", layout="HWC" if self.channels_last else "CHW",
+            decoder="mixed" if kind == "gpu" else "cpu", gpu_tail=gpu and kind == "cpu")
+        self.pipeline_args = {
+            "batch_size": config.batch_size, "num_threads": max(1, config.workers),
+            "device_id": (self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if gpu else None,
+            "seed": pipeline_seed(config.seed, config.rank, train), "prefetch_queue_depth": max(1, config.prefetch),
+            "exec_dynamic": True,  # reference-counted outputs: safe to hand to torch without a copy
+        }
+        self.feeder = Feeder([path for path, _ in scan.samples],
+                             np.array([label for _, label in scan.samples], dtype=np.int64))
+        self._pipe = None
+        self._running = False  # an epoch was started and not run to its end
+        self._pipe = self._build()  # bad options fail now, not at the first batch
+
+    # -- Loader protocol
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def take_skipped(self) -> list[str]:
+        return []  # DALI cannot leave a file out of a batch: an unreadable one stops the run (UserError)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pipe = self._idle_pipeline()
+        indices = self.sampler.indices()
+        self.feeder.start([indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)])
+        self._running = True
+        while True:
+            try:
+                outputs = pipe.run()
+            except StopIteration:
+                break
+            except RuntimeError as error:  # DALI aborted the pipeline; it cannot run again
+                self._discard()
+                raise self._failure(error) from None
+            except BaseException:
+                self._discard()
+                raise
+            self.feeder.in_flight.popleft()
+            yield self._to_torch(outputs)
+        pipe.reset()
+        self._running = False
+
+    # -- internals
+
+    def _build(self):
+        with _quiet_deprecations():
+            pipe = self.dali.pipeline_def(_graph)(self.dali, self.spec, self.feeder,
+                                                   enable_conditionals=self.spec.augmentation != "none",
+                                                   **self.pipeline_args)
+            pipe.build()
+        return pipe
+
+    def _discard(self) -> None:
+        self._pipe, self._running = None, False
+
+    def _idle_pipeline(self):
+        """The pipeline, rewound: rebuilt after a failure, drained after an abandoned epoch."""
+        if self._pipe is None:
+            self._pipe = self._build()
+        elif self._running:
+            self.feeder.stop()
+            try:
+                while True:
+                    self._pipe.run()  # at most prefetch_queue_depth batches already scheduled
+            except StopIteration:
+                self._pipe.reset()
+            except RuntimeError:  # a bad file among the abandoned batches: start afresh
+                self._pipe = self._build()
+            self._running = False
+        return self._pipe
+
+    def _to_torch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = (as_torch(output, self.dali, self.device) for output in outputs)
+        if self.channels_last:
+            images = images.permute(0, 3, 1, 2)  # NHWC buffer seen as a channels_last NCHW tensor
+        non_blocking = self.device.type == "cuda"
+        return images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking)
+
+    def _failure(self, error: RuntimeError) -> UserError:
+        candidates = [path for batch in self.feeder.in_flight for path in batch]
+        bad = undecodable(candidates, self.dali, decoder=self.spec.decoder,
+                          device_id=self.pipeline_args["device_id"])
+        if bad:
+            shown = ", ".join(bad[:_SHOWN]) + (", ..." if len(bad) > _SHOWN else "")
+            return UserError(f"DALI cannot decode {len(bad)} image(s): {shown}; remove or re-encode them, "
+                             "or use --data-backend pytorch, which skips unreadable files")
+        first = candidates[0] if candidates else "?"
+        return UserError(f"the DALI pipeline failed on a batch starting with {first}: {dali_reason(error)}")
+
+
+def as_torch(output, dali, device: torch.device | None = None) -> torch.Tensor:
+    """A DALI TensorList as a torch tensor sharing its memory (DLPack, no copy).
+
+    The outputs were synchronised with the host by ``Pipeline.run()``, so a GPU tensor is ready to
+    be used on any stream; ``device`` is the CUDA device the pipeline runs on.
+    """
+    tensor = output.as_tensor()
+    if isinstance(tensor, dali.TensorGPU):
+        with torch.cuda.device(device):
+            return torch.from_dlpack(tensor)
+    return torch.from_dlpack(tensor)
+
+
+def _check_device(device: torch.device, kind: str) -> torch.device:
+    if kind != "gpu" or device.type == "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise UserError("--data-backend dali-gpu needs a CUDA GPU and none is available; "
+                        "use --data-backend dali-cpu")
+    raise UserError(f"--data-backend dali-gpu delivers batches on the GPU, but this run's device is {device}; "
+                    "use --data-backend dali-cpu")
+
+
+# ---------------------------------------------------------------- finding undecodable files
+
+def undecodable(paths: list[str], dali, *, decoder: str = "cpu", device_id: int | None = None) -> list[str]:
+    """The files among ``paths`` that DALI's decoder rejects, each decoded on its own."""
+    bad: list[str] = []
+    pipe = None
+    for path in paths:
+        data = read_encoded(path)
+        if data.size == 0:
+            bad.append(path)
+            continue
+        if pipe is None:  # a failure leaves a pipeline unusable, so build another
+            pipe = dali.pipeline_def(_decode_graph)(dali, decoder, batch_size=1, num_threads=1, device_id=device_id,
+                                                    exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+            pipe.build()
+        try:
+            pipe.run(encoded=[data])
+        except RuntimeError:
+            bad.append(path)
+            pipe = None
+    return bad
+
+
+def _decode_graph(dali, decoder: str):
+    encoded = dali.fn.external_source(name="encoded", dtype=dali.types.UINT8, ndim=1)
+    return dali.fn.decoders.image(encoded, device=decoder, output_type=dali.types.RGB)
+
+
+def dali_reason(error: BaseException) -> str:
+    """The one informative line of a DALI error (they span pages, with C++ and Python traces)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "encountered:" in lines:
+        after = lines[lines.index("encountered:") + 1:]
+        if after:
+            return after[0]
+    return next((line for line in lines if not line.startswith("Critical error")), "unknown DALI error")
