@@ -53,6 +53,7 @@ def run(args) -> int:
 
     spec = models.get(args.arch)
     image_size = args.image_size or spec.default_image_size
+    _check_known_kernel_bugs(rt, image_size)
     train_loader, val_loader = _build_loaders(args, spec, image_size, rt, context, seed)
     num_classes, class_names = _resolve_classes(args, train_loader or val_loader)
     resume = checkpoint.load(args.resume) if args.resume else None
@@ -72,6 +73,19 @@ def run(args) -> int:
                       class_names=class_names, seed=seed)
     finally:
         reporter.close()
+
+
+def _check_known_kernel_bugs(rt: runtime.Runtime, image_size: int) -> None:
+    """Refuse a combination known to give silently wrong results rather than train on garbage.
+
+    torch 2.14 on CPU: a bf16 3x3 stride-2 convolution over a 1x1 feature map (what the last stage
+    of a 32x-downsampling network sees at <= 16 px) returns a weight gradient of garbage (values
+    ~1e27) from its second call on. tests/test_main.py keeps a check that fails once PyTorch fixes it.
+    """
+    if rt.device.type == "cpu" and rt.amp_dtype == torch.bfloat16 and image_size <= 16:
+        raise UserError(f"--image-size {image_size} with --amp on the CPU hits a PyTorch bug (garbage "
+                        "gradients of bf16 stride-2 convolutions on 1x1 feature maps); use --image-size 17 or "
+                        "more, or leave out --amp")
 
 
 def _shared_seed(seed: int | None, device: torch.device) -> int:
@@ -146,15 +160,18 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
                                 bn_weight_decay=args.bn_weight_decay, rmsprop_alpha=args.rmsprop_alpha,
                                 rmsprop_eps=args.rmsprop_eps)
     steps_per_epoch = -(-len(train_loader) // steps)
-    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, granularity=args.lr_granularity,
-                                base=args.lr, policy=args.lr_schedule, epochs=args.epochs, warmup=args.warmup,
-                                end_lr=args.end_lr, milestones=args.lr_milestones, gamma=args.lr_gamma)
     scaler = rt.grad_scaler(args.static_loss_scale)
     state = loop.RunState()
     ema = ModelEma(model, args.use_ema) if args.use_ema else None
     if resume is not None:
         state = _restore(resume, optimizer, scaler, ema, context)
-    _seek_schedule(scheduler, state, steps_per_epoch, steps)
+    # The schedule position is derived from (epoch, step in epoch), not stored, so a resume with
+    # another batch size still lands on the right epoch.
+    start_step = state.epoch * steps_per_epoch + -(-state.step_in_epoch // steps)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, granularity=args.lr_granularity,
+                                base=args.lr, start_step=start_step, policy=args.lr_schedule, epochs=args.epochs,
+                                warmup=args.warmup, end_lr=args.end_lr, milestones=args.lr_milestones,
+                                gamma=args.lr_gamma)
     if state.epoch >= args.epochs:
         reporter.message(f"{args.resume} has already completed {state.epoch} of --epochs {args.epochs}; "
                          "nothing to train")
@@ -205,15 +222,6 @@ def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> 
     return loop.RunState(epoch=int(resume["epoch"]), step_in_epoch=int(resume.get("step_in_epoch", 0)),
                          best_top1=float(resume.get("best_prec1", 0.0)),
                          epochs_since_best=int(resume.get("epochs_since_best", 0)))
-
-
-def _seek_schedule(scheduler, state: loop.RunState, steps_per_epoch: int, accumulation: int) -> None:
-    """Put the LR schedule at the optimizer step the run state points to (derived, not stored,
-    so a resume with another batch size still lands on the right epoch)."""
-    position = state.epoch * steps_per_epoch + -(-state.step_in_epoch // accumulation)
-    if position:
-        scheduler.last_epoch = position - 1
-        scheduler.step()
 
 
 def _wrap_distributed(model: nn.Module, device: torch.device, context) -> nn.Module:

@@ -137,6 +137,10 @@ def _loader(config: LoaderConfig, split: str, transform: Transform) -> DeviceLoa
         sampler=EpochKeys(sampler),
         collate_fn=Collate(config.image_size, config.memory_format),
         pin_memory=config.device.type == "cuda",
+        # Worker base seeds come from this generator, not the global one: starting the workers
+        # must not shift the training process's random stream (MixUp, dropout), or a resumed run
+        # would diverge from an uninterrupted one. (Augmentation is seeded per sample anyway.)
+        generator=torch.Generator().manual_seed(config.seed),
         **_worker_options(config),
     )
     return DeviceLoader(batches, device=config.device, memory_format=config.memory_format,

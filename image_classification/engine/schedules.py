@@ -56,9 +56,9 @@ def lr_at(epoch: float, *, policy: str, base: float, epochs: int, warmup: int = 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, granularity: str,
-                    base: float, **policy_args) -> LambdaLR:
-    """A ``LambdaLR`` stepped once per optimizer step; its ``last_epoch`` counts optimizer steps,
-    so its state dict is the schedule position a resume needs."""
+                    base: float, start_step: int = 0, **policy_args) -> LambdaLR:
+    """A ``LambdaLR`` stepped once per optimizer step, starting at optimizer step ``start_step``
+    (non-zero when resuming); its ``last_epoch`` counts optimizer steps."""
     def factor(step: int) -> float:
         epoch = step / steps_per_epoch
         if granularity == "epoch":
@@ -67,4 +67,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, g
 
     for group in optimizer.param_groups:
         group["initial_lr"] = base
-    return LambdaLR(optimizer, lr_lambda=factor)
+    return LambdaLR(optimizer, lr_lambda=factor, last_epoch=start_step - 1)

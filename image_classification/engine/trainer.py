@@ -72,9 +72,9 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
     steps; when it returns True the epoch ends early (at an accumulation-group boundary)."""
     model, runtime = parts.model, parts.runtime
     model.train()
+    loader.set_epoch(epoch, start_batch)
     num_batches = len(loader) + start_batch
     steps = parts.accumulation_steps
-    loader.set_epoch(epoch, start_batch)
     interval = IntervalMeter(runtime.device)
     epoch_images, epoch_loss, data_wait, timed_from = 0, torch.zeros((), device=runtime.device), 0.0, None
     batch = start_batch

@@ -1,0 +1,33 @@
+"""Shared fixtures: small real datasets written once per test session."""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's handwritten digits as an ImageFolder of 32 px JPEGs (1437 train, 360 val)."""
+    from image_classification.data.digits import write_digits
+    root = tmp_path_factory.mktemp("digits32")
+    write_digits(root, size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_digits_dir(tmp_path_factory) -> Path:
+    """A 16 px, 120-image subset of the digits (fast end-to-end runs)."""
+    from image_classification.data.digits import write_digits
+    full = tmp_path_factory.mktemp("digits16-full")
+    write_digits(full, size=16)
+    root = tmp_path_factory.mktemp("digits16")
+    for split, per_class in (("train", 10), ("val", 4)):
+        for class_dir in sorted((full / split).iterdir()):
+            target = root / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:per_class]:
+                (target / image.name).write_bytes(image.read_bytes())
+    return root
