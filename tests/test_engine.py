@@ -167,3 +167,9 @@ def test_short_last_accumulation_group_is_averaged_over_its_own_size():
     accumulated = _train_one_epoch(micro, accumulation_steps=2)
     for a, b in zip(reference.parameters(), accumulated.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["cosine", "linear", "step"])
+def test_a_run_shorter_than_its_warmup_is_all_warmup(policy):
+    lrs = _scheduled_lrs(policy, epochs=2, warmup=8)
+    assert lrs == pytest.approx([0.8 / 8, 0.8 * 2 / 8])

@@ -29,14 +29,20 @@ def step_policy(epoch: float, *, base: float, warmup: int, milestones: Sequence[
 def linear_policy(epoch: float, *, base: float, warmup: int, epochs: int, **_) -> float:
     if epoch < warmup:
         return _warmup(epoch, base, warmup)
-    return base * (1 - (epoch - warmup) / (epochs - warmup))
+    return base * (1 - _progress(epoch, warmup, epochs))
 
 
 def cosine_policy(epoch: float, *, base: float, warmup: int, epochs: int, end_lr: float, **_) -> float:
     if epoch < warmup:
         return _warmup(epoch, base, warmup)
-    progress = (epoch - warmup) / (epochs - warmup)
+    progress = _progress(epoch, warmup, epochs)
     return end_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (base - end_lr)
+
+
+def _progress(epoch: float, warmup: int, epochs: int) -> float:
+    """e'/E', clamped to [0, 1]: the scheduler is also asked for the LR one step past the last
+    epoch, and the whole run may be warmup (benchmark presets run 1-3 epochs)."""
+    return min(1.0, max(0.0, (epoch - warmup) / max(1, epochs - warmup)))
 
 
 def _warmup(epoch: float, base: float, warmup: int) -> float:
