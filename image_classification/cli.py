@@ -62,7 +62,9 @@ def run(args) -> int:
     _load_initial_weights(model, args, spec, resume)
     model = model.to(device, memory_format=rt.memory_format)
 
-    reporter = Reporter(str(Path(args.workspace) / args.raport_file), enabled=context.is_main, topk=args.topk)
+    reporter = Reporter(str(Path(args.workspace) / args.raport_file), enabled=context.is_main, topk=args.topk,
+                        tensorboard_dir=str(Path(args.workspace) / args.tensorboard) if args.tensorboard else None,
+                        steps_per_epoch=len(train_loader) if train_loader is not None else None)
     try:
         reporter.log("PARAMETER", {**vars(args), "seed": seed, "image_size": image_size, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
@@ -118,8 +120,8 @@ def _resolve_classes(args, loader) -> tuple[int, list[str]]:
     found = loader.num_classes
     if args.num_classes is not None and args.num_classes != found and args.data_backend != "synthetic":
         raise UserError(f"--num-classes {args.num_classes} but the dataset has {found} classes")
-    if args.mixup > 0 and found < 2:
-        raise UserError(f"--mixup needs at least 2 classes; the dataset has {found}")
+    if (args.mixup > 0 or args.cutmix > 0) and found < 2:
+        raise UserError(f"--mixup/--cutmix need at least 2 classes; the dataset has {found}")
     return found, list(loader.class_names)
 
 
@@ -195,7 +197,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
     try:
         state = loop.fit(parts, train_loader, val_loader, state, epochs=args.epochs, run_epochs=args.run_epochs,
                          patience=args.early_stopping_patience, print_freq=args.print_freq, prof=args.prof,
-                         topk=args.topk, training_only=args.training_only,
+                         topk=args.topk, training_only=args.training_only, ema_best=args.ema_best,
                          criterion_val=SmoothedCrossEntropy(args.label_smoothing), reporter=reporter, save=save,
                          stop=stop)
     finally:
@@ -232,10 +234,16 @@ def _wrap_distributed(model: nn.Module, device: torch.device, context) -> nn.Mod
 
 
 def _batch_transform(args, num_classes: int):
-    if args.mixup <= 0:
-        return None
+    """MixUp and/or CutMix on device batches (torchvision v2); labels become soft targets."""
     from torchvision.transforms import v2
-    return v2.MixUp(alpha=args.mixup, num_classes=num_classes)
+    mixers = []
+    if args.mixup > 0:
+        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
+    if args.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
 def _gather_rng_states() -> list[dict]:

@@ -111,6 +111,9 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
                        help="label smoothing epsilon (default: 0.0)")
     group.add_argument("--mixup", default=0.0, type=non_negative_float, metavar="ALPHA",
                        help="MixUp alpha, 0 = off (default: 0.0)")
+    group.add_argument("--cutmix", default=0.0, type=non_negative_float, metavar="ALPHA",
+                       help="CutMix alpha, 0 = off; with --mixup too, each batch gets one of the two at random "
+                            "(default: 0.0)")
     group.add_argument("--optimizer", default="sgd", choices=("sgd", "rmsprop"), help="optimizer (default: sgd)")
     group.add_argument("--momentum", default=0.9, type=non_negative_float, metavar="M", help="momentum (default: 0.9)")
     group.add_argument("--weight-decay", "--wd", default=1e-4, type=non_negative_float, metavar="W",
@@ -125,6 +128,9 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--use-ema", default=None, type=non_negative_float, metavar="DECAY",
                        help="keep an exponential moving average of the weights with this decay and "
                             "validate it each epoch as val_ema.* (default: off)")
+    group.add_argument("--ema-best", action="store_true",
+                       help="with --use-ema: model_best.pth.tar and early stopping follow the better of val.top1 "
+                            "and val_ema.top1 (default: val.top1 only, as the reference)")
 
 
 def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +168,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                             "and best copies), -1 = all, N = the last N (default: 0)")
     group.add_argument("--raport-file", default="experiment_raport.json", metavar="FILE",
                        help="DLLogger JSON-lines log, written inside --workspace (default: experiment_raport.json)")
+    group.add_argument("--tensorboard", nargs="?", const="tensorboard", default=None, metavar="DIR",
+                       help="also write the metrics as TensorBoard scalars to DIR inside --workspace "
+                            "(default DIR: tensorboard)")
     group.add_argument("--evaluate", action="store_true", help="only evaluate the model on the validation set")
     group.add_argument("--training-only", action="store_true", help="skip validation")
     group.add_argument("--no-checkpoints", action="store_false", dest="save_checkpoints",
@@ -173,7 +182,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                        help="second accuracy metric, reported as val.top{K} (default: 5)")
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (defaults come from --arch)")
     group.add_argument("--num-classes", "--num_classes", dest="num_classes", default=None, type=positive_int,
                        metavar="N", help="output classes (default: the dataset's; 1000 for synthetic data)")
@@ -218,7 +227,7 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     _add_optimization_flags(parser)
     _add_precision_flags(parser)
     _add_run_flags(parser)
-    _add_model_flags(parser)
+    add_model_flags(parser)
     return parser
 
 
@@ -247,6 +256,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.static_loss_scale <= 0:
         raise UserError(f"--static-loss-scale must be positive, got {args.static_loss_scale}")
+    if args.ema_best and args.use_ema is None:
+        raise UserError("--ema-best needs --use-ema DECAY")
     if args.pretrained and args.pretrained_from_file:
         raise UserError("--pretrained and --pretrained-from-file exclude each other")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:

@@ -71,7 +71,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="same as --pretrained-from-file")
     parser.add_argument("--ema", action="store_true",
                         help="use the EMA weights (state_dict_ema) of a training checkpoint")
-    config._add_model_flags(parser)
+    config.add_model_flags(parser)
     helps = {
         "num_classes": "output classes (default: the checkpoint's, else the classifier size in the "
                        "weights file, else 1000)",
@@ -117,7 +117,7 @@ def read_weights(path: str, ema: bool = False) -> WeightsFile:
 
     ``ema`` selects a training checkpoint's ``state_dict_ema``; a clear error when it has none.
     """
-    obj = weights._read(path)  # one-line UserErrors for missing, unreadable and unsafe files
+    obj = weights.read_file(path)  # one-line UserErrors for missing, unreadable and unsafe files
     if is_training_checkpoint(obj):
         checkpoint = dict(obj)
         key = "state_dict"
@@ -126,12 +126,12 @@ def read_weights(path: str, ema: bool = False) -> WeightsFile:
                 raise UserError(f"checkpoint {path} has no EMA weights (state_dict_ema): it was trained "
                                 "without --use-ema; drop --ema")
             key = "state_dict_ema"
-        state_dict = weights.strip_prefixes(weights._unwrap(checkpoint, path, key), path)
+        state_dict = weights.strip_prefixes(weights.unwrap(checkpoint, path, key), path)
         return WeightsFile(state_dict, checkpoint)
     if ema:
         raise UserError(f"--ema needs a training checkpoint with state_dict_ema; {path} is a plain "
                         "weights file")
-    return WeightsFile(weights.strip_prefixes(weights._unwrap(obj, path, None), path))
+    return WeightsFile(weights.strip_prefixes(weights.unwrap(obj, path, None), path))
 
 
 def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:

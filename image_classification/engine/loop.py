@@ -57,6 +57,7 @@ class GracefulStop:
 
 def fit(parts: TrainComponents, train_loader, val_loader, state: RunState, *, epochs: int, run_epochs: int,
         patience: int, print_freq: int, prof: int, topk: int, training_only: bool, criterion_val,
+        ema_best: bool = False,
         reporter, save: Callable[[RunState, int | None, bool], None], stop: GracefulStop) -> RunState:
     """Run epochs from ``state`` until ``epochs`` (or ``run_epochs`` more, early stop, signal)."""
     last = epochs if run_epochs < 0 else min(epochs, state.epoch + run_epochs)
@@ -77,6 +78,8 @@ def fit(parts: TrainComponents, train_loader, val_loader, state: RunState, *, ep
         if not training_only:
             metrics.update(_validate_all(parts, val_loader, epoch, prof, topk, criterion_val, reporter, print_freq))
             top1 = metrics["val.top1"]
+            if ema_best and "val_ema.top1" in metrics:
+                top1 = max(top1, metrics["val_ema.top1"])
             is_best = top1 > state.best_top1
             state.best_top1 = max(state.best_top1, top1)
             state.epochs_since_best = 0 if is_best else state.epochs_since_best + 1

@@ -46,12 +46,12 @@ def register_converter(family: str, fn: Converter) -> Converter:
 
 def load_state_dict_file(path: str, key: str | None = None) -> StateDict:
     """Read a weights file or training checkpoint and return a plain ``name -> tensor`` dict."""
-    obj = _read(path)
-    state_dict = _unwrap(obj, path, key)
+    obj = read_file(path)
+    state_dict = unwrap(obj, path, key)
     return strip_prefixes(state_dict, path)
 
 
-def _read(path: str) -> object:
+def read_file(path: str) -> object:
     if not os.path.exists(path):
         raise UserError(f"weights file {path} does not exist")
     if os.path.isdir(path):
@@ -84,7 +84,7 @@ def _first_sentence(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _unwrap(obj: object, path: str, key: str | None) -> Mapping[str, object]:
+def unwrap(obj: object, path: str, key: str | None) -> Mapping[str, object]:
     """Pick the state dict out of a checkpoint: ``key`` if given, else a known wrapper entry."""
     if not isinstance(obj, Mapping):
         raise UserError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")

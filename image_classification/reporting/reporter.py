@@ -40,8 +40,13 @@ def metric_table(topk: int) -> dict[str, Metric]:
 
 
 class Reporter:
-    def __init__(self, raport_path: str | None, *, enabled: bool, topk: int = 5, progress_bar: bool | None = None):
+    def __init__(self, raport_path: str | None, *, enabled: bool, topk: int = 5, progress_bar: bool | None = None,
+                 tensorboard_dir: str | None = None, steps_per_epoch: int | None = None):
         self.enabled = enabled
+        self.tensorboard = None
+        if enabled and tensorboard_dir is not None:
+            from image_classification.reporting.tensorboard import TensorBoardWriter
+            self.tensorboard = TensorBoardWriter(tensorboard_dir, steps_per_epoch)
         self.dllogger = DLLogger(raport_path if enabled else None, console=sys.stdout if enabled else None,
                                  metrics=metric_table(topk))
         if progress_bar is None:
@@ -51,6 +56,8 @@ class Reporter:
     def log(self, step: Step, data: dict) -> None:
         if self.enabled:
             self.dllogger.log(step, data)
+            if self.tensorboard is not None:
+                self.tensorboard.log(step, data)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -63,3 +70,5 @@ class Reporter:
 
     def close(self) -> None:
         self.dllogger.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Classify images with a trained model and print the top-k classes.
+
+    python classify.py --arch resnet50 --weights W.pth --image cat.jpg [dog.png ...]
+    python classify.py --pretrained-from-file workspace/model_best.pth.tar --image photos/ --json
+
+``--weights`` and ``--pretrained-from-file`` take a weights file (ours, NGC or torchvision) or a
+training checkpoint (``--ema`` picks its EMA weights). Preprocessing is the evaluation one:
+resize the shorter side to size+32, center crop, ImageNet mean/std; the size is the model's
+default (224, B4 380), or the one a training checkpoint was trained with, or ``--image-size``.
+Class names come from ``--labels FILE``, else the checkpoint, else the ImageNet list for
+1000-class models, else class indices. Output per image: its path, then ``<class>: <pct>%``
+lines, best first (or one JSON document with ``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterator, Sequence
+
+import torch
+from PIL import UnidentifiedImageError
+
+from image_classification import config, export, runtime
+from image_classification.data.checks import is_image_file
+from image_classification.data.device import Normalize
+from image_classification.data.transforms import open_rgb, val_transform
+from image_classification.errors import UserError
+
+PRECISIONS = ("AMP", "FP32", "TF32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="classify.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
+                        help="image file(s) and/or folder(s) of images (searched recursively)")
+    parser.add_argument("--arch", "-a", default=None, metavar="ARCH",
+                        help="model architecture (default: the checkpoint's, else resnet50)")
+    parser.add_argument("--precision", default="AMP", type=str.upper, metavar="P",
+                        help="AMP (fp16 on CUDA, bf16 on CPU) | FP32 | TF32 (default: AMP)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
+    parser.add_argument("--topk", default="5", metavar="K", help="classes to show per image (default: 5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--labels", default=None, metavar="FILE",
+                        help="class names, one per line in class-index order")
+    parser.add_argument("--image-size", default=None, type=int, metavar="PX",
+                        help="center-crop size (default: the checkpoint's or the architecture's, "
+                             "e.g. 224; B4 380)")
+    parser.add_argument("--resize-size", default=None, type=int, metavar="PX",
+                        help="resize the shorter side to PX before cropping (default: image size + 32)")
+    parser.add_argument("--interpolation", default=None, choices=("bilinear", "bicubic"),
+                        help="resize filter (default: the checkpoint's, else bilinear)")
+    parser.add_argument("-b", "--batch-size", default=16, type=int, metavar="N",
+                        help="images per forward pass (default: 16)")
+    export.add_model_flags(parser)  # --weights/--pretrained-from-file, --ema, --pretrained, --num-classes, ...
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(build_parser().parse_args(argv))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    topk = _parse_topk(args.topk)
+    if args.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    for flag in ("image_size", "resize_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    images = list(collect_images(args.image))  # fail on a missing path before loading the model
+
+    if args.pretrained and args.pretrained_from_file:
+        raise UserError("--pretrained and --pretrained-from-file/--weights exclude each other")
+    weights_path = args.pretrained_from_file
+    if args.pretrained:
+        weights_path = export.published_weights(args.arch or "resnet50")
+    if weights_path is None:
+        print("warning: no --weights/--pretrained-from-file/--pretrained given: the model is randomly "
+              "initialised and its predictions are meaningless", file=sys.stderr)
+    loaded = export.load_model(args.arch, weights_path, ema=args.ema, num_classes=args.num_classes,
+                               options=config.model_options(args))
+    if topk > loaded.num_classes:
+        raise UserError(f"--topk {topk} is more than the model's {loaded.num_classes} classes")
+    names = class_names(loaded, args.labels)
+
+    device = runtime.select_device("cpu" if args.cpu else "auto", 0)
+    rt = runtime.build_runtime(device=device, amp=args.precision == "AMP", amp_dtype=None,
+                               memory_format="nchw", tf32=args.precision != "FP32")
+    model = loaded.model.to(device)
+    image_size, resize_size, interpolation = preprocessing(loaded, args)
+    transform = val_transform(image_size, resize_size, interpolation)
+    normalize = Normalize(device, torch.contiguous_format)
+
+    results = []
+    for start in range(0, len(images), args.batch_size):
+        paths = images[start:start + args.batch_size]
+        batch = normalize(torch.stack([transform(_open(path)) for path in paths]).to(device))
+        with torch.no_grad(), rt.autocast():
+            logits = model(batch)
+        probabilities = torch.softmax(logits.float(), dim=1).cpu()
+        top = probabilities.topk(topk, dim=1)
+        for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
+            result = {"image": path, "predictions": [
+                {"class": names[i], "index": i, "probability": p} for p, i in zip(values, indices)]}
+            if args.json:
+                results.append(result)
+            else:
+                print_result(result)
+    if args.json:
+        json.dump(_json_document(results, loaded, image_size, resize_size, rt, args.precision), sys.stdout, indent=2)
+        print()
+    return 0
+
+
+def _parse_topk(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"--topk must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise UserError(f"--topk must be a positive integer, got {value}")
+    return value
+
+
+def collect_images(paths: Sequence[str]) -> Iterator[str]:
+    """Files as given; folders expanded to their image files (recursively, sorted)."""
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(root, name) for root, _, files in os.walk(path)
+                           for name in files if is_image_file(name))
+            if not found:
+                raise UserError(f"folder {path} contains no image files")
+            yield from found
+        elif os.path.isfile(path):
+            yield path
+        else:
+            raise UserError(f"image {path} does not exist")
+
+
+def _open(path: str):
+    try:
+        return open_rgb(path)
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not a readable image (unknown or corrupt image format)") from None
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for a bad file
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path} is not a readable image ({detail})") from None
+
+
+def class_names(loaded: export.LoadedModel, labels: str | None) -> list[str]:
+    """--labels, else the checkpoint's names, else ImageNet's for 1000 classes, else indices."""
+    if labels is not None:
+        names = export.read_labels(labels)
+        if len(names) != loaded.num_classes:
+            raise UserError(f"labels file {labels} has {len(names)} names but the model has "
+                            f"{loaded.num_classes} classes")
+        return names
+    if loaded.class_names is not None:
+        return loaded.class_names
+    if loaded.num_classes == 1000:
+        return export.imagenet_classes()
+    return [str(i) for i in range(loaded.num_classes)]
+
+
+def preprocessing(loaded: export.LoadedModel, args: argparse.Namespace) -> tuple[int, int, str]:
+    """(crop size, resize size, interpolation): flags, else the checkpoint's, else the arch's."""
+    trained = args.image_size is None and loaded.trained_image_size is not None
+    image_size = args.image_size or (loaded.trained_image_size if trained else loaded.spec.default_image_size)
+    resize_size = args.resize_size or (loaded.trained_resize_size if trained and loaded.trained_resize_size
+                                       else image_size + 32)
+    interpolation = args.interpolation or loaded.trained_interpolation or "bilinear"
+    if interpolation not in ("bilinear", "bicubic"):
+        interpolation = "bilinear"  # e.g. DALI's "triangular", which PIL does not have
+    if resize_size < image_size:
+        raise UserError(f"--resize-size {resize_size} is smaller than the crop --image-size {image_size}")
+    return image_size, resize_size, interpolation
+
+
+def print_result(result: dict) -> None:
+    print(result["image"])
+    for prediction in result["predictions"]:
+        print(f"{prediction['class']}: {100 * prediction['probability']:.1f}%")
+
+
+def _json_document(results: list[dict], loaded: export.LoadedModel, image_size: int, resize_size: int,
+                   rt: runtime.Runtime, args_precision: str) -> dict:
+    return {"arch": loaded.arch, "num_classes": loaded.num_classes, "image_size": image_size,
+            "resize_size": resize_size, "precision": rt.precision_name if rt.amp else args_precision, "device": str(rt.device),
+            "results": results}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
