@@ -142,7 +142,7 @@ def test_mixup_with_one_class_is_an_error(tmp_path, capsys):
     argv = ["--data-backend", "pytorch", "--arch", "resnet18", "--image-size", "16", "-b", "2", "--workers", "0",
             "--device", "cpu", "--mixup", "0.2"]
     assert run_main(argv, tmp_path / "ws", tmp_path / "data") == 2
-    assert "--mixup needs at least 2 classes" in capsys.readouterr().err
+    assert "--mixup/--cutmix need at least 2 classes" in capsys.readouterr().err
 
 
 def test_same_seed_gives_identical_losses(small_digits_dir, tmp_path):
@@ -198,3 +198,33 @@ def test_the_guarded_pytorch_cpu_bug_still_exists():
             conv(x).float().sum().backward()
         worst = max(worst, (conv.weight.grad - reference.weight.grad).abs().max().item())
     assert worst > 1.0
+
+
+EFFICIENTNET = ["--arch", "efficientnet-b0", "--data-backend", "pytorch", "--image-size", "32", "--val-resize-size",
+                "32", "--crop-scale", "0.5", "1", "-b", "32", "--epochs", "2", "--optimizer", "rmsprop",
+                "--lr", "0.0008", "--rmsprop-eps", "0.01", "--momentum", "0.9", "--weight-decay", "1e-5",
+                "--label-smoothing", "0.1", "--bn-momentum", "0.1", "--lr-schedule", "cosine", "--use-ema", "0.9",
+                "--ema-best", "--workers", "2", "--seed", "1", "--device", "cpu", "--print-freq", "1000"]
+
+
+def test_efficientnet_b0_learns_digits_and_resumes(digits_dir, tmp_path):
+    assert run_main([*EFFICIENTNET, "--run-epochs", "1"], tmp_path, digits_dir) == 0
+    assert run_main([*EFFICIENTNET, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, digits_dir) == 0
+    epochs = epoch_records(tmp_path / "experiment_raport.json")
+    assert list(epochs) == [1]  # the resumed invocation ran epoch 1 only
+    assert epochs[1]["val.top1"] > 50.0  # chance is 10%
+    best = checkpoint.load(tmp_path / "model_best.pth.tar")
+    assert best["best_prec1"] == max(epochs[1]["val.top1"], epochs[1]["val_ema.top1"], best["best_prec1"])
+    assert best["arch"] == "efficientnet-b0" and "state_dict_ema" in best
+
+
+def test_cutmix_and_mixup_together_and_tensorboard(small_digits_dir, tmp_path):
+    args = [*STATEFUL[:-4], "--epochs", "1", "--cutmix", "1.0", "--tensorboard"]
+    assert run_main(args, tmp_path, small_digits_dir) == 0
+    loss = epoch_records(tmp_path / "experiment_raport.json")[0]["train.loss"]
+    assert 0 < loss < 10
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert "epoch/train.loss" in events.Tags()["scalars"]
+    assert events.Scalars("epoch/train.loss")[0].value == pytest.approx(loss, rel=1e-5)
