@@ -56,6 +56,8 @@ def run(args) -> int:
     _check_known_kernel_bugs(rt, image_size)
     train_loader, val_loader = _build_loaders(args, spec, image_size, rt, context, seed)
     num_classes, class_names = _resolve_classes(args, train_loader or val_loader)
+    if args.auto_resume and (Path(args.workspace) / args.checkpoint_filename).is_file():
+        args.resume = str(Path(args.workspace) / args.checkpoint_filename)
     resume = checkpoint.load(args.resume) if args.resume else None
 
     model = spec.build(num_classes=num_classes, **config.model_options(args))
@@ -167,6 +169,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
     ema = ModelEma(model, args.use_ema) if args.use_ema else None
     if resume is not None:
         state = _restore(resume, optimizer, scaler, ema, context)
+        reporter.message(f"resumed from {args.resume}: epoch {state.epoch}, batch {state.step_in_epoch}")
     # The schedule position is derived from (epoch, step in epoch), not stored, so a resume with
     # another batch size still lands on the right epoch.
     start_step = state.epoch * steps_per_epoch + -(-state.step_in_epoch // steps)
@@ -202,7 +205,9 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
                          stop=stop)
     finally:
         stop.restore()
-    summary = {"epochs_completed": state.epoch}
+    # Throughput of the last epoch (what the benchmark modes report) and the best accuracy.
+    summary = {k: v for k, v in state.last_metrics.items() if k.endswith("_ips")}
+    summary["epochs_completed"] = state.epoch
     if not args.training_only:
         summary["val.top1"] = state.best_top1
     reporter.log([], summary)

@@ -159,6 +159,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--print-freq", "-p", default=10, type=positive_int, metavar="N",
                        help="log every N iterations (default: 10)")
     group.add_argument("--resume", default=None, metavar="PATH", help="continue from this training checkpoint")
+    group.add_argument("--auto-resume", action="store_true",
+                       help="resume from --workspace/--checkpoint-filename when it exists (for restarts by "
+                            "torchrun --max-restarts or a scheduler); start fresh otherwise")
     group.add_argument("--prof", default=-1, type=int, metavar="N",
                        help="stop each train/val phase after N iterations (default: -1, off)")
     group.add_argument("--seed", default=None, type=int, metavar="S",
@@ -256,6 +259,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.static_loss_scale <= 0:
         raise UserError(f"--static-loss-scale must be positive, got {args.static_loss_scale}")
+    if args.auto_resume and args.resume:
+        raise UserError("--auto-resume and --resume exclude each other")
     if args.ema_best and args.use_ema is None:
         raise UserError("--ema-best needs --use-ema DECAY")
     if args.pretrained and args.pretrained_from_file:

@@ -155,10 +155,12 @@ def test_same_seed_gives_identical_losses(small_digits_dir, tmp_path):
     assert losses[0] and losses[0] == losses[1]
 
 
-def _torchrun(nproc: int, args: list[str], workspace: Path, data: Path, port: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DUMP_WEIGHTS": str(workspace / "weights"), "OMP_NUM_THREADS": "1"}
+def _torchrun(nproc: int, args: list[str], workspace: Path, data: Path, port: int, *launcher_args: str,
+              **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DUMP_WEIGHTS": str(workspace / "weights"), "OMP_NUM_THREADS": "1", **env_extra}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(port), str(DRIVER), *args, "--workspace", str(workspace), str(data)]
+               "--master_port", str(port), *launcher_args, str(DRIVER), *args, "--workspace", str(workspace),
+               str(data)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -228,3 +230,20 @@ def test_cutmix_and_mixup_together_and_tensorboard(small_digits_dir, tmp_path):
     events.Reload()
     assert "epoch/train.loss" in events.Tags()["scalars"]
     assert events.Scalars("epoch/train.loss")[0].value == pytest.approx(loss, rel=1e-5)
+
+
+def test_torchrun_restart_after_a_rank_dies_resumes_and_completes(small_digits_dir, tmp_path):
+    common = ["--arch", "tiny-cnn", "--data-backend", "pytorch", "--image-size", "16", "--val-resize-size", "16",
+              "--lr", "0.1", "--epochs", "3", "--workers", "0", "--seed", "3", "--device", "cpu", "-b", "4",
+              "--auto-resume"]
+    # 100 images / (2 x 4) = 12 batches per epoch: rank 1 dies in epoch 1, after checkpoint 0 exists.
+    run = _torchrun(2, common, tmp_path / "ws", small_digits_dir, 29613, "--max-restarts", "1",
+                    FAIL_AT_BATCH="17")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resume" in run.stdout.lower() or "resume" in run.stderr.lower()
+    final = checkpoint.load(tmp_path / "ws" / "checkpoint.pth.tar")
+    assert final["epoch"] == 3
+    expected = _torchrun(2, common, tmp_path / "clean", small_digits_dir, 29614)
+    assert expected.returncode == 0, expected.stderr[-3000:]
+    reference = checkpoint.load(tmp_path / "clean" / "checkpoint.pth.tar")["state_dict"]
+    assert all(torch.equal(t, final["state_dict"][k]) for k, t in reference.items())

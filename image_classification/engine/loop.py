@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -19,6 +19,7 @@ class RunState:
     step_in_epoch: int = 0     # batches of `epoch` already trained (after an interruption)
     best_top1: float = 0.0
     epochs_since_best: int = 0
+    last_metrics: dict = field(default_factory=dict)  # the last epoch's record (not checkpointed)
 
 
 class GracefulStop:
@@ -84,6 +85,7 @@ def fit(parts: TrainComponents, train_loader, val_loader, state: RunState, *, ep
             state.best_top1 = max(state.best_top1, top1)
             state.epochs_since_best = 0 if is_best else state.epochs_since_best + 1
         reporter.log([epoch], metrics)
+        state.last_metrics = metrics
         state.epoch, state.step_in_epoch = epoch + 1, 0
         save(state, epoch, is_best)
         if 0 < patience <= state.epochs_since_best:

@@ -212,6 +212,7 @@ def _latency_metrics(prefix: str, latencies: list[float], images: int, elapsed: 
 
     compute = sum(latencies)
     return {f"{prefix}.compute_latency": compute / len(latencies),
+            f"{prefix}.compute_latency_at90": quantile(0.90),
             f"{prefix}.compute_latency_at95": quantile(0.95),
             f"{prefix}.compute_latency_at99": quantile(0.99),
             f"{prefix}.compute_latency_at100": ordered[-1],

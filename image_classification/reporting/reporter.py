@@ -31,6 +31,7 @@ def metric_table(topk: int) -> dict[str, Metric]:
             f"{prefix}.compute_ips": Metric("images/s", ":.2f"),
             f"{prefix}.total_ips": Metric("images/s", ":.2f"),
             f"{prefix}.compute_latency": Metric("s", ":.5f"),
+            f"{prefix}.compute_latency_at90": _LATENCY,
             f"{prefix}.compute_latency_at95": _LATENCY,
             f"{prefix}.compute_latency_at99": _LATENCY,
             f"{prefix}.compute_latency_at100": _LATENCY,

@@ -38,5 +38,19 @@ def fit_and_dump(parts, *args, **kwargs):
 
 loop.fit = fit_and_dump
 
+# FAIL_AT_BATCH=N: on its first attempt (torchrun restart count 0), rank 1 dies at training batch N.
+if os.environ.get("FAIL_AT_BATCH") and os.environ.get("RANK") == "1" \
+        and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    from image_classification.engine import trainer
+    _forward_backward, _calls = trainer._forward_backward, [0]
+
+    def failing_forward_backward(*args, **kwargs):
+        _calls[0] += 1
+        if _calls[0] == int(os.environ["FAIL_AT_BATCH"]):
+            os._exit(3)  # a crash: no cleanup, no checkpoint
+        return _forward_backward(*args, **kwargs)
+
+    trainer._forward_backward = failing_forward_backward
+
 if __name__ == "__main__":
     sys.exit(cli.main())
