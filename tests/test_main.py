@@ -237,8 +237,9 @@ def test_torchrun_restart_after_a_rank_dies_resumes_and_completes(small_digits_d
               "--lr", "0.1", "--epochs", "3", "--workers", "0", "--seed", "3", "--device", "cpu", "-b", "4",
               "--auto-resume"]
     # 100 images / (2 x 4) = 12 batches per epoch: rank 1 dies in epoch 1, after checkpoint 0 exists.
-    run = _torchrun(2, common, tmp_path / "ws", small_digits_dir, 29613, "--max-restarts", "1",
-                    FAIL_AT_BATCH="17")
+    # Restarts need the c10d rendezvous (the static one reuses the dead group's store entries).
+    run = _torchrun(2, common, tmp_path / "ws", small_digits_dir, 29613, "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", "localhost:29615", "--max-restarts", "1", FAIL_AT_BATCH="17")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "resume" in run.stdout.lower() or "resume" in run.stderr.lower()
     final = checkpoint.load(tmp_path / "ws" / "checkpoint.pth.tar")
