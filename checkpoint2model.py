@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from image_classification import checkpoint, export, models
-from image_classification.errors import UserError
+from image_classification.errors import UserError, exit_status
 from image_classification.models import weights
 
 
@@ -35,11 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return run(build_parser().parse_args(argv))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run(build_parser().parse_args(argv)))
 
 
 def run(args: argparse.Namespace) -> int:

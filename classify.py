@@ -27,7 +27,7 @@ from image_classification import config, export, runtime
 from image_classification.data.checks import is_image_file
 from image_classification.data.device import Normalize
 from image_classification.data.transforms import open_rgb, val_transform
-from image_classification.errors import UserError
+from image_classification.errors import UserError, exit_status
 
 PRECISIONS = ("AMP", "FP32", "TF32")
 
@@ -60,10 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run(build_parser().parse_args(argv))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return exit_status(lambda: run(build_parser().parse_args(argv)))
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -1,7 +1,6 @@
 """``main.py``: parse flags, build the runtime, data, model and engine, then train or evaluate."""
 from __future__ import annotations
 
-import os
 import random
 import sys
 from pathlib import Path
@@ -19,20 +18,19 @@ from image_classification.engine.losses import SmoothedCrossEntropy
 from image_classification.engine.optim import build_optimizer
 from image_classification.engine.schedules import build_scheduler
 from image_classification.engine.trainer import TrainComponents
-from image_classification.errors import UserError
+from image_classification.errors import UserError, exit_status
 from image_classification.models import weights
 from image_classification.reporting.reporter import Reporter
 
 
 def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> int:
     """Entry point; returns the exit status. User errors print one line and return 2."""
-    try:
+    def parse_and_run() -> int:
         args = config.parse_args(argv, defaults)
         config.validate(args)
         return run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    try:
+        return exit_status(parse_and_run)
     finally:
         distributed.shutdown()
 

@@ -7,3 +7,13 @@ class UserError(Exception):
     Entry points catch it and print ``error: <message>`` with exit status 2; everything else
     is a bug and keeps its traceback.
     """
+
+
+def exit_status(action) -> int:
+    """Run ``action()`` and return its exit status; a UserError prints one line and gives 2."""
+    import sys
+    try:
+        return action()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

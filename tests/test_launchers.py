@@ -26,7 +26,6 @@ if str(ROOT) not in sys.path:
 import launch  # noqa: E402
 import multiproc  # noqa: E402
 from image_classification import config  # noqa: E402
-from image_classification.errors import UserError  # noqa: E402
 
 CFG = launch.load_config(ROOT / "configs.yml")
 MODES = list(CFG["mode"])
