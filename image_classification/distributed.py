@@ -47,8 +47,12 @@ def init(context: DistributedContext, device: torch.device) -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, init_method="env://", rank=context.rank,
-                            world_size=context.world_size, **kwargs)
+    store, _, _ = next(dist.rendezvous("env://", rank=context.rank, world_size=context.world_size))
+    # After a torchrun restart the store can still hold the dead group's addresses; keys of each
+    # attempt get their own prefix so the new group never connects to a dead rank.
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=context.rank, world_size=context.world_size,
+                            **kwargs)
 
 
 def shutdown() -> None:
