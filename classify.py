@@ -77,14 +77,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     images = list(collect_images(args.image))  # fail on a missing path before loading the model
 
-    if args.pretrained and args.pretrained_from_file:
-        raise UserError("--pretrained and --pretrained-from-file/--weights exclude each other")
-    weights_path = args.pretrained_from_file
-    if args.pretrained:
-        weights_path = export.published_weights(args.arch or "resnet50")
-    if weights_path is None:
-        print("warning: no --weights/--pretrained-from-file/--pretrained given: the model is randomly "
-              "initialised and its predictions are meaningless", file=sys.stderr)
+    weights_path = export.weights_path(
+        args, "the model is randomly initialised and its predictions are meaningless")
     loaded = export.load_model(args.arch, weights_path, ema=args.ema, num_classes=args.num_classes,
                                options=config.model_options(args))
     if topk > loaded.num_classes:

@@ -60,14 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.image_size is not None and args.image_size < 32:
         raise UserError(f"--image-size must be at least 32, got {args.image_size}")
-    if args.pretrained and args.pretrained_from_file:
-        raise UserError("--pretrained and --pretrained-from-file/--weights exclude each other")
-    weights_path = args.pretrained_from_file
-    if args.pretrained:
-        weights_path = export.published_weights(args.arch or "resnet50")
-    if weights_path is None:
-        print("warning: no --pretrained-from-file/--weights/--pretrained given: exporting a randomly "
-              "initialised model", file=sys.stderr)
+    weights_path = export.weights_path(args, "exporting a randomly initialised model")
     loaded = export.load_model(args.arch, weights_path, ema=args.ema, num_classes=args.num_classes,
                                options=config.model_options(args))
     device = runtime.select_device(args.device, 0)

@@ -110,9 +110,6 @@ def _build_loaders(args, spec, image_size: int, rt: runtime.Runtime, context, se
         synthetic_epoch_size=args.synthetic_epoch_size, crop_scale=tuple(args.crop_scale))
     train_loader = None if args.evaluate else backend.train_loader(loader_config)
     val_loader = None if args.training_only else backend.val_loader(loader_config)
-    if train_loader is not None and len(train_loader) == 0:
-        raise UserError(f"the training set gives no full batch of {args.batch_size} per process "
-                        f"({context.world_size} process(es)); lower --batch-size")
     return train_loader, val_loader
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
+from image_classification.data.registry import AUGMENTATIONS, INTERPOLATIONS
 from image_classification.errors import UserError
 
 DATA_BACKENDS = ("pytorch", "synthetic", "dali-cpu", "dali-gpu")
 LR_SCHEDULES = ("step", "linear", "cosine")
-AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment")
 GPU_AFFINITIES = ("none", "socket", "socket_single", "socket_single_unique",
                   "socket_unique_interleaved", "socket_unique_contiguous")
 
@@ -62,7 +62,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-backend", metavar="BACKEND", default="dali-cpu", choices=DATA_BACKENDS,
                        help=f"data loader: {' | '.join(DATA_BACKENDS)} (default: dali-cpu)")
     group.add_argument("--interpolation", metavar="INTERPOLATION", default="bilinear",
-                       choices=("bilinear", "bicubic", "triangular"),
+                       choices=INTERPOLATIONS,
                        help="resize filter: bilinear | bicubic | triangular (DALI only) (default: bilinear)")
     group.add_argument("-j", "--workers", default=5, type=int, metavar="N",
                        help="data loading workers (DALI: threads) per process (default: 5)")

@@ -74,15 +74,6 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's value of ``flag`` on every rank (used to stop all ranks together)."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item())
-
-
 def any_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank."""
     if not dist.is_initialized():
@@ -90,8 +81,3 @@ def any_flag(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -12,6 +12,8 @@ Shared by ``classify.py``, ``model2onnx.py`` and ``hubconf.py``:
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import contextlib
 import importlib.util
@@ -184,14 +186,17 @@ def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool =
     return loaded
 
 
-def published_weights(arch: str) -> str:
-    """Download (or find cached) the published NGC weights for ``arch``; returns the file path."""
-    try:
+def weights_path(args, without_weights: str) -> str | None:
+    """The weights file the model flags ask for: ``--pretrained-from-file``/``--weights``, or the
+    published download for ``--pretrained``; None (with ``without_weights`` as a warning) for none."""
+    if args.pretrained and args.pretrained_from_file:
+        raise UserError("--pretrained and --pretrained-from-file/--weights exclude each other")
+    if args.pretrained:
         from image_classification.models.published import download_weights
-    except ImportError:
-        raise UserError("--pretrained is not available in this installation; download the weights "
-                        "and pass them with --pretrained-from-file") from None
-    return download_weights(arch)
+        return download_weights(args.arch or "resnet50")
+    if args.pretrained_from_file is None:
+        print(f"warning: no --weights/--pretrained-from-file/--pretrained given: {without_weights}", file=sys.stderr)
+    return args.pretrained_from_file
 
 
 # ---------------------------------------------------------------- export

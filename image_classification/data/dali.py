@@ -56,7 +56,7 @@ import torch
 
 from image_classification.data.checks import scan_split
 from image_classification.data.registry import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, Backend, LoaderConfig
-from image_classification.data.sampling import ShardSampler
+from image_classification.data.sampling import ShardSampler, require_full_batch
 from image_classification.errors import UserError
 
 INSTALL_HINT = "pip install nvidia-dali-cuda120"
@@ -282,9 +282,9 @@ class DaliLoader:
         self.batch_size = config.batch_size
         self.sampler = ShardSampler(len(scan.samples), batch_size=config.batch_size, rank=config.rank,
                                     world_size=config.world_size, seed=config.seed, train=train)
-        if train and len(self.sampler) == 0:
-            raise UserError(f"{scan.root} has {len(scan.samples)} images, less than one batch per process "
-                            f"({config.batch_size} x {config.world_size} processes): lower --batch-size")
+        if train:
+            require_full_batch(len(scan.samples), batch_size=config.batch_size, world_size=config.world_size,
+                               source=str(scan.root))
         if config.workers < 0:
             raise UserError(f"--workers must be >= 0, got {config.workers}")
         self.channels_last = config.memory_format == torch.channels_last

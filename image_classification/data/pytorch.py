@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from image_classification.data.checks import scan_split
 from image_classification.data.device import DeviceLoader
 from image_classification.data.registry import Backend, LoaderConfig
-from image_classification.data.sampling import ShardSampler
+from image_classification.data.sampling import ShardSampler, require_full_batch
 from image_classification.data.transforms import Transform, open_rgb, train_transform, val_transform
 from image_classification.errors import UserError
 
@@ -128,9 +128,9 @@ def _loader(config: LoaderConfig, split: str, transform: Transform) -> DeviceLoa
     scan = scan_split(config.data_dir, split)
     sampler = ShardSampler(len(scan.samples), batch_size=config.batch_size, rank=config.rank,
                            world_size=config.world_size, seed=config.seed, train=train)
-    if train and len(sampler) == 0:
-        raise UserError(f"{scan.root} has {len(scan.samples)} images, less than one batch per process "
-                        f"({config.batch_size} x {config.world_size} processes): lower --batch-size")
+    if train:
+        require_full_batch(len(scan.samples), batch_size=config.batch_size, world_size=config.world_size,
+                           source=str(scan.root))
     batches = DataLoader(
         FolderDataset(scan.samples, transform, config.seed),
         batch_size=config.batch_size,

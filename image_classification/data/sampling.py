@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
+from image_classification.errors import UserError
+
 
 def epoch_indices(num_samples: int, *, rank: int, world_size: int, epoch: int, seed: int,
                   train: bool) -> list[int]:
@@ -35,6 +37,13 @@ def num_batches(num_samples: int, *, world_size: int, batch_size: int, train: bo
         return (-(-num_samples // world_size)) // batch_size
     shard = len(range(rank, num_samples, world_size))
     return -(-shard // batch_size)
+
+
+def require_full_batch(num_samples: int, *, batch_size: int, world_size: int, source: str) -> None:
+    """Training drops incomplete batches: refuse a split that would give an empty epoch."""
+    if num_batches(num_samples, world_size=world_size, batch_size=batch_size, train=True) == 0:
+        raise UserError(f"{source} has {num_samples} images, less than one batch per process "
+                        f"({batch_size} x {world_size} processes): lower --batch-size")
 
 
 class ShardSampler(Sampler[int]):
