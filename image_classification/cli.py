@@ -1,6 +1,7 @@
 """``main.py``: parse flags, build the runtime, data, model and engine, then train or evaluate."""
 from __future__ import annotations
 
+import copy
 import random
 import sys
 from pathlib import Path
@@ -147,9 +148,9 @@ def _evaluate(args, model, val_loader, rt, resume, reporter) -> int:
 
 
 def _ema_from_checkpoint(model: nn.Module, resume: dict) -> nn.Module:
-    ema = ModelEma(model, decay=0.0)
-    weights.load_state_dict_into(ema.module, resume["state_dict_ema"], source="state_dict_ema of the checkpoint")
-    return ema.module
+    ema_model = copy.deepcopy(model)
+    weights.load_state_dict_into(ema_model, resume["state_dict_ema"], source="state_dict_ema of the checkpoint")
+    return ema_model
 
 
 def _train(args, model, train_loader, val_loader, rt, context, resume, reporter, *, class_names, seed) -> int:
