@@ -114,7 +114,8 @@ class Collate:
 
 
 def train_loader(config: LoaderConfig) -> DeviceLoader:
-    transform = train_transform(config.image_size, config.interpolation, config.augmentation, config.crop_scale)
+    transform = train_transform(config.image_size, config.interpolation, config.augmentation, config.crop_scale,
+                                (config.randaugment_num_ops, config.randaugment_magnitude))
     return _loader(config, "train", transform)
 
 
