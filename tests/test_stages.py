@@ -1,8 +1,5 @@
 """Stage-wise training: the schedule, the regularisation ramp, every backend switching sizes,
 exact mid-stage resume, --eval-image-size and the one-line errors."""
-import os
-import signal
-
 import pytest
 import torch
 from torch import nn
@@ -146,25 +143,15 @@ def test_eval_image_size_sets_the_validation_crop_and_classify_uses_it(small_dig
 
 # ---------------------------------------------------------------- exact mid-stage resume
 
-def test_interrupted_mid_stage_resume_reproduces_the_uninterrupted_run(small_digits_dir, tmp_path, monkeypatch):
+def test_interrupted_mid_stage_resume_reproduces_the_uninterrupted_run(small_digits_dir, tmp_path, sigterm_at_step):
     args = [*STAGED, "--data-backend", "pytorch"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run(args, straight, small_digits_dir) == 0
-
-    steps = {"count": 0}
-    original_step = trainer._optimizer_step
-
-    def step_then_sigterm(parts):
-        original_step(parts)
-        steps["count"] += 1
-        if steps["count"] == 12 * 2 + 5:  # 5 batches into epoch 2, the first epoch of stage 1
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(trainer, "_optimizer_step", step_then_sigterm)
+    sigterm_at_step(12 * 2 + 5)  # 5 batches into epoch 2, the first epoch of stage 1
     assert run(args, split, small_digits_dir) == 0
     saved = checkpoint.load(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (2, 5)
-    monkeypatch.setattr(trainer, "_optimizer_step", original_step)
+    sigterm_at_step(None)
     assert run([*args, "--resume", str(split / "checkpoint.pth.tar")], split, small_digits_dir) == 0
     expected, resumed = epoch_records(straight / "experiment_raport.json"), epoch_records(split / "experiment_raport.json")
     # (epoch 2's train.loss averages only the batches this invocation trained)
