@@ -83,6 +83,7 @@ def run(args) -> int:
             build_loader=lambda stage: data_registry.get(args.data_backend).train_loader(
                 _stage_loader_config(loader_config, stage)),
             build_mixer=lambda stage: _batch_transform(stage.mixup, stage.cutmix, num_classes))
+        del train_loader  # `staged` owns it now and lets it go (its workers too) when stage 0 ends
         return _train(args, model, staged, val_loader, rt, context, resume, reporter,
                       class_names=class_names, seed=seed)
     finally:

@@ -167,3 +167,28 @@ def test_interrupted_mid_stage_resume_reproduces_the_uninterrupted_run(small_dig
 def test_schedule_errors_are_user_errors():
     with pytest.raises(UserError, match="larger than the final"):
         StageSchedule(n_stages=2, epochs=2, base_size=65, final_size=64)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "dali-cpu"])
+def test_randaugment_flags_and_ramp_reach_the_backend(backend, small_digits_dir, tmp_path, monkeypatch):
+    calls = []
+    if backend == "dali-cpu":
+        rand_augment = pytest.importorskip("nvidia.dali.auto_aug.rand_augment")
+        original = rand_augment.rand_augment
+
+        def record(images, n, m, **kwargs):
+            calls.append((n, m))
+            return original(images, n, m, **kwargs)
+        monkeypatch.setattr(rand_augment, "rand_augment", record)
+    else:
+        from image_classification.data import transforms
+        original = transforms.v2.RandAugment
+
+        def record(num_ops, magnitude, **kwargs):
+            calls.append((num_ops, magnitude))
+            return original(num_ops=num_ops, magnitude=magnitude, **kwargs)
+        monkeypatch.setattr(transforms.v2, "RandAugment", record)
+    args = [*STAGED, "--data-backend", backend, "--epochs", "2", "--augmentation", "randaugment",
+            "--randaugment-num-ops", "3", "--randaugment-magnitude", "12", "--prof", "1", "--training-only"]
+    assert run(args, tmp_path, small_digits_dir) == 0
+    assert calls == [(3, 5), (3, 12)]  # stage 0 at the floor, the last stage at the given magnitude
