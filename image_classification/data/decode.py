@@ -36,9 +36,10 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom
 
 
 def reduction(crop_height: int, crop_width: int, out_height: int, out_width: int) -> int:
-    """The largest JPEG scale divisor whose decoded crop still has ``out`` pixels on each side."""
-    return next(factor for factor in REDUCTIONS
-                if crop_height >= factor * out_height and crop_width >= factor * out_width)
+    """The largest JPEG scale divisor whose decoded crop still has ``out`` pixels on each side
+    (1 when the crop is smaller than the output: it is enlarged, as from a full decode)."""
+    return next((factor for factor in REDUCTIONS
+                 if crop_height >= factor * out_height and crop_width >= factor * out_width), 1)
 
 
 class CropDecoder:
