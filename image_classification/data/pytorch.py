@@ -65,12 +65,14 @@ class FolderDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
-        # The decoder and the transforms draw from torch's global CPU generator. With --workers 0 this runs in the
-        # training process, whose generator (dropout, mixup) must not be reset by every sample,
-        # so its state is put back afterwards. (Not torch.random.fork_rng: it probes the
-        # accelerator, which a forked worker must not touch.)
+        # The decoder and the transforms draw from torch's global CPU generator. With --workers 0 this
+        # runs in the training process, whose generator (dropout, mixup) must not be reset by every
+        # sample, so its state is put back afterwards. (Not torch.random.fork_rng: it probes the
+        # accelerator, which a forked worker must not touch. Not torch.manual_seed: it also queues a
+        # lazy seeding of every accelerator with a formatted stack trace, a large part of a small
+        # sample's cost; the CPU generator alone gets the same seed.)
         state = torch.get_rng_state()
-        torch.manual_seed(sample_seed(self.seed, epoch, index))
+        torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
         try:
             try:
                 image = self.decode(path)
