@@ -149,7 +149,7 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
                        help="automatic mixed precision: fp16 + dynamic loss scaling on CUDA, bf16 on CPU")
     group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
                        help="autocast dtype for --amp (default: float16 on CUDA, bfloat16 on CPU)")
-    group.add_argument("--static-loss-scale", default=1.0, type=float, metavar="S",
+    group.add_argument("--static-loss-scale", default=1.0, type=float, metavar="STATIC_LOSS_SCALE",
                        help="initial scale of the dynamic loss scaler (fp16 AMP only) (default: 1)")
     group.add_argument("--tf32", default=True, type=str2bool, metavar="BOOL",
                        help="allow TF32 matmuls and convolutions on Ampere+ GPUs; false for strict FP32 (default: true)")
