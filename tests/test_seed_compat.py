@@ -158,7 +158,7 @@ def test_model_config_presets_conv_init_and_no_last_bn_zero_init(conf, fan):
 def test_without_model_config_the_model_flags_keep_their_defaults():
     assert config.model_options(config.parse_args(["d"])) == {}
     assert _conv_std({}) == pytest.approx(math.sqrt(2 / 576), rel=0.03)  # fan_in, as the published recipes
-    assert "(default: none" in config.build_parser().format_help()
+    assert "--model-config CONF, -c CONF" in config.build_parser().format_help()
 
 
 def test_an_agreeing_model_flag_is_accepted_and_a_contradicting_one_is_an_error():
