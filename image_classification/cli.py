@@ -53,6 +53,9 @@ def run(args) -> int:
         print("warning: --static-loss-scale only applies to fp16 AMP (--amp on CUDA); ignored", file=sys.stderr)
 
     spec = models.get(args.arch)
+    if args.model_config and spec.family != "resnet":
+        raise UserError(f"-c/--model-config presets ResNet initialisation; --arch {args.arch} is an "
+                        f"{spec.family} model (set --conv-init instead)")
     _resolve_sizes(args, spec)
     schedule = StageSchedule(n_stages=args.n_stages, epochs=args.epochs, base_size=args.base_image_size,
                              final_size=args.image_size, mixup=args.mixup, cutmix=args.cutmix,
@@ -61,6 +64,7 @@ def run(args) -> int:
     loader_config = _loader_config(args, rt, context, seed)
     train_loader, val_loader = _build_loaders(args, loader_config, schedule.stages[0])
     num_classes, class_names = _resolve_classes(args, train_loader or val_loader)
+    args.topk = config.topk_for(args.topk, num_classes, "the dataset")
     if args.auto_resume and (Path(args.workspace) / args.checkpoint_filename).is_file():
         args.resume = str(Path(args.workspace) / args.checkpoint_filename)
     resume = checkpoint.load(args.resume) if args.resume else None
