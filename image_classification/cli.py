@@ -16,7 +16,7 @@ from image_classification.data.registry import LoaderConfig
 from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma
 from image_classification.engine.losses import SmoothedCrossEntropy
-from image_classification.engine.optim import build_optimizer
+from image_classification.engine.optim import build_optimizer, load_optimizer_state
 from image_classification.engine.schedules import build_scheduler
 from image_classification.engine.trainer import TrainComponents
 from image_classification.errors import UserError, exit_status
@@ -38,12 +38,13 @@ def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = No
 
 def run(args) -> int:
     context = distributed.context_from_env()
+    if args.gpu_affinity != "none" and runtime.uses_cuda(args.device):
+        # Before select_device creates the CUDA context: its threads, and the loaders', inherit it.
+        from image_classification.affinity import set_affinity
+        set_affinity(runtime.pci_bus_id(runtime.cuda_index(context.local_rank)), args.gpu_affinity)
     device = runtime.select_device(args.device, context.local_rank)
     rt = runtime.build_runtime(device=device, amp=args.amp, amp_dtype=args.amp_dtype,
                                memory_format=args.memory_format, tf32=args.tf32)
-    if args.gpu_affinity != "none" and device.type == "cuda":
-        from image_classification.affinity import set_affinity
-        set_affinity(device.index, args.gpu_affinity)
     distributed.init(context, device)
     seed = _shared_seed(args.seed, device)
     runtime.seed_everything(seed + context.rank)
@@ -158,7 +159,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
     optimizer = build_optimizer(model, name=args.optimizer, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.nesterov,
                                 bn_weight_decay=args.bn_weight_decay, rmsprop_alpha=args.rmsprop_alpha,
-                                rmsprop_eps=args.rmsprop_eps)
+                                rmsprop_eps=args.rmsprop_eps, device=rt.device)
     steps_per_epoch = -(-len(train_loader) // steps)
     scaler = rt.grad_scaler(args.static_loss_scale)
     state = loop.RunState()
@@ -212,7 +213,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
 
 def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> loop.RunState:
     """Load optimizer, scaler, EMA and RNG state from a checkpoint (the weights are already in)."""
-    optimizer.load_state_dict(resume["optimizer"])
+    load_optimizer_state(optimizer, resume["optimizer"])
     if resume.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(resume["scaler"])
     if ema is not None and resume.get("state_dict_ema") is not None:
@@ -221,7 +222,7 @@ def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> 
         ema.updates = int(resume.get("ema_updates", 0))
     rng = resume.get("rng")
     if rng and len(rng) == context.world_size:
-        runtime.set_rng_state(rng[context.rank])
+        runtime.set_rng_state(rng[context.rank], context.local_rank)
     return loop.RunState(epoch=int(resume["epoch"]), step_in_epoch=int(resume.get("step_in_epoch", 0)),
                          best_top1=float(resume.get("best_prec1", 0.0)),
                          epochs_since_best=int(resume.get("epochs_since_best", 0)))

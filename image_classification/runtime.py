@@ -64,10 +64,26 @@ def select_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA device is available (use --device cpu)")
     if preference in ("auto", "cuda") and torch.cuda.is_available():
-        index = local_rank % torch.cuda.device_count()
+        index = cuda_index(local_rank)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def uses_cuda(preference: str) -> bool:
+    """Whether :func:`select_device` will choose a CUDA device (without creating a CUDA context)."""
+    return preference in ("auto", "cuda") and torch.cuda.is_available()
+
+
+def cuda_index(local_rank: int) -> int:
+    """The visible CUDA device of local rank ``local_rank`` (one GPU per task under SLURM: 0)."""
+    return local_rank % torch.cuda.device_count()
+
+
+def pci_bus_id(index: int) -> str:
+    """``0000:3b:00.0`` of visible CUDA device ``index`` (reads properties; creates no context)."""
+    properties = torch.cuda.get_device_properties(index)
+    return f"{properties.pci_domain_id:04x}:{properties.pci_bus_id:02x}:{properties.pci_device_id:02x}.0"
 
 
 def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, memory_format: str,
@@ -103,17 +119,21 @@ def rng_state() -> dict:
                                                      int(has_gauss), float(cached)],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: another launch may show it a different number of GPUs.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, local_rank: int = 0) -> None:
     random.setstate(_as_python_state(state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU, and this
+        cuda = cuda[local_rank % len(cuda)] if cuda else None  # rank used GPU local_rank mod count
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # the current device
 
 
 def _as_python_state(state):

@@ -175,16 +175,6 @@ def test_a_run_shorter_than_its_warmup_is_all_warmup(policy):
     assert lrs == pytest.approx([0.8 / 8, 0.8 * 2 / 8])
 
 
-def test_gpu_affinity_splits_a_socket_between_its_gpus():
-    from image_classification.affinity import split_cores
-    cores, gpus = list(range(8)), [0, 1]
-    assert split_cores(cores, gpus, 1, "socket") == cores
-    assert split_cores(cores, gpus, 1, "socket_single") == [0]
-    assert split_cores(cores, gpus, 1, "socket_single_unique") == [1]
-    assert split_cores(cores, gpus, 1, "socket_unique_contiguous") == [4, 5, 6, 7]
-    assert split_cores(cores, gpus, 1, "socket_unique_interleaved") == [1, 3, 5, 7]
-
-
 def test_docs_main_help_is_generated_from_the_parser(monkeypatch):
     """docs/main-help.txt must match the parser: regenerate with
     ``COLUMNS=100 python main.py --help > docs/main-help.txt``."""
