@@ -212,3 +212,34 @@ def test_gpu_smoke_without_cuda_prints_one_line_and_passes():
                             cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["gpu smoke: no CUDA device visible; nothing to check (pass)"]
+
+
+def test_step_metrics_are_read_one_interval_late_without_device_syncs(monkeypatch):
+    """--print-freq 1 (the benchmark modes): no step waits for the device; each interval's record
+    is written when the next interval ends, with the loss of its own step."""
+    from image_classification.engine.losses import SmoothedCrossEntropy
+    from image_classification.engine.trainer import TrainComponents, train_epoch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    rt = runtime.build_runtime(device=torch.device("cpu"), amp=False, amp_dtype=None, memory_format="nchw",
+                               tf32=False)
+    losses, syncs, logged = [], [], []
+
+    def criterion(output, target):
+        loss = SmoothedCrossEntropy(0.0)(output, target)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(runtime.Runtime, "synchronize", lambda self: syncs.append(len(losses)))
+    optimizer = optim.build_optimizer(model, name="sgd", lr=0.1, momentum=0.9, weight_decay=0)
+    parts = TrainComponents(model=model, module=model, optimizer=optimizer,
+                            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                            scaler=rt.grad_scaler(1.0), criterion=criterion, runtime=rt)
+    batches = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])) for _ in range(4)]
+    loader = type("Loader", (), {"__len__": lambda self: 4, "set_epoch": lambda self, *a: None,
+                                 "__iter__": lambda self: iter(batches)})()
+    train_epoch(parts, loader, epoch=0, print_freq=1,
+                log=lambda step, data: logged.append((step, len(losses), data["train.loss"])))
+    assert [(step, seen) for step, seen, _ in logged] == [([0, 1], 2), ([0, 2], 3), ([0, 3], 4), ([0, 4], 4)]
+    assert [loss for _, _, loss in logged] == pytest.approx(losses)
+    assert syncs == [4]  # once, for the epoch's throughput
