@@ -41,7 +41,11 @@ def run(args) -> int:
     if args.gpu_affinity != "none" and runtime.uses_cuda(args.device):
         # Before select_device creates the CUDA context: its threads, and the loaders', inherit it.
         from image_classification.affinity import set_affinity
-        set_affinity(runtime.pci_bus_id(runtime.cuda_index(context.local_rank)), args.gpu_affinity)
+        bus_id = runtime.pci_bus_id(runtime.cuda_index(context.local_rank))
+        if bus_id is None:
+            raise UserError(f"--gpu-affinity needs a torch that reports PCI bus ids (torch {torch.__version__} "
+                            "does not); use --gpu-affinity none")
+        set_affinity(bus_id, args.gpu_affinity)
     device = runtime.select_device(args.device, context.local_rank)
     rt = runtime.build_runtime(device=device, amp=args.amp, amp_dtype=args.amp_dtype,
                                memory_format=args.memory_format, tf32=args.tf32)

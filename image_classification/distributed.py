@@ -55,8 +55,8 @@ def init(context: DistributedContext, device: torch.device) -> None:
     # attempt get their own prefix so the new group never connects to a dead rank.
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     if device.type == "cuda":
-        from image_classification.runtime import pci_bus_id
-        check_one_process_per_device(store, context, f"{socket.gethostname()} {pci_bus_id(device.index)}",
+        from image_classification.runtime import device_identity
+        check_one_process_per_device(store, context, f"{socket.gethostname()} {device_identity(device.index)}",
                                      visible=torch.cuda.device_count())
     dist.init_process_group(backend=backend, store=store, rank=context.rank, world_size=context.world_size,
                             **kwargs)
@@ -66,7 +66,7 @@ def check_one_process_per_device(store, context: DistributedContext, device_key:
     """Every rank stops with one line when two processes would share a GPU.
 
     NCCL would otherwise fail later with "Duplicate GPU detected" (or hang). Each rank records its
-    ``device_key`` ("host PCI-bus-id") in the rendezvous store, waits for all ranks, then checks.
+    ``device_key`` ("host GPU-identity") in the rendezvous store, waits for all ranks, then checks.
     """
     ranks_key = f"device/{device_key}"
     store.append(ranks_key, f"{context.rank} ")
@@ -77,9 +77,9 @@ def check_one_process_per_device(store, context: DistributedContext, device_key:
     if store.add("shared_devices", 0) == 0:
         return
     sharing = store.get(ranks_key).decode().split()
-    host, bus_id = device_key.rsplit(" ", 1)
+    host, gpu = device_key.split(" ", 1)
     if len(sharing) > 1:
-        raise UserError(f"ranks {', '.join(sorted(sharing, key=int))} all use CUDA device {bus_id} on {host}: "
+        raise UserError(f"ranks {', '.join(sorted(sharing, key=int))} all use CUDA device {gpu} on {host}: "
                         f"more processes on this node than its {visible} visible GPU(s); start at most {visible} "
                         "per node (--nproc_per_node) or give each process its own GPU (CUDA_VISIBLE_DEVICES)")
     raise UserError("other ranks share a GPU (more processes than GPUs on a node); see their error")

@@ -80,10 +80,20 @@ def cuda_index(local_rank: int) -> int:
     return local_rank % torch.cuda.device_count()
 
 
-def pci_bus_id(index: int) -> str:
-    """``0000:3b:00.0`` of visible CUDA device ``index`` (reads properties; creates no context)."""
+def pci_bus_id(index: int) -> str | None:
+    """``0000:3b:00.0`` of visible CUDA device ``index`` (reads properties; creates no context).
+
+    None with a torch too old to report it (the NGC images' builds may be).
+    """
     properties = torch.cuda.get_device_properties(index)
+    if not hasattr(properties, "pci_domain_id"):
+        return None
     return f"{properties.pci_domain_id:04x}:{properties.pci_bus_id:02x}:{properties.pci_device_id:02x}.0"
+
+
+def device_identity(index: int) -> str:
+    """A name of physical GPU ``index`` that is the same in every process: PCI bus id, else UUID."""
+    return pci_bus_id(index) or f"uuid {torch.cuda.get_device_properties(index).uuid}"
 
 
 def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, memory_format: str,
