@@ -77,6 +77,9 @@ def check_one_process_per_device(store, context: DistributedContext, device_key:
     if store.add("shared_devices", 0) == 0:
         return
     sharing = store.get(ranks_key).decode().split()
+    store.set(f"read/{context.rank}", "1")
+    if context.rank == 0:  # rank 0 may host the store: leave only once every rank has read it
+        store.wait([f"read/{rank}" for rank in range(context.world_size)])
     host, gpu = device_key.split(" ", 1)
     if len(sharing) > 1:
         raise UserError(f"ranks {', '.join(sorted(sharing, key=int))} all use CUDA device {gpu} on {host}: "

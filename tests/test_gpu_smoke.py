@@ -19,7 +19,7 @@ from image_classification.reporting.dllogger import read_raport
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 TINY = ["--arch", "resnet18", "--image-size", "32", "--val-resize-size", "32", "-b", "8", "--epochs", "1",
-        "--lr", "0.05", "--print-freq", "1", "--seed", "1", "--workers", "2", "--device", "cuda"]
+        "--lr", "0.01", "--print-freq", "1", "--seed", "1", "--workers", "2", "--device", "cuda"]
 
 
 def run(script: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -123,7 +123,7 @@ def test_gpu_affinity(small_digits_dir, tmp_path):
 
 
 def test_gpu_checkpoint_resumes_on_cpu_and_back(small_digits_dir, tmp_path):
-    common = ["--arch", "resnet18", "--image-size", "32", "--val-resize-size", "32", "-b", "8", "--lr", "0.05",
+    common = ["--arch", "resnet18", "--image-size", "32", "--val-resize-size", "32", "-b", "8", "--lr", "0.01",
               "--seed", "1", "--workers", "2", "--data-backend", "pytorch", "--workspace", str(tmp_path)]
     run("main.py", *common, "--device", "cuda", "--amp", "--epochs", "1", str(small_digits_dir))
     run("main.py", *common, "--device", "cpu", "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pth.tar"),
