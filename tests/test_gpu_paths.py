@@ -3,7 +3,6 @@ process per GPU, fused SGD, DALI labels and version guard, ONNX Runtime's TF32, 
 script without a GPU."""
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
