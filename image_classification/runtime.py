@@ -63,7 +63,7 @@ def select_device(preference: str, local_rank: int) -> torch.device:
     """``auto`` → CUDA device ``local_rank mod count`` when CUDA is available, else CPU."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA device is available (use --device cpu)")
-    if preference in ("auto", "cuda") and torch.cuda.is_available():
+    if uses_cuda(preference):
         index = cuda_index(local_rank)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)

@@ -61,7 +61,7 @@ from image_classification.errors import UserError
 
 INSTALL_HINT = "pip install nvidia-dali-cuda120"
 # ``exec_dynamic`` (reference-counted outputs that torch may keep without a copy) got that name in
-# DALI 1.44; older builds (e.g. NGC PyTorch 24.10's) reject the keyword when the pipeline is built.
+# DALI 1.44; older builds (such as older NGC PyTorch images ship) reject it when the pipeline is built.
 MIN_DALI_VERSION = (1, 44)
 _MEAN = [255.0 * m for m in IMAGENET_MEAN]
 _STD = [255.0 * s for s in IMAGENET_STD]
