@@ -61,16 +61,19 @@ class FolderDataset(Dataset):
         except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
             log.debug("skipping unreadable image %s: %s", path, error)
             return Sample(None, label, path)
-        # The transforms draw from torch's global CPU generator. With --workers 0 this runs in the
-        # training process, whose generator (dropout, mixup) must not be reset by every sample,
-        # so its state is put back afterwards. (Not torch.random.fork_rng: it probes the
-        # accelerator, which a forked worker must not touch.)
-        state = torch.get_rng_state()
-        torch.manual_seed(sample_seed(self.seed, epoch, index))
+        # The transforms draw from torch's global CPU generator (torchvision's v2 transforms take
+        # no generator). With --workers 0 this runs in the training process, whose generators
+        # (dropout, mixup, stochastic depth) must not be reset by every sample: only the CPU
+        # generator is seeded -- torch.manual_seed would reseed every CUDA generator too -- and its
+        # state is put back afterwards. (Not torch.random.fork_rng: it probes the accelerator,
+        # which a forked worker must not touch.)
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(sample_seed(self.seed, epoch, index))
         try:
             return Sample(self.transform(image), label, path)
         finally:
-            torch.set_rng_state(state)
+            generator.set_state(state)
 
 
 class EpochKeys(Sampler):
