@@ -70,8 +70,12 @@ class FixedGradScaler(torch.amp.GradScaler):
     """A static loss scale: ``step`` still skips a step whose gradients overflowed (rather than
     write inf into the weights), but ``update`` never changes the scale."""
 
+    def __init__(self, *args, init_scale: float, **kwargs):
+        super().__init__(*args, init_scale=init_scale, **kwargs)
+        self.fixed_scale = float(init_scale)
+
     def update(self, new_scale=None) -> None:
-        super().update(self._init_scale if new_scale is None else new_scale)
+        super().update(self.fixed_scale if new_scale is None else new_scale)
 
 
 def select_device(preference: str, local_rank: int) -> torch.device:
