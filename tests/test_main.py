@@ -220,11 +220,28 @@ def test_efficientnet_b0_learns_digits_and_resumes(digits_dir, tmp_path):
     assert best["arch"] == "efficientnet-b0" and "state_dict_ema" in best
 
 
-def test_cutmix_and_mixup_together_and_tensorboard(small_digits_dir, tmp_path):
-    args = [*STATEFUL[:-4], "--epochs", "1", "--cutmix", "1.0", "--tensorboard"]
+def test_cutmix_and_mixup_together_and_tensorboard(small_digits_dir, tmp_path, monkeypatch):
+    kinds, build = [], cli._batch_transform
+
+    def spy(args, num_classes):
+        transform = build(args, num_classes)
+
+        def apply(images, target):
+            mixed, soft = transform(images, target)
+            partner = images.roll(1, 0)  # torchvision's MixUp/CutMix pair each sample with the previous one
+            assert not torch.equal(mixed, images) and soft.shape == (len(target), num_classes)
+            weights = soft.sort(1, descending=True).values  # label smoothing off: two labels, lam and 1-lam
+            assert torch.allclose(weights[:, :2].sum(1), torch.ones(len(target))) and (weights[:, 1] > 0).any()
+            # CutMix pastes a box: every pixel is its own or its partner's. MixUp blends everywhere.
+            pasted = torch.isclose(mixed, images) | torch.isclose(mixed, partner)
+            kinds.append("cutmix" if pasted.all() else "mixup")
+            return mixed, soft
+        return apply
+    monkeypatch.setattr(cli, "_batch_transform", spy)
+    args = [*STATEFUL[:-4], "--epochs", "1", "--cutmix", "1.0", "--label-smoothing", "0", "--tensorboard"]
     assert run_main(args, tmp_path, small_digits_dir) == 0
+    assert len(kinds) == 12 and kinds.count("mixup") >= 3 and kinds.count("cutmix") >= 3, kinds
     loss = epoch_records(tmp_path / "experiment_raport.json")[0]["train.loss"]
-    assert 0 < loss < 10
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
