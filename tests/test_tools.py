@@ -465,3 +465,42 @@ def test_classify_script_reports_one_line(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: image {tmp_path / 'none.jpg'} does not exist"
+
+
+def test_pretrained_downloads_are_hash_checked(tmp_path, monkeypatch, capsys):
+    """--pretrained through a local file:// URL (no network): torch.hub's naming rule checks a hash
+    carried in the name while downloading; a name without one (NGC's) gets the download's SHA-256
+    in its cached name, checked on every later use."""
+    import hashlib
+    from image_classification.models import published
+    from image_classification.errors import UserError
+    source = tmp_path / "served"
+    source.mkdir()
+    payload = tmp_path / "payload.pth"
+    torch.save({"w": torch.arange(4.0)}, payload)
+    digest = hashlib.sha256(payload.read_bytes()).hexdigest()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cache = tmp_path / "hub" / "checkpoints"
+
+    def serve(name):
+        (source / name).write_bytes(payload.read_bytes())
+        monkeypatch.setattr(published, "weights_url", lambda arch: (source / name).as_uri())
+
+    serve(f"good-{digest[:8]}.pth")
+    assert published.download_weights("resnet50") == str(cache / f"good-{digest[:8]}.pth")
+    serve("bad-0123abcd.pth")
+    with pytest.raises(UserError, match="invalid hash value"):
+        published.download_weights("resnet50")
+    assert not list(cache.glob("*bad*"))
+
+    serve("nvidia_weights_200821.pth.tar")
+    path = published.download_weights("resnet50")
+    assert path == str(cache / f"nvidia_weights_200821-{digest[:16]}.pth.tar")
+    assert f"sha256 {digest}" in capsys.readouterr().out
+    (source / "nvidia_weights_200821.pth.tar").unlink()  # cached: no second download
+    assert published.download_weights("resnet50") == path
+    with open(path, "r+b") as file:  # a corrupted cache is an error, not a silent load
+        file.seek(100)
+        file.write(b"\x00\x01\x02")
+    with pytest.raises(UserError, match="are corrupt"):
+        published.download_weights("resnet50")
