@@ -213,7 +213,9 @@ def test_efficientnet_b0_learns_digits_and_resumes(digits_dir, tmp_path):
     assert run_main([*EFFICIENTNET, "--run-epochs", "1"], tmp_path, digits_dir) == 0
     assert run_main([*EFFICIENTNET, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, digits_dir) == 0
     epochs = epoch_records(tmp_path / "experiment_raport.json")
-    assert list(epochs) == [1]  # the resumed invocation ran epoch 1 only
+    assert list(epochs) == [0, 1]  # the resumed invocation appended epoch 1 to the raport
+    starts = [r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER"]
+    assert [s.get("resume_epoch") for s in starts] == [None, 1]
     assert epochs[1]["val.top1"] > 50.0  # chance is 10%
     best = checkpoint.load(tmp_path / "model_best.pth.tar")
     assert best["best_prec1"] == max(epochs[1]["val.top1"], epochs[1]["val_ema.top1"], best["best_prec1"])
