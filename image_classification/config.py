@@ -147,7 +147,8 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--amp", action="store_true",
                        help="automatic mixed precision: fp16 + dynamic loss scaling on CUDA, bf16 on CPU")
     group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
-                       help="autocast dtype for --amp (default: float16 on CUDA, bfloat16 on CPU)")
+                       help="autocast dtype for --amp; float16 on the CPU runs the fp16 + GradScaler path "
+                            "(slow, for testing it without a GPU) (default: float16 on CUDA, bfloat16 on CPU)")
     group.add_argument("--static-loss-scale", default=None, type=float, metavar="S",
                        help="fp16 AMP: a fixed loss scale S, or the initial scale with --dynamic-loss-scale "
                             "(default: neither flag = dynamic scaling from PyTorch's initial scale, 65536)")
