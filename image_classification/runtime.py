@@ -2,16 +2,16 @@
 
 The same code runs on CUDA and on CPU:
 
-=========  ===============================  ==================================
-``--amp``  CUDA                             CPU
-=========  ===============================  ==================================
-on         fp16 autocast + GradScaler       bf16 autocast, no scaler (bf16 has
-           (see :func:`Runtime.grad_     fp32's exponent range, so gradients
-           scaler`), or bf16 with           do not underflow); fp16 + GradScaler
-           --amp-dtype                      with --amp-dtype float16 (slow: for
-                                            testing the fp16 path without a GPU)
-off        fp32; TF32 on/off per --tf32     fp32
-=========  ===============================  ==================================
+=========  ================================  ===================================
+``--amp``  CUDA                              CPU
+=========  ================================  ===================================
+on         fp16 autocast + GradScaler (see   bf16 autocast, no scaler (bf16 has
+           ``Runtime.grad_scaler``), or      fp32's exponent range, so gradients
+           bf16 with --amp-dtype             do not underflow); with --amp-dtype
+                                             float16 fp16 + GradScaler (slow: to
+                                             test the fp16 path without a GPU)
+off        fp32; TF32 on/off per --tf32      fp32
+=========  ================================  ===================================
 """
 from __future__ import annotations
 
