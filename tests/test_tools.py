@@ -314,18 +314,19 @@ def test_hub_entries_load_local_weights(export_weights, images):
         assert callable(getattr(hubconf, name))
 
 
-def test_hub_pretrained_downloads_the_ngc_file_weights_only(monkeypatch):
+def test_hub_pretrained_downloads_the_ngc_file_weights_only(monkeypatch, tmp_path):
     reference = _build("efficientnet-b0", 1000)
     calls = []
 
-    def fake_download(url, **kwargs):  # NGC files wrap the weights in {"state_dict": ...}
-        calls.append((url, kwargs))
-        return {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    def fake_download(url, dst, hash_prefix=None, progress=True):  # NGC files wrap the weights in {"state_dict": ...}
+        calls.append((url, hash_prefix))
+        torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, dst)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     model = hubconf.nvidia_efficientnet_b0(pretrained=True)
-    assert calls[0][0] == ("https://api.ngc.nvidia.com/v2/models/nvidia/efficientnet_b0_pyt_amp/versions/"
-                           "20.12.0/files/nvidia_efficientnet-b0_210412.pth")
-    assert calls[0][1]["weights_only"] is True and calls[0][1]["map_location"] == "cpu"
+    assert calls == [("https://api.ngc.nvidia.com/v2/models/nvidia/efficientnet_b0_pyt_amp/versions/"
+                      "20.12.0/files/nvidia_efficientnet-b0_210412.pth", None)]
+    assert len(list((tmp_path / "checkpoints").glob("nvidia_efficientnet-b0_210412-*.pth"))) == 1  # sha256 in name
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
