@@ -52,8 +52,9 @@ def run(args) -> int:
     distributed.init(context, device)
     seed = _shared_seed(args.seed, device)
     runtime.seed_everything(seed + context.rank)
-    if args.static_loss_scale != 1.0 and not rt.uses_grad_scaler:
-        print("warning: --static-loss-scale only applies to fp16 AMP (--amp on CUDA); ignored", file=sys.stderr)
+    if args.static_loss_scale not in (None, 1.0) and not rt.uses_grad_scaler:
+        print("warning: --static-loss-scale only applies to fp16 AMP (--amp on CUDA, or --amp-dtype float16); "
+              "ignored", file=sys.stderr)
 
     spec = models.get(args.arch)
     if args.model_config and spec.family != "resnet":
@@ -67,24 +68,36 @@ def run(args) -> int:
     if args.auto_resume and (Path(args.workspace) / args.checkpoint_filename).is_file():
         args.resume = str(Path(args.workspace) / args.checkpoint_filename)
     resume = checkpoint.load(args.resume) if args.resume else None
+    if args.gather_checkpoints is None:  # a resumed run keeps the retention it was started with
+        args.gather_checkpoints = int((resume or {}).get("config", {}).get("gather_checkpoints") or 0)
 
     model = spec.build(num_classes=num_classes, **config.model_options(args))
     _load_initial_weights(model, args, spec, resume)
     model = model.to(device, memory_format=rt.memory_format)
 
+    if context.is_main:
+        checkpoint.check_workspace(args.workspace)
     reporter = Reporter(str(Path(args.workspace) / args.raport_file), enabled=context.is_main, topk=args.topk,
                         tensorboard_dir=str(Path(args.workspace) / args.tensorboard) if args.tensorboard else None,
                         steps_per_epoch=len(train_loader) if train_loader is not None else None)
     try:
         reporter.log("PARAMETER", {**vars(args), "seed": seed, "image_size": image_size, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
-                                   "precision": rt.precision_name})
+                                   "precision": rt.precision_name, **_resume_marker(args, resume)})
         if args.evaluate:
             return _evaluate(args, model, val_loader, rt, resume, reporter)
         return _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
                       class_names=class_names, seed=seed)
     finally:
         reporter.close()
+
+
+def _resume_marker(args, resume: dict | None) -> dict:
+    """Where a resumed training run continues: the raport is appended to, and this tells readers
+    (``image_classification.plot``) that epochs from ``resume_epoch`` on are logged again."""
+    if resume is None or args.evaluate:
+        return {}
+    return {"resume_epoch": int(resume["epoch"]), "resume_step": int(resume.get("step_in_epoch", 0))}
 
 
 def _check_known_kernel_bugs(rt: runtime.Runtime, image_size: int) -> None:
@@ -169,9 +182,14 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
                                 bn_weight_decay=args.bn_weight_decay, rmsprop_alpha=args.rmsprop_alpha,
                                 rmsprop_eps=args.rmsprop_eps, device=rt.device)
     steps_per_epoch = -(-len(train_loader) // steps)
-    scaler = rt.grad_scaler(args.static_loss_scale)
+    scaler = rt.grad_scaler(args.static_loss_scale, args.dynamic_loss_scale)
     state = loop.RunState()
+    module = torch.jit.script(model) if args.jit == "script" else model
+    # DDP broadcasts rank 0's weights when it wraps the model; the EMA copy is taken after that,
+    # or every rank would average from its own random initialisation.
+    wrapped = _wrap_distributed(module, rt.device, context)
     ema = ModelEma(model, args.use_ema) if args.use_ema else None
+    retention = checkpoint.Retention(args.gather_checkpoints, list((resume or {}).get("epoch_files", [])))
     if resume is not None:
         state = _restore(resume, optimizer, scaler, ema, context)
         reporter.message(f"resumed from {args.resume}: epoch {state.epoch}, batch {state.step_in_epoch}")
@@ -187,9 +205,8 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
                          "nothing to train")
         return 0
 
-    module = torch.jit.script(model) if args.jit == "script" else model
     parts = TrainComponents(
-        model=_wrap_distributed(module, rt.device, context), module=module, optimizer=optimizer,
+        model=wrapped, module=module, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
         accumulation_steps=steps, ema=ema, batch_transform=_batch_transform(args, train_loader.num_classes),
         world_size=context.world_size)
@@ -200,7 +217,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
         if context.is_main and args.save_checkpoints:
             checkpoint.save(_checkpoint_state(parts, run_state, args, class_names, rng, seed), args.workspace,
                             epoch_index=epoch_index, is_best=is_best, filename=args.checkpoint_filename,
-                            keep=args.gather_checkpoints)
+                            retention=retention)
 
     try:
         state = loop.fit(parts, train_loader, val_loader, state, epochs=args.epochs, run_epochs=args.run_epochs,

@@ -2,14 +2,16 @@
 
 The same code runs on CUDA and on CPU:
 
-=========  ===============================  ==================================
-``--amp``  CUDA                             CPU
-=========  ===============================  ==================================
-on         fp16 autocast + GradScaler       bf16 autocast, no scaler (bf16 has
-           (initial scale --static-loss-    fp32's exponent range, so gradients
-           scale), or bf16 with --amp-dtype do not underflow)
-off        fp32; TF32 on/off per --tf32     fp32
-=========  ===============================  ==================================
+=========  ================================  ===================================
+``--amp``  CUDA                              CPU
+=========  ================================  ===================================
+on         fp16 autocast + GradScaler (see   bf16 autocast, no scaler (bf16 has
+           ``Runtime.grad_scaler``), or      fp32's exponent range, so gradients
+           bf16 with --amp-dtype             do not underflow); with --amp-dtype
+                                             float16 fp16 + GradScaler (slow: to
+                                             test the fp16 path without a GPU)
+off        fp32; TF32 on/off per --tf32      fp32
+=========  ================================  ===================================
 """
 from __future__ import annotations
 
@@ -53,10 +55,27 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def grad_scaler(self, init_scale: float) -> torch.amp.GradScaler:
-        # growth/backoff as the reference; disabled (a pass-through) unless fp16 AMP.
-        return torch.amp.GradScaler(self.device.type, init_scale=init_scale, growth_factor=2.0,
-                                    backoff_factor=0.5, growth_interval=100, enabled=self.uses_grad_scaler)
+    def grad_scaler(self, static_loss_scale: float | None = None, dynamic: bool = False) -> torch.amp.GradScaler:
+        """The loss scaler for ``--static-loss-scale`` / ``--dynamic-loss-scale`` (the seed's meaning):
+        a static scale alone is fixed; ``dynamic`` starts from it; neither is dynamic from
+        GradScaler's own initial scale (a fixed scale of 1 would let fp16 gradients underflow).
+        Growth and backoff as the reference; disabled (a pass-through) unless fp16 AMP."""
+        kwargs = {} if static_loss_scale is None else {"init_scale": static_loss_scale}
+        kind = torch.amp.GradScaler if dynamic or static_loss_scale is None else FixedGradScaler
+        return kind(self.device.type, growth_factor=2.0, backoff_factor=0.5, growth_interval=100,
+                    enabled=self.uses_grad_scaler, **kwargs)
+
+
+class FixedGradScaler(torch.amp.GradScaler):
+    """A static loss scale: ``step`` still skips a step whose gradients overflowed (rather than
+    write inf into the weights), but ``update`` never changes the scale."""
+
+    def __init__(self, *args, init_scale: float, **kwargs):
+        super().__init__(*args, init_scale=init_scale, **kwargs)
+        self.fixed_scale = float(init_scale)
+
+    def update(self, new_scale=None) -> None:
+        super().update(self.fixed_scale if new_scale is None else new_scale)
 
 
 def select_device(preference: str, local_rank: int) -> torch.device:
@@ -108,8 +127,6 @@ def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, mem
     if amp:
         default = "float16" if device.type == "cuda" else "bfloat16"
         dtype = getattr(torch, amp_dtype or default)
-        if device.type == "cpu" and dtype == torch.float16:
-            raise UserError("--amp-dtype float16 is not supported on the CPU; use bfloat16")
     return Runtime(device=device, amp=amp, amp_dtype=dtype, memory_format=MEMORY_FORMATS[memory_format])
 
 

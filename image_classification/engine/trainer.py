@@ -121,7 +121,8 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
     model, runtime = parts.model, parts.runtime
     model.train()
     loader.set_epoch(epoch, start_batch)
-    num_batches = len(loader) + start_batch
+    # --prof N: exactly N batches (the last accumulation group ends there), no extra one fetched.
+    num_batches = start_batch + (min(len(loader), prof) if prof > 0 else len(loader))
     steps = parts.accumulation_steps
     interval, pending = IntervalMeter(runtime.device), None
     epoch_images, epoch_loss, data_wait, timed_from = 0, torch.zeros((), device=runtime.device), 0.0, None
@@ -130,8 +131,6 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
     end = time.perf_counter()
     batches = progress(loader, len(loader), f"epoch {epoch}") if progress else loader
     for batch, (images, target) in enumerate(batches, start=start_batch):
-        if prof > 0 and batch - start_batch >= prof:
-            break
         waited = time.perf_counter() - end
         group_start = batch - batch % steps
         group_size = min(steps, num_batches - group_start)
@@ -160,6 +159,8 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
             if pending is not None:
                 log(pending.step, pending.metrics())
             return StepOutcome(batch + 1, interrupted=batch + 1 < num_batches)
+        if batch + 1 == num_batches:
+            break
     if pending is not None:
         log(pending.step, pending.metrics())
     runtime.synchronize()
@@ -227,8 +228,6 @@ def validate(model: nn.Module, loader, *, runtime: Runtime, criterion: nn.Module
     start = end = time.perf_counter()
     batches = progress(loader, len(loader), prefix) if progress else loader
     for batch, (images, target) in enumerate(batches):
-        if prof > 0 and batch >= prof:
-            break
         data_wait += time.perf_counter() - end
         compute_start = time.perf_counter()
         with runtime.autocast():
@@ -244,6 +243,8 @@ def validate(model: nn.Module, loader, *, runtime: Runtime, criterion: nn.Module
         if log is not None and (batch + 1) % print_freq == 0:
             log([epoch, 0, batch + 1], {f"{prefix}.compute_latency": latencies[-1]})
         end = time.perf_counter()
+        if batch + 1 == prof:  # --prof N: stop after N batches without fetching another
+            break
     elapsed = time.perf_counter() - start
     distributed.all_reduce_sum(sums)
     loss_sum, top1, topk_hits, count = sums.tolist()
