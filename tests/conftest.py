@@ -56,3 +56,7 @@ def sigterm_at_step(monkeypatch):
 
         monkeypatch.setattr(trainer, "_optimizer_step", step_then_sigterm)
     return arm
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; run them all with `bash benchmarks/gpu_smoke.sh`")
