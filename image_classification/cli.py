@@ -184,7 +184,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
         accumulation_steps=steps, ema=ema, batch_transform=_batch_transform(args, train_loader.num_classes),
         world_size=context.world_size)
-    stop = loop.GracefulStop(rt.device)
+    stop = loop.GracefulStop()
 
     def save(run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
         rng = _gather_rng_states()

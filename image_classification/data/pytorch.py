@@ -20,6 +20,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from image_classification import signals
 from image_classification.data.checks import scan_split
 from image_classification.data.device import DeviceLoader
 from image_classification.data.registry import Backend, LoaderConfig
@@ -131,7 +132,7 @@ def _loader(config: LoaderConfig, split: str, transform: Transform) -> DeviceLoa
     if train:
         require_full_batch(len(scan.samples), batch_size=config.batch_size, world_size=config.world_size,
                            source=str(scan.root))
-    batches = DataLoader(
+    batches = HeldStartLoader(
         FolderDataset(scan.samples, transform, config.seed),
         batch_size=config.batch_size,
         sampler=EpochKeys(sampler),
@@ -148,6 +149,15 @@ def _loader(config: LoaderConfig, split: str, transform: Transform) -> DeviceLoa
                         class_names=list(scan.class_names), sampler=sampler)
 
 
+class HeldStartLoader(DataLoader):
+    """A DataLoader whose worker processes (and pin-memory thread) start with the shutdown signals
+    held, so they never act on a SIGTERM/SIGINT meant for the main process (see ``signals``)."""
+
+    def __iter__(self):
+        with signals.held():
+            return super().__iter__()
+
+
 def _worker_options(config: LoaderConfig) -> dict:
     if config.workers < 0:
         raise UserError(f"--workers must be >= 0, got {config.workers}")
@@ -155,7 +165,8 @@ def _worker_options(config: LoaderConfig) -> dict:
         return {"num_workers": 0}
     if config.prefetch < 1:
         raise UserError(f"--prefetch must be >= 1 with --workers > 0, got {config.prefetch}")
-    return {"num_workers": config.workers, "prefetch_factor": config.prefetch, "persistent_workers": True}
+    return {"num_workers": config.workers, "prefetch_factor": config.prefetch, "persistent_workers": True,
+            "worker_init_fn": signals.ignore_in_worker}
 
 
 BACKEND = Backend("pytorch", train_loader=train_loader, val_loader=val_loader,
