@@ -1,0 +1,118 @@
+"""Preemption as a cluster delivers it: SIGTERM to the whole process group, DataLoader workers and
+launchers included. Each run starts in its own session (``setsid``) and the test signals the
+group (``os.killpg``) while every rank is paused after a known optimizer step."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from image_classification import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "helpers" / "run_main.py"
+TINY = ["--arch", "tiny-cnn", "--image-size", "16", "--val-resize-size", "16", "-b", "4", "--lr", "0.1",
+        "--epochs", "1", "--seed", "5", "--device", "cpu", "--print-freq", "1000"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(launcher: str, nproc: int) -> list[str]:
+    if launcher == "main":
+        return [sys.executable, str(DRIVER)]
+    module = [str(REPO / "multiproc.py")] if launcher == "multiproc" else ["-m", "torch.distributed.run"]
+    return [sys.executable, *module, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), str(DRIVER)]
+
+
+def _start(command: list[str], workspace: Path, data: Path, args: list[str], **env) -> subprocess.Popen:
+    workspace.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MARKERS": str(workspace), "DUMP_WEIGHTS": str(workspace / "weights"),
+           "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen([*command, *TINY, *args, "--workspace", str(workspace), str(data)], cwd=workspace,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # setsid: the run leads its own process group
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, out + err
+
+
+def _run(command, workspace, data, args, **env) -> str:
+    status, output = _finish(_start(command, workspace, data, args, **env))
+    assert status == 0, output[-3000:]
+    return output
+
+
+def _preempt(command, workspace, data, args, ranks: int, pause_at: int) -> tuple[int, str]:
+    """Start the run, wait until every rank has paused after step ``pause_at``, SIGTERM the group."""
+    process = _start(command, workspace, data, args, PAUSE_AT_STEP=str(pause_at))
+    deadline = time.monotonic() + 180
+    while not all((workspace / f"ready.rank{rank}").exists() for rank in range(ranks)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return _finish(process)
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    return _finish(process)
+
+
+def _weights(workspace: Path) -> dict:
+    return torch.load(workspace / "weights.rank0", weights_only=True)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "dali-cpu"])
+def test_group_sigterm_mid_epoch_checkpoints_exits_0_and_resumes(small_digits_dir, tmp_path, backend):
+    if backend == "dali-cpu":
+        pytest.importorskip("nvidia.dali")
+    args = ["--data-backend", backend, "--workers", "2"]
+    split = tmp_path / "split"
+    status, output = _preempt(_launch("main", 1), split, small_digits_dir, args, ranks=1, pause_at=5)
+    # Before: the workers died of the SIGTERM and the run ended with "DataLoader worker (pid ...)
+    # is killed by signal: Terminated" and no checkpoint.
+    assert status == 0, output[-3000:]
+    assert "Traceback" not in output
+    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    assert (saved["epoch"], saved["step_in_epoch"]) == (0, 5)
+    assert (split / "exit.rank0").read_text() == "0"
+    _run(_launch("main", 1), split, small_digits_dir, [*args, "--resume", str(split / "checkpoint.pth.tar")])
+    assert checkpoint.load(split / "checkpoint.pth.tar")["epoch"] == 1
+    if backend == "pytorch":  # (DALI's augmentation stream is not resumable: same batches, other crops)
+        _run(_launch("main", 1), tmp_path / "straight", small_digits_dir, args)
+        expected, resumed = _weights(tmp_path / "straight"), _weights(split)
+        assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
+
+
+@pytest.mark.parametrize("launcher, launcher_status", [("multiproc", 128 + signal.SIGTERM), ("torchrun", 1)])
+def test_group_sigterm_stops_both_ranks_at_the_same_step(small_digits_dir, tmp_path, launcher, launcher_status):
+    args = ["--data-backend", "pytorch", "--workers", "2"]
+    split = tmp_path / "split"
+    # 100 images / (2 ranks x 4) = 12 steps per epoch; both ranks pause after step 3.
+    status, output = _preempt(_launch(launcher, 2), split, small_digits_dir, args, ranks=2, pause_at=3)
+    assert status == launcher_status, output[-3000:]
+    assert [(split / f"exit.rank{rank}").read_text() for rank in (0, 1)] == ["0", "0"], output[-3000:]
+    # The ranks vote after every step and act on the vote one step later: both stop after step 4.
+    # (Before: they voted every 20 steps, so they trained on to the end of the epoch.)
+    assert [(split / f"stopped.rank{rank}").read_text() for rank in (0, 1)] == ["0 4", "0 4"]
+    assert sorted(path.name for path in split.glob("*.pth.tar")) == ["checkpoint.pth.tar"]
+    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    assert (saved["epoch"], saved["step_in_epoch"]) == (0, 4)
+    if launcher == "multiproc":
+        resume = [*args, "--resume", str(split / "checkpoint.pth.tar")]
+        _run(_launch(launcher, 2), split, small_digits_dir, resume)
+        _run(_launch(launcher, 2), tmp_path / "straight", small_digits_dir, args)
+        expected, resumed = _weights(tmp_path / "straight"), _weights(split)
+        assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
