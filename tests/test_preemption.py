@@ -1,6 +1,7 @@
 """Preemption as a cluster delivers it: SIGTERM to the whole process group, DataLoader workers and
 launchers included. Each run starts in its own session (``setsid``) and the test signals the
 group (``os.killpg``) while every rank is paused after a known optimizer step."""
+import multiprocessing
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from image_classification import checkpoint
+from image_classification.engine import loop
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "helpers" / "run_main.py"
@@ -116,3 +118,34 @@ def test_group_sigterm_stops_both_ranks_at_the_same_step(small_digits_dir, tmp_p
         _run(_launch(launcher, 2), tmp_path / "straight", small_digits_dir, args)
         expected, resumed = _weights(tmp_path / "straight"), _weights(split)
         assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
+
+
+def _vote(rank: int, port: int, signalled_rank: int, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stop = loop.GracefulStop()
+    step = 0
+    for step in range(1, 60):
+        time.sleep(0.002 * (1 + 3 * rank))  # ranks run at different speeds
+        if rank == signalled_rank and step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # only this rank gets the signal
+        if stop():
+            break
+    results.put((rank, step, stop.agreed()))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("signalled_rank", [0, 1])
+def test_one_signalled_rank_stops_every_rank_at_the_next_step(signalled_rank):
+    context = multiprocessing.get_context("fork")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=_vote, args=(rank, port, signalled_rank, results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        outcome = sorted(results.get(timeout=60) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=10)
+            process.kill()
+    # Before: the ranks compared notes every 20 steps, so they stopped at step 20.
+    assert outcome == [(0, 8, True), (1, 8, True)]
