@@ -3,9 +3,12 @@
 Three things differ from a plain ``ImageFolder`` + ``DataLoader``:
 
 * **Unreadable files do not end the run.** A file that fails to decode (corrupt, truncated, text
-  with an image name) is left out of its batch; the batch is built from the other samples and
-  carries the skipped paths as a third element, which :class:`DeviceLoader` collects for the
-  engine (``loader.take_skipped()``). A batch may therefore be smaller than ``batch_size``.
+  with an image name) is reported: each batch carries the skipped paths as a third element, which
+  :class:`DeviceLoader` collects for the engine (``loader.take_skipped()``). In training its place
+  is taken by the next readable file of the split (with the slot's own augmentation seed), so
+  every batch stays full: ranks keep the same number of steps (a rank left with an empty batch
+  would skip a step and desynchronise DDP's collectives) and BatchNorm never trains on one
+  sample. In validation it is left out (each image must count once), so a batch may be smaller.
 * **Augmentation is reproducible.** Each sample's random crop/flip/policy is drawn from a
   generator seeded with ``(seed, epoch, sample index)``, so a batch's content does not depend on
   ``--workers``, on which worker decoded it, or on whether the epoch was resumed mid-way.
@@ -35,6 +38,7 @@ class Sample(NamedTuple):
     image: torch.Tensor | None  # uint8 [3,H,W]; None when the file could not be decoded
     label: int
     path: str
+    replaces: str | None = None  # the unreadable file whose place this sample took (training)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -44,12 +48,16 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class FolderDataset(Dataset):
-    """Samples from :func:`scan_split`, indexed by ``(epoch, index)`` (or a plain index: epoch 0)."""
+    """Samples from :func:`scan_split`, indexed by ``(epoch, index)`` (or a plain index: epoch 0).
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Transform, seed: int):
+    With ``refill`` an unreadable file's slot is filled by the next readable file (wrapping around).
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Transform, seed: int, refill: bool = False):
         self.samples = samples
         self.transform = transform
         self.seed = seed
+        self.refill = refill
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -57,10 +65,15 @@ class FolderDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
-        try:
-            image = open_rgb(path)
-        except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
-            log.debug("skipping unreadable image %s: %s", path, error)
+        image, replaces = _open(path), None
+        if image is None and self.refill:
+            for offset in range(1, len(self.samples)):
+                candidate, candidate_label = self.samples[(index + offset) % len(self.samples)]
+                image = _open(candidate)
+                if image is not None:
+                    path, label, replaces = candidate, candidate_label, path
+                    break
+        if image is None:
             return Sample(None, label, path)
         # The transforms draw from torch's global CPU generator. With --workers 0 this runs in the
         # training process, whose generator (dropout, mixup) must not be reset by every sample,
@@ -69,9 +82,18 @@ class FolderDataset(Dataset):
         state = torch.get_rng_state()
         torch.manual_seed(sample_seed(self.seed, epoch, index))
         try:
-            return Sample(self.transform(image), label, path)
+            return Sample(self.transform(image), label, path, replaces)
         finally:
             torch.set_rng_state(state)
+
+
+def _open(path: str):
+    """The decoded image, or None when the file is unreadable."""
+    try:
+        return open_rgb(path)
+    except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
+        log.debug("skipping unreadable image %s: %s", path, error)
+        return None
 
 
 class EpochKeys(Sampler):
@@ -105,7 +127,7 @@ class Collate:
 
     def __call__(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         good = [s for s in samples if s.image is not None]
-        skipped = [s.path for s in samples if s.image is None]
+        skipped = [s.path if s.image is None else s.replaces for s in samples if s.image is None or s.replaces]
         images = torch.empty((len(good), 3, self.image_size, self.image_size), dtype=torch.uint8)
         images = images.contiguous(memory_format=self.memory_format)
         for row, sample in zip(images, good):
@@ -133,7 +155,7 @@ def _loader(config: LoaderConfig, split: str, transform: Transform) -> DeviceLoa
         require_full_batch(len(scan.samples), batch_size=config.batch_size, world_size=config.world_size,
                            source=str(scan.root))
     batches = HeldStartLoader(
-        FolderDataset(scan.samples, transform, config.seed),
+        FolderDataset(scan.samples, transform, config.seed, refill=train),
         batch_size=config.batch_size,
         sampler=EpochKeys(sampler),
         collate_fn=Collate(config.image_size, config.memory_format),
