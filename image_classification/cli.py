@@ -62,6 +62,8 @@ def run(args) -> int:
     model = spec.build(num_classes=num_classes, **config.model_options(args))
     _load_initial_weights(model, args, spec, resume)
     model = model.to(device, memory_format=rt.memory_format)
+    if not args.evaluate:
+        _check_batch_norm_batch(model, args.batch_size, image_size)
 
     reporter = Reporter(str(Path(args.workspace) / args.raport_file), enabled=context.is_main, topk=args.topk,
                         tensorboard_dir=str(Path(args.workspace) / args.tensorboard) if args.tensorboard else None,
@@ -89,6 +91,23 @@ def _check_known_kernel_bugs(rt: runtime.Runtime, image_size: int) -> None:
         raise UserError(f"--image-size {image_size} with --amp on the CPU hits a PyTorch bug (garbage "
                         "gradients of bf16 stride-2 convolutions on 1x1 feature maps); use --image-size 17 or "
                         "more, or leave out --amp")
+
+
+def _check_batch_norm_batch(model: nn.Module, batch_size: int, image_size: int) -> None:
+    """BatchNorm in training needs more than one value per channel: one image per batch has one
+    where the last feature map is 1x1 (ResNets and EfficientNets at 32 px). Turn PyTorch's
+    ValueError at the first step into a one-line error now, with a forward pass on the meta device
+    (shapes only, no compute)."""
+    if batch_size > 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    probe = copy.deepcopy(model).to("meta").train()
+    try:
+        probe(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except ValueError as error:
+        if "Expected more than 1 value per channel" in str(error):
+            raise UserError(f"-b 1 at --image-size {image_size} leaves BatchNorm one value per channel to normalise "
+                            "(the last feature map is 1x1); use -b 2 or more, or a larger --image-size") from None
+        raise
 
 
 def _shared_seed(seed: int | None, device: torch.device) -> int:
