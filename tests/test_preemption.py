@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -149,3 +150,53 @@ def test_one_signalled_rank_stops_every_rank_at_the_next_step(signalled_rank):
             process.kill()
     # Before: the ranks compared notes every 20 steps, so they stopped at step 20.
     assert outcome == [(0, 8, True), (1, 8, True)]
+
+
+def _signal_set(status_path: str, field: str) -> set[int]:
+    for line in open(status_path):
+        if line.startswith(field + ":"):
+            mask = int(line.split()[1], 16)
+            return {signum for signum in (signal.SIGTERM, signal.SIGINT) if mask >> (signum - 1) & 1}
+    raise AssertionError(f"no {field} in {status_path}")
+
+
+def _tiny_folder(root: Path) -> Path:
+    from PIL import Image
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(root / split / label / f"{i}.jpg")
+    return root
+
+
+def _loader_config(data: Path, workers: int):
+    from image_classification.data.registry import LoaderConfig
+    return LoaderConfig(data_dir=str(data), image_size=16, val_resize_size=16, batch_size=2, workers=workers,
+                        prefetch=2, interpolation="bilinear", augmentation="none",
+                        memory_format=torch.contiguous_format, device=torch.device("cpu"))
+
+
+def test_pytorch_workers_ignore_the_shutdown_signals(tmp_path):
+    from image_classification.data import pytorch
+    loader = pytorch.train_loader(_loader_config(_tiny_folder(tmp_path), workers=2))
+    next(iter(loader))  # starts the (persistent) workers
+    workers = loader.source._iterator._workers
+    assert len(workers) == 2
+    for worker in workers:
+        assert _signal_set(f"/proc/{worker.pid}/status", "SigIgn") == {signal.SIGTERM, signal.SIGINT}
+    # and the main process still handles them
+    assert _signal_set("/proc/self/status", "SigIgn") == set()
+
+
+def test_dali_threads_leave_the_shutdown_signals_to_the_main_thread(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from image_classification.data import dali
+    before = set(os.listdir("/proc/self/task"))
+    loader = dali.DaliLoader(_loader_config(_tiny_folder(tmp_path), workers=2), train=True)
+    assert len(list(loader)) == 4
+    threads = set(os.listdir("/proc/self/task")) - before
+    assert threads  # DALI started its threads
+    for thread in threads:
+        assert _signal_set(f"/proc/self/task/{thread}/status", "SigBlk") == {signal.SIGTERM, signal.SIGINT}
+    assert _signal_set(f"/proc/self/task/{threading.get_native_id()}/status", "SigBlk") == set()
