@@ -59,3 +59,22 @@ def test_one_image_batches_with_a_1x1_last_feature_map_are_one_line_errors(tmp_p
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "-b 1" in err, err
+
+
+def test_training_batches_stay_full_and_name_each_unreadable_file_once(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from image_classification.data import pytorch
+    from image_classification.data.registry import LoaderConfig
+    data = _folder(tmp_path / "data", per_class=5, unreadable_per_class=3)
+    config = LoaderConfig(data_dir=str(data), image_size=8, val_resize_size=8, batch_size=2, workers=0, prefetch=2,
+                          interpolation="bilinear", augmentation="none", memory_format=torch.contiguous_format,
+                          device=torch.device("cpu"))
+    train = pytorch.train_loader(config)
+    sizes = [len(labels) for _, labels in train]
+    assert sizes == [2] * 5  # 10 files, 6 unreadable: every slot is filled by a readable file
+    assert sorted(Path(p).name for p in train.take_skipped()) == ["0.jpg", "0.jpg", "1.jpg", "1.jpg", "2.jpg", "2.jpg"]
+    val = pytorch.val_loader(dataclasses.replace(config, batch_size=4))
+    assert sum(len(labels) for _, labels in val) == 4  # validation leaves nothing out nor counts twice
