@@ -38,6 +38,10 @@ Undecodable files: DALI aborts the whole pipeline on one. The loader catches tha
 file of the batches in flight on its own to find the culprits, and raises a one-line
 :class:`UserError` naming them. (Zero-byte files never get here: ``scan_split`` drops them.)
 
+Signals: the pipeline is built and run with SIGTERM/SIGINT blocked (``signals.held``), so DALI's
+threads inherit the block and a signal sent to the whole process group reaches only the main
+thread, which finishes the step and checkpoints.
+
 ``nvidia.dali`` is imported only when one of these backends is chosen.
 """
 from __future__ import annotations
