@@ -2,7 +2,9 @@
 
 Two gloo ranks (forked on this host) train a DDP model on random data and alternate, round by
 round, between steps with the vote (``stop()`` polled after every optimizer step, as main.py does)
-and steps without it. Prints both step rates and their ratio, from the same process pair.
+and steps without it. Prints both step rates and their ratio, from the same process pair, and the
+median time spent inside ``stop()`` (the only part of the vote that can hold a step up: the
+all-reduce itself runs in gloo's background thread while the next step computes).
 
     python benchmarks/bench_stop_vote.py                      # resnet18, 64 px, batch 16, 2 x 5 rounds of 20 steps
     python benchmarks/bench_stop_vote.py --arch tiny --rounds 10 --steps 50   # a tiny model: the vote's share is largest
@@ -44,6 +46,8 @@ def rank_main(rank: int, port: int, args, results) -> None:
     labels = torch.randint(0, 10, (args.batch_size,))
     stop = loop.GracefulStop()
 
+    in_poll = []  # seconds spent inside stop() per step: the part of the vote that can block
+
     def steps(vote: bool) -> float:
         torch.distributed.barrier()
         start = time.perf_counter()
@@ -51,18 +55,23 @@ def rank_main(rank: int, port: int, args, results) -> None:
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if vote and stop():
-                raise SystemExit("unexpected stop")
+            if vote:
+                poll_start = time.perf_counter()
+                if stop():
+                    raise SystemExit("unexpected stop")
+                in_poll.append(time.perf_counter() - poll_start)
         stop.agreed()  # settle the last vote inside the timed region
         return args.steps / (time.perf_counter() - start)
 
     steps(True), steps(False)  # warm-up
+    in_poll.clear()
     rates = {True: [], False: []}
     for round_ in range(args.rounds):
         for vote in ((True, False) if round_ % 2 == 0 else (False, True)):
             rates[vote].append(steps(vote))
     if rank == 0:
-        results.put({vote: statistics.median(values) for vote, values in rates.items()})
+        results.put({**{vote: statistics.median(values) for vote, values in rates.items()},
+                     "poll": statistics.median(in_poll)})
     torch.distributed.destroy_process_group()
 
 
@@ -90,6 +99,8 @@ def main() -> None:
     print(f"  with the per-step stop vote:    {rates[True]:8.2f} steps/s")
     print(f"  without it:                     {rates[False]:8.2f} steps/s")
     print(f"  ratio (with / without):         {rates[True] / rates[False]:8.4f}")
+    print(f"  time inside stop() per step:    {rates['poll'] * 1e6:8.1f} us (median), "
+          f"{rates['poll'] * rates[False] * 100:.2f}% of a step without the vote")
 
 
 if __name__ == "__main__":
