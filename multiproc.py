@@ -1,36 +1,40 @@
 #!/usr/bin/env python
-"""Start one process per device on this node, with the environment torchrun would give them.
+"""Start one process per device on this node through torchrun's elastic agent.
 
     python multiproc.py --nproc_per_node 8 main.py /imagenet ...
     python multiproc.py --nnodes 2 --node_rank 0 --master_addr node0 --nproc_per_node 8 launch.py ...
 
-Each child runs ``python -u SCRIPT ARGS`` with MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK,
-LOCAL_RANK and LOCAL_WORLD_SIZE set. Local rank 0 writes to this console; local rank k > 0 writes
-stdout and stderr to ``GPU_<k>.log`` in the working directory.
+The reference's command line (a clone of the old ``torch.distributed.launch``) mapped onto
+``torch.distributed.run``: the static rendezvous at ``--master_addr:--master_port``, the elastic
+agent's failure handling, ``--max_restarts`` and signal forwarding. Each rank runs
+``python -u SCRIPT ARGS`` with the environment torchrun gives it (MASTER_ADDR, MASTER_PORT,
+WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, ...). Local rank 0 writes to this console; local
+rank k > 0 writes stdout and stderr to ``GPU_<k>.log`` in the working directory (appended to after
+a restart).
 
-Faults: when a child exits with a non-zero status, the others get SIGTERM and, after
-``--grace_period`` seconds, SIGKILL; multiproc.py then exits with the failed child's status.
-SIGINT and SIGTERM sent to multiproc.py are forwarded to every child (which finish their step,
-checkpoint and exit); multiproc.py waits for them and exits with 128 + the signal number.
+Faults: when a rank exits with a non-zero status, the agent sends the others SIGTERM and, after
+``--grace_period`` seconds, SIGKILL; multiproc.py then exits with the failed rank's status
+(128 + N when it was killed by signal N). SIGINT and SIGTERM sent to multiproc.py (alone or to its
+whole process group) are forwarded once to every rank, which finish their step, checkpoint and
+exit 0; multiproc.py waits for them and exits with 128 + the signal number.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
-from typing import IO, Sequence
+from typing import Sequence
 
-POLL_SECONDS = 0.1
+RANK_ENTRY = "--as-rank"  # internal: how the agent starts each rank through this file (see run_rank)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multiproc.py", allow_abbrev=False,
-        description="Start --nproc_per_node copies of a training script on this node.")
+        description="Start --nproc_per_node copies of a training script on this node (torchrun's agent).")
     parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (default: 1)")
     parser.add_argument("--node_rank", type=int, default=0, help="rank of this node, 0..nnodes-1 (default: 0)")
     parser.add_argument("--nproc_per_node", type=int, default=1,
@@ -39,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address of the node with rank 0 (default: 127.0.0.1)")
     parser.add_argument("--master_port", type=int, default=29500, help="free port on the master node (default: 29500)")
     parser.add_argument("--grace_period", type=float, default=10.0, metavar="SECONDS",
-                        help="after a child fails, wait this long for the others to stop on SIGTERM "
-                             "before killing them (default: 10)")
+                        help="after a rank fails or a signal is forwarded, wait this long for the ranks to stop "
+                             "before killing them (default: 10; whole seconds, rounded up)")
+    parser.add_argument("--max_restarts", type=int, default=0,
+                        help="restart the whole group this many times after a rank fails (default: 0; "
+                             "pair it with main.py --auto-resume)")
     parser.add_argument("training_script", help="the script each process runs (main.py or launch.py)")
     parser.add_argument("training_script_args", nargs=argparse.REMAINDER, help="its arguments")
     return parser
@@ -53,132 +60,116 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--nnodes and --nproc_per_node must be at least 1")
     if not 0 <= args.node_rank < args.nnodes:
         parser.error(f"--node_rank must be between 0 and --nnodes - 1 ({args.nnodes - 1})")
+    if args.grace_period < 0 or args.max_restarts < 0:
+        parser.error("--grace_period and --max_restarts must not be negative")
     return args
 
 
-def child_env(args: argparse.Namespace, local_rank: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env.update(
-        MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port),
-        WORLD_SIZE=str(args.nnodes * args.nproc_per_node),
-        RANK=str(args.node_rank * args.nproc_per_node + local_rank),
-        LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(args.nproc_per_node), GROUP_RANK=str(args.node_rank))
-    if "OMP_NUM_THREADS" not in env and args.nproc_per_node > 1:
-        # N processes each using every core would oversubscribe the CPU (as torchrun, but with a
-        # fair share instead of 1 thread, which would starve CPU training).
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
-    return env
+def torchrun_argv(args: argparse.Namespace) -> list[str]:
+    """torchrun's command line for ``args``: each rank is this file in RANK_ENTRY mode."""
+    return ["--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank),
+            "--nproc_per_node", str(args.nproc_per_node), "--master_addr", args.master_addr,
+            "--master_port", str(args.master_port), "--rdzv_backend", "static",
+            "--max_restarts", str(args.max_restarts), "--shutdown_timeout", str(math.ceil(args.grace_period)),
+            os.path.abspath(__file__), RANK_ENTRY, args.training_script, *args.training_script_args]
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Run the group under the elastic agent; return multiproc.py's exit status."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if "OMP_NUM_THREADS" not in os.environ and args.nproc_per_node > 1:
+        # N processes each using every core would oversubscribe the CPU. torchrun would set 1
+        # thread, which starves CPU training: give each rank a fair share instead.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
+    try:
+        with _grace_period_for_failures():
+            torchrun.run(torchrun.parse_args(torchrun_argv(args)))
+    except SignalException as stop:  # the agent forwarded it to every rank and waited for them
+        return 128 + int(stop.sigval)
+    except ChildFailedError as error:
+        global_rank, failure = error.get_first_failure()
+        print(f"multiproc.py: {_describe(failure.local_rank, failure.exitcode)}; the other processes were stopped",
+              file=sys.stderr, flush=True)
+        return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode
+    return 0
+
+
+@contextlib.contextmanager
+def _grace_period_for_failures():
+    """Make the agent honour ``--shutdown_timeout`` when it stops the group after a failed rank.
+
+    torch's agent passes that timeout on a signal and at exit, but after a failure it stops the
+    other ranks with a hard-coded 30 s twice over: the process context's ``close()`` (called when
+    it sees the failure) and ``_stop_workers`` (``_shutdown()`` without a timeout). ``launch_agent``
+    builds the agent from ``torch.distributed.launcher.api.LocalElasticAgent``, so a subclass that
+    supplies the timeout stands in for it while the group runs.
+    """
+    from torch.distributed.launcher import api as launcher_api
+
+    class Agent(launcher_api.LocalElasticAgent):
+        def _start_workers(self, worker_group):
+            started = super()._start_workers(worker_group)
+            close = self._pcontext.close
+
+            def close_with_grace(death_sig=None, timeout=None):
+                close(death_sig, self._shutdown_timeout if timeout is None else timeout)
+
+            self._pcontext.close = close_with_grace
+            return started
+
+        def _stop_workers(self, worker_group) -> None:
+            self._shutdown(timeout=self._shutdown_timeout)
+
+    original, launcher_api.LocalElasticAgent = launcher_api.LocalElasticAgent, Agent
+    try:
+        yield
+    finally:
+        launcher_api.LocalElasticAgent = original
+
+
+def _describe(local_rank: int, exitcode: int) -> str:
+    how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with status {exitcode}"
+    where = f" (log: GPU_{local_rank}.log)" if local_rank > 0 else ""
+    return f"local rank {local_rank} {how}{where}"
+
+
+def run_rank(script: str, script_args: Sequence[str]) -> None:
+    """In a rank's process: send local rank k > 0's output to GPU_<k>.log, then become the script.
+
+    A shell-free ``exec`` keeps the process id the agent knows (its signals reach the script), and
+    one file description for both streams keeps their lines in order.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank > 0:
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if restarted else os.O_TRUNC)
+        log = os.open(f"GPU_{local_rank}.log", flags, 0o644)
+        os.dup2(log, sys.stdout.fileno())
+        os.dup2(log, sys.stderr.fileno())
+        os.close(log)
+    _die_with_parent()
+    os.execv(sys.executable, [sys.executable, "-u", script, *script_args])
 
 
 def _die_with_parent() -> None:
-    """In the child: get SIGTERM if multiproc.py itself dies (e.g. SIGKILL), instead of living on."""
+    """Get SIGTERM if the agent itself dies (e.g. SIGKILL), instead of living on (kept by exec)."""
+    if sys.platform != "linux":
+        return
     try:
         import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG (Linux)
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
 
-@dataclass
-class Child:
-    local_rank: int
-    process: subprocess.Popen
-    log: IO | None
-
-    @property
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def signal(self, signum: int) -> None:
-        if self.running:
-            try:
-                os.kill(self.process.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def kill_all(self) -> None:
-        """SIGKILL the child and whatever it started (it leads its own process group)."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def start(args: argparse.Namespace) -> list[Child]:
-    children = []
-    command = [sys.executable, "-u", args.training_script, *args.training_script_args]
-    for local_rank in range(args.nproc_per_node):
-        log = None if local_rank == 0 else open(f"GPU_{local_rank}.log", "w")
-        # Own session: a terminal Ctrl-C reaches only multiproc.py, which forwards it exactly once
-        # (a second SIGINT means "stop now" to main.py).
-        process = subprocess.Popen(command, env=child_env(args, local_rank), stdout=log,
-                                   stderr=subprocess.STDOUT if log else None, start_new_session=True,
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        children.append(Child(local_rank, process, log))
-    return children
-
-
-def supervise(children: list[Child], grace_period: float) -> int:
-    """Wait for every child; return the exit status for multiproc.py."""
-    received: list[int] = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        for child in children:
-            child.signal(signum)
-
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
-    failure: tuple[Child, int] | None = None
-    kill_at = None
-    try:
-        while any(child.running for child in children):
-            if failure is None:
-                failure = next(((c, c.process.returncode) for c in children
-                                if not c.running and c.process.returncode != 0), None)
-                if failure is not None:
-                    _report_failure(*failure)
-                    for child in children:
-                        child.signal(signal.SIGTERM)
-                    kill_at = time.monotonic() + grace_period
-            if kill_at is not None and time.monotonic() >= kill_at:
-                for child in children:
-                    if child.running:
-                        child.kill_all()
-                kill_at = None
-            time.sleep(POLL_SECONDS)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for child in children:
-            child.process.wait()
-            if child.log:
-                child.log.close()
-    if failure is None:
-        failure = next(((c, c.process.returncode) for c in children if c.process.returncode != 0), None)
-        if failure is not None and not received:
-            _report_failure(*failure)
-    if received:
-        return 128 + received[0]
-    if failure is not None:
-        return _exit_status(failure[1])
-    return 0
-
-
-def _exit_status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode  # killed by signal N -> 128 + N
-
-
-def _report_failure(child: Child, returncode: int) -> None:
-    where = " (log: GPU_%d.log)" % child.local_rank if child.log else ""
-    how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
-    print(f"multiproc.py: local rank {child.local_rank} {how}{where}; stopping the other processes",
-          file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    children = start(args)
-    return supervise(children, args.grace_period)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [RANK_ENTRY]:
+        run_rank(argv[1], argv[2:])
+    return launch(parse_args(argv))
 
 
 if __name__ == "__main__":

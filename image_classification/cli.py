@@ -80,6 +80,8 @@ def run(args) -> int:
     model = spec.build(num_classes=num_classes, **config.model_options(args))
     _load_initial_weights(model, args, spec, resume)
     model = model.to(device, memory_format=rt.memory_format)
+    if not args.evaluate:
+        _check_batch_norm_batch(model, args.batch_size, schedule.smallest_size)
 
     if context.is_main:
         checkpoint.check_workspace(args.workspace)
@@ -141,6 +143,23 @@ def _check_known_kernel_bugs(rt: runtime.Runtime, image_size: int) -> None:
         raise UserError(f"image size {image_size} with --amp on the CPU hits a PyTorch bug (garbage "
                         "gradients of bf16 stride-2 convolutions on 1x1 feature maps); use --image-size (and "
                         "--base-image-size, --eval-image-size) 17 or more, or leave out --amp")
+
+
+def _check_batch_norm_batch(model: nn.Module, batch_size: int, image_size: int) -> None:
+    """BatchNorm in training needs more than one value per channel: one image per batch has one
+    where the last feature map is 1x1 (ResNets and EfficientNets at 32 px). Turn PyTorch's
+    ValueError at the first step into a one-line error now, with a forward pass on the meta device
+    (shapes only, no compute)."""
+    if batch_size > 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    probe = copy.deepcopy(model).to("meta").train()
+    try:
+        probe(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except ValueError as error:
+        if "Expected more than 1 value per channel" in str(error):
+            raise UserError(f"-b 1 at --image-size {image_size} leaves BatchNorm one value per channel to normalise "
+                            "(the last feature map is 1x1); use -b 2 or more, or a larger --image-size") from None
+        raise
 
 
 def _shared_seed(seed: int | None, device: torch.device) -> int:
@@ -249,7 +268,7 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
         model=wrapped, module=module, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
         accumulation_steps=steps, ema=ema, world_size=context.world_size)
-    stop = loop.GracefulStop(rt.device)
+    stop = loop.GracefulStop()
 
     def save(run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
         rng = _gather_rng_states()

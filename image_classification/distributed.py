@@ -106,11 +106,3 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         tensor /= dist.get_world_size()
     return tensor
 
-
-def any_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())

@@ -355,17 +355,30 @@ def _multiproc(*args, cwd, timeout=60, **kwargs):
 
 
 def test_multiproc_sets_the_distributed_environment_and_logs_rank_k_to_gpu_k_log(tmp_path):
-    (tmp_path / "env.py").write_text(ENV_SCRIPT)
-    result = _multiproc("--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "2", "--master_addr", "10.0.0.7",
-                        "--master_port", "23456", "env.py", "DATA", "--lr", "0.1", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rank0 = json.loads(result.stdout)  # local rank 0 writes to the console
-    rank1 = json.loads((tmp_path / "GPU_1.log").read_text())
-    common = {"argv": ["DATA", "--lr", "0.1"], "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "23456",
+    # Two "nodes" on this host: the static rendezvous needs node 0 (which hosts the store) to exist.
+    port = str(_free_port())
+    nodes = []
+    for node in (0, 1):
+        (tmp_path / f"node{node}").mkdir()
+        (tmp_path / f"node{node}" / "env.py").write_text(ENV_SCRIPT)
+        nodes.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "multiproc.py"), "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port, "env.py", "DATA",
+             "--lr", "0.1"], cwd=tmp_path / f"node{node}", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [node.communicate(timeout=60) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    common = {"argv": ["DATA", "--lr", "0.1"], "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
               "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
-    assert rank0 == {**common, "RANK": "2", "LOCAL_RANK": "0"}
-    assert rank1 == {**common, "RANK": "3", "LOCAL_RANK": "1"}
-    assert not (tmp_path / "GPU_0.log").exists()
+    for node, (stdout, _) in enumerate(outputs):
+        rank0 = json.loads(stdout)  # local rank 0 writes to the console
+        rank1 = json.loads((tmp_path / f"node{node}" / "GPU_1.log").read_text())
+        assert rank0 == {**common, "RANK": str(2 * node), "LOCAL_RANK": "0"}
+        assert rank1 == {**common, "RANK": str(2 * node + 1), "LOCAL_RANK": "1"}
+        assert not (tmp_path / f"node{node}" / "GPU_0.log").exists()
 
 
 def test_multiproc_defaults_are_the_reference_ones():

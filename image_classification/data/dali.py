@@ -38,6 +38,10 @@ Undecodable files: DALI aborts the whole pipeline on one. The loader catches tha
 file of the batches in flight on its own to find the culprits, and raises a one-line
 :class:`UserError` naming them. (Zero-byte files never get here: ``scan_split`` drops them.)
 
+Signals: the pipeline is built and run with SIGTERM/SIGINT blocked (``signals.held``), so DALI's
+threads inherit the block and a signal sent to the whole process group reaches only the main
+thread, which finishes the step and checkpoints.
+
 ``nvidia.dali`` is imported only when one of these backends is chosen.
 """
 from __future__ import annotations
@@ -54,6 +58,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from image_classification import signals
 from image_classification.data.checks import scan_split
 from image_classification.data.registry import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, Backend, LoaderConfig
 from image_classification.data.sampling import ShardSampler, require_full_batch
@@ -346,7 +351,8 @@ class DaliLoader:
         self._running = True
         while True:
             try:
-                outputs = pipe.run()
+                with signals.held():  # DALI may start threads here; they must not take a SIGTERM
+                    outputs = pipe.run()
             except StopIteration:
                 break
             except RuntimeError as error:  # DALI aborted the pipeline; it cannot run again
@@ -363,7 +369,7 @@ class DaliLoader:
     # -- internals
 
     def _build(self):
-        with _quiet_deprecations():
+        with _quiet_deprecations(), signals.held():  # the pipeline's threads leave signals to the main thread
             pipe = self.dali.pipeline_def(_graph)(self.dali, self.spec, self.feeder,
                                                    enable_conditionals=self.spec.augmentation != "none",
                                                    **self.pipeline_args)
@@ -380,8 +386,9 @@ class DaliLoader:
         elif self._running:
             self.feeder.stop()
             try:
-                while True:
-                    self._pipe.run()  # at most prefetch_queue_depth batches already scheduled
+                with signals.held():
+                    while True:
+                        self._pipe.run()  # at most prefetch_queue_depth batches already scheduled
             except StopIteration:
                 self._pipe.reset()
             except RuntimeError:  # a bad file among the abandoned batches: start afresh
@@ -447,9 +454,11 @@ def undecodable(paths: list[str], dali, *, decoder: str = "cpu", device_id: int 
         if pipe is None:  # a failure leaves a pipeline unusable, so build another
             pipe = dali.pipeline_def(_decode_graph)(dali, decoder, batch_size=1, num_threads=1, device_id=device_id,
                                                     exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
-            pipe.build()
+            with signals.held():
+                pipe.build()
         try:
-            pipe.run(encoded=[data])
+            with signals.held():
+                pipe.run(encoded=[data])
         except RuntimeError:
             bad.append(path)
             pipe = None

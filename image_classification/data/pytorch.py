@@ -3,9 +3,12 @@
 Three things differ from a plain ``ImageFolder`` + ``DataLoader``:
 
 * **Unreadable files do not end the run.** A file that fails to decode (corrupt, truncated, text
-  with an image name) is left out of its batch; the batch is built from the other samples and
-  carries the skipped paths as a third element, which :class:`DeviceLoader` collects for the
-  engine (``loader.take_skipped()``). A batch may therefore be smaller than ``batch_size``.
+  with an image name) is reported: each batch carries the skipped paths as a third element, which
+  :class:`DeviceLoader` collects for the engine (``loader.take_skipped()``). In training its place
+  is taken by the next readable file of the split (with the slot's own augmentation seed), so
+  every batch stays full: ranks keep the same number of steps (a rank left with an empty batch
+  would skip a step and desynchronise DDP's collectives) and BatchNorm never trains on one
+  sample. In validation it is left out (each image must count once), so a batch may be smaller.
 * **Augmentation is reproducible.** Each sample's random crop/flip/policy is drawn from a
   generator seeded with ``(seed, epoch, sample index)``, so a batch's content does not depend on
   ``--workers``, on which worker decoded it, or on whether the epoch was resumed mid-way.
@@ -21,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from image_classification import signals
 from image_classification.data.checks import scan_split
 from image_classification.data.decode import split_crop
 from image_classification.data.device import DeviceLoader
@@ -36,6 +40,7 @@ class Sample(NamedTuple):
     image: torch.Tensor | None  # uint8 [3,H,W]; None when the file could not be decoded
     label: int
     path: str
+    replaces: str | None = None  # the unreadable file whose place this sample took (training)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -50,14 +55,17 @@ class FolderDataset(Dataset):
     ``decode`` turns a path into a PIL image; for training it is a
     :class:`~image_classification.data.decode.CropDecoder`, which draws the random crop itself and
     decodes no more pixels than the crop needs, so it runs under the sample's seed too.
+    With ``refill`` an unreadable file's slot is filled by the next readable file (wrapping around),
+    decoded and augmented under the slot's own seed, so every rank's batches stay full.
     """
 
     def __init__(self, samples: list[tuple[str, int]], transform: Transform, seed: int,
-                 decode: Callable[[str], Image.Image] = open_rgb):
+                 decode: Callable[[str], Image.Image] = open_rgb, refill: bool = False):
         self.samples = samples
         self.transform = transform
         self.seed = seed
         self.decode = decode
+        self.refill = refill
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -71,17 +79,31 @@ class FolderDataset(Dataset):
         # accelerator, which a forked worker must not touch. Not torch.manual_seed: it also queues a
         # lazy seeding of every accelerator with a formatted stack trace, a large part of a small
         # sample's cost; the CPU generator alone gets the same seed.)
+        seed = sample_seed(self.seed, epoch, index)
         state = torch.get_rng_state()
-        torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
         try:
-            try:
-                image = self.decode(path)
-            except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
-                log.debug("skipping unreadable image %s: %s", path, error)
+            image, replaces = self._decode(path, seed), None
+            if image is None and self.refill:
+                for offset in range(1, len(self.samples)):
+                    candidate, candidate_label = self.samples[(index + offset) % len(self.samples)]
+                    image = self._decode(candidate, seed)
+                    if image is not None:
+                        path, label, replaces = candidate, candidate_label, path
+                        break
+            if image is None:
                 return Sample(None, label, path)
-            return Sample(self.transform(image), label, path)
+            return Sample(self.transform(image), label, path, replaces)
         finally:
             torch.set_rng_state(state)
+
+    def _decode(self, path: str, seed: int) -> Image.Image | None:
+        """The decoded image (drawn from a generator seeded with ``seed``), or None when unreadable."""
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.decode(path)
+        except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
+            log.debug("skipping unreadable image %s: %s", path, error)
+            return None
 
 
 class EpochKeys(Sampler):
@@ -115,7 +137,7 @@ class Collate:
 
     def __call__(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         good = [s for s in samples if s.image is not None]
-        skipped = [s.path for s in samples if s.image is None]
+        skipped = [s.path if s.image is None else s.replaces for s in samples if s.image is None or s.replaces]
         images = torch.empty((len(good), 3, self.image_size, self.image_size), dtype=torch.uint8)
         images = images.contiguous(memory_format=self.memory_format)
         for row, sample in zip(images, good):
@@ -146,8 +168,8 @@ def _loader(config: LoaderConfig, split: str, transform: Transform,
     if train:
         require_full_batch(len(scan.samples), batch_size=config.batch_size, world_size=config.world_size,
                            source=str(scan.root))
-    batches = DataLoader(
-        FolderDataset(scan.samples, transform, config.seed, decode),
+    batches = HeldStartLoader(
+        FolderDataset(scan.samples, transform, config.seed, decode, refill=train),
         batch_size=config.batch_size,
         sampler=EpochKeys(sampler),
         collate_fn=Collate(config.image_size, config.memory_format),
@@ -163,6 +185,15 @@ def _loader(config: LoaderConfig, split: str, transform: Transform,
                         class_names=list(scan.class_names), sampler=sampler)
 
 
+class HeldStartLoader(DataLoader):
+    """A DataLoader whose worker processes (and pin-memory thread) start with the shutdown signals
+    held, so they never act on a SIGTERM/SIGINT meant for the main process (see ``signals``)."""
+
+    def __iter__(self):
+        with signals.held():
+            return super().__iter__()
+
+
 def _worker_options(config: LoaderConfig) -> dict:
     if config.workers < 0:
         raise UserError(f"--workers must be >= 0, got {config.workers}")
@@ -170,7 +201,8 @@ def _worker_options(config: LoaderConfig) -> dict:
         return {"num_workers": 0}
     if config.prefetch < 1:
         raise UserError(f"--prefetch must be >= 1 with --workers > 0, got {config.prefetch}")
-    return {"num_workers": config.workers, "prefetch_factor": config.prefetch, "persistent_workers": True}
+    return {"num_workers": config.workers, "prefetch_factor": config.prefetch, "persistent_workers": True,
+            "worker_init_fn": signals.ignore_in_worker}
 
 
 BACKEND = Backend("pytorch", train_loader=train_loader, val_loader=val_loader,

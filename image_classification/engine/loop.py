@@ -8,7 +8,6 @@ from typing import Callable
 
 import torch
 
-from image_classification import distributed
 from image_classification.engine import trainer
 from image_classification.engine.stages import EpochPlan
 from image_classification.engine.trainer import TrainComponents
@@ -25,13 +24,19 @@ class RunState:
 
 class GracefulStop:
     """First SIGTERM/SIGINT: finish the current optimizer step, checkpoint, exit cleanly.
-    A second SIGINT interrupts immediately (KeyboardInterrupt)."""
+    A second SIGINT interrupts immediately (KeyboardInterrupt).
 
-    def __init__(self, device: torch.device, check_every: int = 20):
+    Distributed ranks must stop at the same step, and promptly (a launcher's grace period before
+    SIGKILL is often 10-30 s): after every optimizer step each rank starts an asynchronous
+    all-reduce (MAX) of its flag and collects it after the next step, so the vote overlaps a
+    step's compute and every rank sees the same verdict at the same step -- one step after the
+    signal. The vote runs on a gloo group with CPU tensors, so it never syncs a CUDA stream.
+    """
+
+    def __init__(self):
         self.requested = False
-        self.device = device
-        self.check_every = check_every
-        self._polls = 0
+        self._group = None
+        self._vote: tuple[torch.distributed.Work, torch.Tensor] | None = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -43,16 +48,42 @@ class GracefulStop:
         self.requested = True
 
     def __call__(self) -> bool:
-        """Polled after each optimizer step. Distributed ranks agree every ``check_every`` polls
-        (one tiny all-reduce), so all ranks stop at the same step."""
+        """Polled after each optimizer step: stop now? (The same answer on every rank.)"""
         if not torch.distributed.is_initialized():
             return self.requested
-        self._polls += 1
-        if self._polls % self.check_every:
+        if self._collect():
+            return True
+        self._start_vote()
+        return False
+
+    def agreed(self) -> bool:
+        """At a point every rank reaches (an epoch's end): has any rank been signalled so far?"""
+        if not torch.distributed.is_initialized():
+            return self.requested
+        if self._collect():
+            return True
+        self._start_vote()
+        return self._collect()
+
+    def _start_vote(self) -> None:
+        if self._group is None:  # every rank gets here at its first poll: a collective call
+            gloo = torch.distributed.get_backend() == "gloo"
+            self._group = torch.distributed.group.WORLD if gloo else torch.distributed.new_group(backend="gloo")
+        flag = torch.tensor([int(self.requested)])
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group,
+                                            async_op=True)
+        self._vote = (work, flag)
+
+    def _collect(self) -> bool:
+        if self._vote is None:
             return False
-        return distributed.any_flag(self.requested, self.device)
+        work, flag = self._vote
+        self._vote = None
+        work.wait()
+        return bool(flag.item())
 
     def restore(self) -> None:
+        self._vote = None  # every rank started it, so it completes without us (never block here)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
@@ -96,7 +127,7 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
         if 0 < patience <= state.epochs_since_best:
             reporter.message(f"early stopping: no better val.top1 for {patience} epochs")
             break
-        if stop.requested and not torch.distributed.is_initialized():
+        if stop.agreed():
             break
     return state
 

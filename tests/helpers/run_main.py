@@ -3,9 +3,15 @@
 BatchNorm statistics depend on the per-process batch, so comparing a 2-process run with a
 1-process run of double batch needs a model without it. ``DUMP_WEIGHTS=PREFIX`` makes every rank
 write its final weights to ``PREFIX.rank<R>`` (and its EMA weights to ``PREFIX.ema.rank<R>``).
+
+``MARKERS=DIR`` makes every rank write ``DIR/exit.rank<R>`` (its exit status) and
+``DIR/stopped.rank<R>`` ("epoch step_in_epoch" where fit ended); with ``PAUSE_AT_STEP=N`` too, a
+rank that completes its N-th optimizer step writes ``DIR/ready.rank<R>`` and waits there (up to
+60 s) until it has received SIGTERM/SIGINT, so a test can signal it at a known point mid-epoch.
 """
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,13 +38,37 @@ def fit_and_dump(parts, *args, **kwargs):
     state = _fit(parts, *args, **kwargs)
     prefix = os.environ.get("DUMP_WEIGHTS")
     if prefix:
-        torch.save(parts.module.state_dict(), f"{prefix}.rank{os.environ.get('RANK', '0')}")
+        torch.save(parts.module.state_dict(), f"{prefix}.rank{RANK}")
         if parts.ema is not None:
-            torch.save(parts.ema.state_dict(), f"{prefix}.ema.rank{os.environ.get('RANK', '0')}")
+            torch.save(parts.ema.state_dict(), f"{prefix}.ema.rank{RANK}")
+    if MARKERS:
+        (MARKERS / f"stopped.rank{RANK}").write_text(f"{state.epoch} {state.step_in_epoch}")
     return state
 
 
 loop.fit = fit_and_dump
+RANK = os.environ.get("RANK", "0")
+MARKERS = Path(os.environ["MARKERS"]) if os.environ.get("MARKERS") else None
+
+if MARKERS and os.environ.get("PAUSE_AT_STEP"):
+    from image_classification.engine import trainer
+    _signalled, _steps, _optimizer_step, _handle = [], [0], trainer._optimizer_step, loop.GracefulStop._handle
+
+    def recording_handle(self, signum, frame):
+        _signalled.append(signum)
+        _handle(self, signum, frame)
+
+    def pausing_optimizer_step(parts):
+        _optimizer_step(parts)
+        _steps[0] += 1
+        if _steps[0] == int(os.environ["PAUSE_AT_STEP"]):
+            (MARKERS / f"ready.rank{RANK}").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 60
+            while not _signalled and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    loop.GracefulStop._handle = recording_handle
+    trainer._optimizer_step = pausing_optimizer_step
 
 # FAIL_AT_BATCH=N: on its first attempt (torchrun restart count 0), rank 1 dies at training batch N.
 if os.environ.get("FAIL_AT_BATCH") and os.environ.get("RANK") == "1" \
@@ -55,4 +85,7 @@ if os.environ.get("FAIL_AT_BATCH") and os.environ.get("RANK") == "1" \
     trainer._forward_backward = failing_forward_backward
 
 if __name__ == "__main__":
-    sys.exit(cli.main())
+    status = cli.main()
+    if MARKERS:
+        (MARKERS / f"exit.rank{RANK}").write_text(str(status))
+    sys.exit(status)

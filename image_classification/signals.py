@@ -1,0 +1,44 @@
+"""Who handles a shutdown signal: the training process's main thread, and nothing else.
+
+SLURM preemption, ``docker stop``, Kubernetes and ``kill -TERM -- -PGID`` send SIGTERM to every
+process of the job, and a terminal's Ctrl-C sends SIGINT to the whole foreground group. The main
+thread of each training process owns the shutdown (:class:`image_classification.engine.loop.GracefulStop`:
+finish the optimizer step, checkpoint, exit 0); its helpers must live through the signal until
+the main process retires them:
+
+* DataLoader worker processes ignore both signals (:func:`ignore_in_worker`, their
+  ``worker_init_fn``). Without it a worker dies first and the main process ends with
+  "DataLoader worker ... is killed by signal" before it can checkpoint.
+* Threads (DALI's, the DataLoader's pin-memory thread) and worker processes are started with the
+  signals blocked (:func:`held`): the threads inherit the mask, so the kernel delivers the signal
+  to the main thread and never interrupts a helper's system call; a process forked in that window
+  keeps the signal pending until :func:`ignore_in_worker` discards it.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+SHUTDOWN = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def held():
+    """Block the shutdown signals in this thread meanwhile; threads and processes started inside
+    inherit the mask. A signal that arrives meanwhile is handled when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread handles signals (and starts the helpers)
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_in_worker(worker_id: int | None = None) -> None:
+    """``worker_init_fn``: this helper process ignores SIGTERM/SIGINT (the main process stops it)."""
+    for signum in SHUTDOWN:
+        signal.signal(signum, signal.SIG_IGN)  # also discards one pending from the held() window
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN)

@@ -1,0 +1,202 @@
+"""Preemption as a cluster delivers it: SIGTERM to the whole process group, DataLoader workers and
+launchers included. Each run starts in its own session (``setsid``) and the test signals the
+group (``os.killpg``) while every rank is paused after a known optimizer step."""
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from image_classification import checkpoint
+from image_classification.engine import loop
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "helpers" / "run_main.py"
+TINY = ["--arch", "tiny-cnn", "--image-size", "16", "--val-resize-size", "16", "-b", "4", "--lr", "0.1",
+        "--epochs", "1", "--seed", "5", "--device", "cpu", "--print-freq", "1000"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(launcher: str, nproc: int) -> list[str]:
+    if launcher == "main":
+        return [sys.executable, str(DRIVER)]
+    module = [str(REPO / "multiproc.py")] if launcher == "multiproc" else ["-m", "torch.distributed.run"]
+    return [sys.executable, *module, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), str(DRIVER)]
+
+
+def _start(command: list[str], workspace: Path, data: Path, args: list[str], **env) -> subprocess.Popen:
+    workspace.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MARKERS": str(workspace), "DUMP_WEIGHTS": str(workspace / "weights"),
+           "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen([*command, *TINY, *args, "--workspace", str(workspace), str(data)], cwd=workspace,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # setsid: the run leads its own process group
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, out + err
+
+
+def _run(command, workspace, data, args, **env) -> str:
+    status, output = _finish(_start(command, workspace, data, args, **env))
+    assert status == 0, output[-3000:]
+    return output
+
+
+def _preempt(command, workspace, data, args, ranks: int, pause_at: int) -> tuple[int, str]:
+    """Start the run, wait until every rank has paused after step ``pause_at``, SIGTERM the group."""
+    process = _start(command, workspace, data, args, PAUSE_AT_STEP=str(pause_at))
+    deadline = time.monotonic() + 180
+    while not all((workspace / f"ready.rank{rank}").exists() for rank in range(ranks)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return _finish(process)
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    return _finish(process)
+
+
+def _weights(workspace: Path) -> dict:
+    return torch.load(workspace / "weights.rank0", weights_only=True)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "dali-cpu"])
+def test_group_sigterm_mid_epoch_checkpoints_exits_0_and_resumes(small_digits_dir, tmp_path, backend):
+    if backend == "dali-cpu":
+        pytest.importorskip("nvidia.dali")
+    args = ["--data-backend", backend, "--workers", "2"]
+    split = tmp_path / "split"
+    status, output = _preempt(_launch("main", 1), split, small_digits_dir, args, ranks=1, pause_at=5)
+    # Before: the workers died of the SIGTERM and the run ended with "DataLoader worker (pid ...)
+    # is killed by signal: Terminated" and no checkpoint.
+    assert status == 0, output[-3000:]
+    assert "Traceback" not in output
+    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    assert (saved["epoch"], saved["step_in_epoch"]) == (0, 5)
+    assert (split / "exit.rank0").read_text() == "0"
+    _run(_launch("main", 1), split, small_digits_dir, [*args, "--resume", str(split / "checkpoint.pth.tar")])
+    assert checkpoint.load(split / "checkpoint.pth.tar")["epoch"] == 1
+    if backend == "pytorch":  # (DALI's augmentation stream is not resumable: same batches, other crops)
+        _run(_launch("main", 1), tmp_path / "straight", small_digits_dir, args)
+        expected, resumed = _weights(tmp_path / "straight"), _weights(split)
+        assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
+
+
+@pytest.mark.parametrize("launcher, launcher_status", [("multiproc", 128 + signal.SIGTERM), ("torchrun", 1)])
+def test_group_sigterm_stops_both_ranks_at_the_same_step(small_digits_dir, tmp_path, launcher, launcher_status):
+    args = ["--data-backend", "pytorch", "--workers", "2"]
+    split = tmp_path / "split"
+    # 100 images / (2 ranks x 4) = 12 steps per epoch; both ranks pause after step 3.
+    status, output = _preempt(_launch(launcher, 2), split, small_digits_dir, args, ranks=2, pause_at=3)
+    assert status == launcher_status, output[-3000:]
+    assert [(split / f"exit.rank{rank}").read_text() for rank in (0, 1)] == ["0", "0"], output[-3000:]
+    # The ranks vote after every step and act on the vote one step later: both stop after step 4.
+    # (Before: they voted every 20 steps, so they trained on to the end of the epoch.)
+    assert [(split / f"stopped.rank{rank}").read_text() for rank in (0, 1)] == ["0 4", "0 4"]
+    assert sorted(path.name for path in split.glob("*.pth.tar")) == ["checkpoint.pth.tar"]
+    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    assert (saved["epoch"], saved["step_in_epoch"]) == (0, 4)
+    if launcher == "multiproc":
+        resume = [*args, "--resume", str(split / "checkpoint.pth.tar")]
+        _run(_launch(launcher, 2), split, small_digits_dir, resume)
+        _run(_launch(launcher, 2), tmp_path / "straight", small_digits_dir, args)
+        expected, resumed = _weights(tmp_path / "straight"), _weights(split)
+        assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
+
+
+def _vote(rank: int, port: int, signalled_rank: int, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stop = loop.GracefulStop()
+    step = 0
+    for step in range(1, 60):
+        time.sleep(0.002 * (1 + 3 * rank))  # ranks run at different speeds
+        if rank == signalled_rank and step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # only this rank gets the signal
+        if stop():
+            break
+    results.put((rank, step, stop.agreed()))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("signalled_rank", [0, 1])
+def test_one_signalled_rank_stops_every_rank_at_the_next_step(signalled_rank):
+    context = multiprocessing.get_context("fork")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=_vote, args=(rank, port, signalled_rank, results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        outcome = sorted(results.get(timeout=60) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=10)
+            process.kill()
+    # Before: the ranks compared notes every 20 steps, so they stopped at step 20.
+    assert outcome == [(0, 8, True), (1, 8, True)]
+
+
+def _signal_set(status_path: str, field: str) -> set[int]:
+    for line in open(status_path):
+        if line.startswith(field + ":"):
+            mask = int(line.split()[1], 16)
+            return {signum for signum in (signal.SIGTERM, signal.SIGINT) if mask >> (signum - 1) & 1}
+    raise AssertionError(f"no {field} in {status_path}")
+
+
+def _tiny_folder(root: Path) -> Path:
+    from PIL import Image
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(root / split / label / f"{i}.jpg")
+    return root
+
+
+def _loader_config(data: Path, workers: int):
+    from image_classification.data.registry import LoaderConfig
+    return LoaderConfig(data_dir=str(data), image_size=16, val_resize_size=16, batch_size=2, workers=workers,
+                        prefetch=2, interpolation="bilinear", augmentation="none",
+                        memory_format=torch.contiguous_format, device=torch.device("cpu"))
+
+
+def test_pytorch_workers_ignore_the_shutdown_signals(tmp_path):
+    from image_classification.data import pytorch
+    loader = pytorch.train_loader(_loader_config(_tiny_folder(tmp_path), workers=2))
+    next(iter(loader))  # starts the (persistent) workers
+    workers = loader.source._iterator._workers
+    assert len(workers) == 2
+    for worker in workers:
+        assert _signal_set(f"/proc/{worker.pid}/status", "SigIgn") == {signal.SIGTERM, signal.SIGINT}
+    # and the main process still handles them
+    assert _signal_set("/proc/self/status", "SigIgn") == set()
+
+
+def test_dali_threads_leave_the_shutdown_signals_to_the_main_thread(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from image_classification.data import dali
+    before = set(os.listdir("/proc/self/task"))
+    loader = dali.DaliLoader(_loader_config(_tiny_folder(tmp_path), workers=2), train=True)
+    assert len(list(loader)) == 4
+    threads = set(os.listdir("/proc/self/task")) - before
+    assert threads  # DALI started its threads
+    for thread in threads:
+        assert _signal_set(f"/proc/self/task/{thread}/status", "SigBlk") == {signal.SIGTERM, signal.SIGINT}
+    assert _signal_set(f"/proc/self/task/{threading.get_native_id()}/status", "SigBlk") == set()
