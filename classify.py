@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 from PIL import UnidentifiedImageError
 
-from image_classification import config, export, runtime
+from image_classification import config, export, models, runtime
 from image_classification.data.checks import is_image_file
 from image_classification.data.device import Normalize
 from image_classification.data.transforms import open_rgb, val_transform
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resize filter (default: the checkpoint's, else bilinear)")
     parser.add_argument("-b", "--batch-size", default=16, type=int, metavar="N",
                         help="images per forward pass (default: 16)")
+    config.add_onnx_flag(parser)
     export.add_model_flags(parser)  # --weights/--pretrained-from-file, --ema, --pretrained, --num-classes, ...
     return parser
 
@@ -77,15 +78,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     images = list(collect_images(args.image))  # fail on a missing path before loading the model
 
-    weights_path = export.weights_path(
-        args, "the model is randomly initialised and its predictions are meaningless")
-    loaded = export.load_model(args.arch, weights_path, ema=args.ema, num_classes=args.num_classes,
-                               options=config.model_options(args))
+    device = runtime.select_device("cpu" if args.cpu else "auto", 0)
+    loaded = _load(args, device)
     if topk > loaded.num_classes:
         raise UserError(f"--topk {topk} is more than the model's {loaded.num_classes} classes")
     names = class_names(loaded, args.labels)
 
-    device = runtime.select_device("cpu" if args.cpu else "auto", 0)
     rt = runtime.build_runtime(device=device, amp=args.precision == "AMP", amp_dtype=None,
                                memory_format="nchw", tf32=args.precision != "FP32")
     model = loaded.model.to(device)
@@ -112,6 +110,23 @@ def run(args: argparse.Namespace) -> int:
         json.dump(_json_document(results, loaded, image_size, resize_size, rt, args.precision), sys.stdout, indent=2)
         print()
     return 0
+
+
+def _load(args: argparse.Namespace, device: torch.device) -> export.LoadedModel:
+    """The PyTorch model from the model flags, or the exported file of --onnx run by ONNX Runtime."""
+    if args.onnx is None:
+        weights_path = export.weights_path(
+            args, "the model is randomly initialised and its predictions are meaningless")
+        return export.load_model(args.arch, weights_path, ema=args.ema, num_classes=args.num_classes,
+                                 options=config.model_options(args))
+    if args.pretrained_from_file or args.pretrained:
+        raise UserError("--onnx runs the exported file as it is; drop --weights/--pretrained-from-file/--pretrained")
+    model = export.OnnxModel(args.onnx, device)
+    if model.num_classes is None:
+        raise UserError(f"{args.onnx} does not output [batch, classes] logits")
+    return export.LoadedModel(model=model, spec=models.get(args.arch or "resnet50"), num_classes=model.num_classes,
+                              class_names=model.class_names, trained_image_size=model.image_size,
+                              trained_resize_size=model.resize_size, trained_interpolation=model.interpolation)
 
 
 def _parse_topk(text: str) -> int:
@@ -157,11 +172,7 @@ def class_names(loaded: export.LoadedModel, labels: str | None) -> list[str]:
             raise UserError(f"labels file {labels} has {len(names)} names but the model has "
                             f"{loaded.num_classes} classes")
         return names
-    if loaded.class_names is not None:
-        return loaded.class_names
-    if loaded.num_classes == 1000:
-        return export.imagenet_classes()
-    return [str(i) for i in range(loaded.num_classes)]
+    return export.default_class_names(loaded)
 
 
 def preprocessing(loaded: export.LoadedModel, args: argparse.Namespace) -> tuple[int, int, str]:

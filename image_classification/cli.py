@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from image_classification import checkpoint, config, distributed, models, runtime
+from image_classification import checkpoint, config, distributed, export, models, quantization, runtime
 from image_classification.data import registry as data_registry
 from image_classification.data.registry import LoaderConfig
 from image_classification.engine import loop, trainer
@@ -51,6 +51,7 @@ def run(args) -> int:
         print("warning: --static-loss-scale only applies to fp16 AMP (--amp on CUDA); ignored", file=sys.stderr)
 
     spec = models.get(args.arch)
+    args.quantize = args.quantize or spec.quantized
     image_size = args.image_size or spec.default_image_size
     _check_known_kernel_bugs(rt, image_size)
     train_loader, val_loader = _build_loaders(args, spec, image_size, rt, context, seed)
@@ -59,9 +60,14 @@ def run(args) -> int:
         args.resume = str(Path(args.workspace) / args.checkpoint_filename)
     resume = checkpoint.load(args.resume) if args.resume else None
 
-    model = spec.build(num_classes=num_classes, **config.model_options(args))
-    _load_initial_weights(model, args, spec, resume)
-    model = model.to(device, memory_format=rt.memory_format)
+    if args.onnx:
+        model = export.OnnxModel(args.onnx, device)
+        model.check_classes(num_classes)
+    else:
+        model = spec.build(num_classes=num_classes, **config.model_options(args))
+        model = _load_initial_weights(model, args, spec, resume)
+        model = model.to(device, memory_format=rt.memory_format)
+        model = _quantize(model, args, train_loader)
 
     reporter = Reporter(str(Path(args.workspace) / args.raport_file), enabled=context.is_main, topk=args.topk,
                         tensorboard_dir=str(Path(args.workspace) / args.tensorboard) if args.tensorboard else None,
@@ -123,16 +129,40 @@ def _resolve_classes(args, loader) -> tuple[int, list[str]]:
     return found, list(loader.class_names)
 
 
-def _load_initial_weights(model: nn.Module, args, spec, resume: dict | None) -> None:
+def _load_initial_weights(model: nn.Module, args, spec, resume: dict | None) -> nn.Module:
+    """Fill ``model`` from --resume, --pretrained-from-file or --pretrained; a QAT checkpoint
+    first gets its quantizers back (their ranges are part of its state dict)."""
     if resume is not None:
         if resume.get("arch", args.arch) != args.arch:
             raise UserError(f"{args.resume} was trained with --arch {resume['arch']}, not --arch {args.arch}")
+        model = quantization.restore(model, resume)
         weights.load_state_dict_into(model, resume["state_dict"], source=args.resume, arch=args.arch)
     elif args.pretrained_from_file:
-        weights.load_pretrained(model, args.pretrained_from_file, family=spec.family, arch=args.arch)
+        file = export.read_weights(args.pretrained_from_file)
+        model = quantization.restore(model, file.checkpoint)
+        weights.load_state_dict_into(model, file.state_dict, source=args.pretrained_from_file,
+                                     family=spec.family, arch=args.arch)
     elif args.pretrained:
         from image_classification.models.published import download_weights
         weights.load_pretrained(model, download_weights(args.arch), family=spec.family, arch=args.arch)
+    return model
+
+
+def _quantize(model: nn.Module, args, train_loader) -> nn.Module:
+    """--quantize: calibrate INT8 fake quantizers on training batches, unless the weights came
+    quantized already (a QAT checkpoint)."""
+    if not args.quantize or quantization.is_quantized(model):
+        return model
+    if not (args.pretrained_from_file or args.pretrained):
+        raise UserError("--quantize fine-tunes a trained model: give its weights with --pretrained-from-file "
+                        "(or --resume a QAT checkpoint)")
+    if train_loader is None:
+        raise UserError("--quantize calibrates on the training set, which --evaluate does not load; evaluate a "
+                        "QAT checkpoint instead (--resume or --pretrained-from-file of a quant_main.py checkpoint)")
+    if args.jit != "no":
+        raise UserError("--quantize does not support --jit script (the fake quantizers are not scriptable)")
+    train_loader.set_epoch(0)
+    return quantization.calibrate(model, train_loader, args.calib_batches)
 
 
 def _evaluate(args, model, val_loader, rt, resume, reporter) -> int:
@@ -264,6 +294,8 @@ def _checkpoint_state(parts: TrainComponents, state: loop.RunState, args, class_
         "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
         "config": {**vars(args), "seed": seed},
     }
+    if quantization.is_quantized(parts.module):
+        saved[quantization.CHECKPOINT_KEY] = quantization.state(parts.module)
     if parts.ema is not None:
         saved.update(state_dict_ema=parts.ema.state_dict(), ema_updates=parts.ema.updates)
     return saved
