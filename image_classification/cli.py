@@ -52,7 +52,8 @@ def run(args) -> int:
 
     spec = models.get(args.arch)
     args.quantize = args.quantize or spec.quantized
-    image_size = args.image_size or spec.default_image_size
+    onnx_model = _onnx_model(args, device)
+    image_size = args.image_size or (onnx_model and onnx_model.image_size) or spec.default_image_size
     _check_known_kernel_bugs(rt, image_size)
     train_loader, val_loader = _build_loaders(args, spec, image_size, rt, context, seed)
     num_classes, class_names = _resolve_classes(args, train_loader or val_loader)
@@ -60,8 +61,8 @@ def run(args) -> int:
         args.resume = str(Path(args.workspace) / args.checkpoint_filename)
     resume = checkpoint.load(args.resume) if args.resume else None
 
-    if args.onnx:
-        model = export.OnnxModel(args.onnx, device)
+    if onnx_model is not None:
+        model = onnx_model
         model.check_classes(num_classes)
     else:
         model = spec.build(num_classes=num_classes, **config.model_options(args))
@@ -82,6 +83,17 @@ def run(args) -> int:
                       class_names=class_names, seed=seed)
     finally:
         reporter.close()
+
+
+def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
+    """--onnx: the exported file; its input size and recorded resize size become the defaults."""
+    if args.onnx is None:
+        return None
+    model = export.OnnxModel(args.onnx, device)
+    if args.image_size and model.image_size and args.image_size != model.image_size:
+        raise UserError(f"{args.onnx} takes {model.image_size} px images, not --image-size {args.image_size}")
+    args.val_resize_size = args.val_resize_size or model.resize_size
+    return model
 
 
 def _check_known_kernel_bugs(rt: runtime.Runtime, image_size: int) -> None:
