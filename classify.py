@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 from PIL import UnidentifiedImageError
 
-from image_classification import config, export, models, runtime
+from image_classification import config, export, inference, models, quantization, runtime
 from image_classification.data.checks import is_image_file
 from image_classification.data.device import Normalize
 from image_classification.data.transforms import open_rgb, val_transform
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", "-a", default=None, metavar="ARCH",
                         help="model architecture (default: the checkpoint's, else resnet50)")
     parser.add_argument("--precision", default="AMP", type=str.upper, metavar="P",
-                        help="AMP (fp16 on CUDA, bf16 on CPU) | FP32 | TF32 (default: AMP)")
+                        help="AMP (fp16 on CUDA; on the CPU bf16 with channels_last and BatchNorm folded, the fastest "
+                             "measured CPU path) | FP32 | TF32 (default: AMP)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
     parser.add_argument("--topk", default="5", metavar="K", help="classes to show per image (default: 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
@@ -84,12 +85,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--topk {topk} is more than the model's {loaded.num_classes} classes")
     names = class_names(loaded, args.labels)
 
+    # On the CPU the default (AMP) runs the measured fastest path: bf16, channels_last, BatchNorm folded.
+    fast_cpu = (device.type == "cpu" and args.precision == "AMP" and args.onnx is None
+                and not quantization.is_quantized(loaded.model))
     rt = runtime.build_runtime(device=device, amp=args.precision == "AMP", amp_dtype=None,
-                               memory_format="nchw", tf32=args.precision != "FP32")
-    model = loaded.model.to(device)
+                               memory_format="nhwc" if fast_cpu else "nchw", tf32=args.precision != "FP32")
+    model = inference.cpu_fast_path(loaded.model) if fast_cpu else loaded.model.to(device)
     image_size, resize_size, interpolation = preprocessing(loaded, args)
     transform = val_transform(image_size, resize_size, interpolation)
-    normalize = Normalize(device, torch.contiguous_format)
+    normalize = Normalize(device, rt.memory_format)
 
     results = []
     for start in range(0, len(images), args.batch_size):
