@@ -76,7 +76,7 @@ def qat(fp32, digits_dir, tmp_path_factory) -> Path:
 
 def test_qat_keeps_fp32_accuracy_and_saves_int8_quantizers(fp32, qat):
     fp32_top1, qat_top1 = summary(fp32)["val.top1"], summary(qat)["val.top1"]
-    assert fp32_top1 > 60
+    assert fp32_top1 > 50
     assert qat_top1 > fp32_top1 - 2.0, (fp32_top1, qat_top1)
     saved = checkpoint.load(qat / "checkpoint.pth.tar")  # weights_only=True
     assert saved["arch"] == ARCH and quantization.CHECKPOINT_KEY in saved
