@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="AMP (fp16 on CUDA; on the CPU bf16 with channels_last and BatchNorm folded, the fastest "
                              "measured CPU path) | FP32 | TF32 (default: AMP)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
-    parser.add_argument("--topk", default="5", metavar="K", help="classes to show per image (default: 5)")
+    parser.add_argument("--topk", default=None, metavar="K",
+                        help=f"classes to show per image (default: {config.DEFAULT_TOPK}, or all when the model "
+                             "has fewer)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument("--labels", default=None, metavar="FILE",
                         help="class names, one per line in class-index order")
@@ -69,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    topk = _parse_topk(args.topk)
+    topk = None if args.topk is None else _parse_topk(args.topk)
     if args.precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision}")
     if args.batch_size < 1:
@@ -81,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = runtime.select_device("cpu" if args.cpu else "auto", 0)
     loaded = _load(args, device)
-    if topk > loaded.num_classes:
-        raise UserError(f"--topk {topk} is more than the model's {loaded.num_classes} classes")
+    topk = config.topk_for(topk, loaded.num_classes, "the model")
     names = class_names(loaded, args.labels)
 
     # On the CPU the default (AMP) runs the measured fastest path: bf16, channels_last, BatchNorm folded.

@@ -51,12 +51,16 @@ def run(args) -> int:
         print("warning: --static-loss-scale only applies to fp16 AMP (--amp on CUDA); ignored", file=sys.stderr)
 
     spec = models.get(args.arch)
+    if args.model_config and spec.family != "resnet":
+        raise UserError(f"-c/--model-config presets ResNet initialisation; --arch {args.arch} is an "
+                        f"{spec.family} model (set --conv-init instead)")
     args.quantize = args.quantize or spec.quantized
     onnx_model = _onnx_model(args, device)
     image_size = args.image_size or (onnx_model and onnx_model.image_size) or spec.default_image_size
     _check_known_kernel_bugs(rt, image_size)
     train_loader, val_loader = _build_loaders(args, spec, image_size, rt, context, seed)
     num_classes, class_names = _resolve_classes(args, train_loader or val_loader)
+    args.topk = config.topk_for(args.topk, num_classes, "the dataset")
     if args.auto_resume and (Path(args.workspace) / args.checkpoint_filename).is_file():
         args.resume = str(Path(args.workspace) / args.checkpoint_filename)
     resume = checkpoint.load(args.resume) if args.resume else None

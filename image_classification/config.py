@@ -15,6 +15,15 @@ from image_classification.errors import UserError
 
 DATA_BACKENDS = ("pytorch", "synthetic", "dali-cpu", "dali-gpu")
 LR_SCHEDULES = ("step", "linear", "cosine")
+# -c/--model-config presets of the ResNet model flags, as the reference's config table had them
+# (all four use ReLU; none zero-inits the last BN of a block).
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "classic": {"conv_init": "fan_out", "last_bn_0_init": False},
+    "fanin": {"conv_init": "fan_in", "last_bn_0_init": False},
+    "grp-fanin": {"conv_init": "fan_in", "last_bn_0_init": False},
+    "grp-fanout": {"conv_init": "fan_out", "last_bn_0_init": False},
+}
+DEFAULT_TOPK = 5
 GPU_AFFINITIES = ("none", "socket", "socket_single", "socket_single_unique",
                   "socket_unique_interleaved", "socket_unique_contiguous")
 
@@ -59,7 +68,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("data", metavar="DIR", nargs="?", default=None,
                        help="dataset root with train/ and val/ in ImageFolder layout "
                             "(not needed with --data-backend synthetic)")
-    group.add_argument("--data-backend", metavar="BACKEND", default="dali-cpu", choices=DATA_BACKENDS,
+    group.add_argument("--data-backend", "--data-backends", metavar="BACKEND", default="dali-cpu",
+                       choices=DATA_BACKENDS,
                        help=f"data loader: {' | '.join(DATA_BACKENDS)} (default: dali-cpu)")
     group.add_argument("--interpolation", metavar="INTERPOLATION", default="bilinear",
                        choices=INTERPOLATIONS,
@@ -139,7 +149,7 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
                        help="automatic mixed precision: fp16 + dynamic loss scaling on CUDA, bf16 on CPU")
     group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
                        help="autocast dtype for --amp (default: float16 on CUDA, bfloat16 on CPU)")
-    group.add_argument("--static-loss-scale", default=1.0, type=float, metavar="S",
+    group.add_argument("--static-loss-scale", default=1.0, type=float, metavar="STATIC_LOSS_SCALE",
                        help="initial scale of the dynamic loss scaler (fp16 AMP only) (default: 1)")
     group.add_argument("--tf32", default=True, type=str2bool, metavar="BOOL",
                        help="allow TF32 matmuls and convolutions on Ampere+ GPUs; false for strict FP32 (default: true)")
@@ -156,6 +166,11 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run control, checkpoints and logging")
     group.add_argument("--arch", "-a", default="resnet50", metavar="ARCH",
                        help="model architecture, see README for the list (default: resnet50)")
+    group.add_argument("--model-config", "-c", default=None, choices=tuple(MODEL_CONFIGS), metavar="CONF",
+                       help="ResNet init preset: classic | fanin | grp-fanin | grp-fanout; classic and grp-fanout "
+                            "mean --conv-init fan_out, fanin and grp-fanin --conv-init fan_in, all --last-bn-0-init "
+                            "false; an explicit --conv-init/--last-bn-0-init must agree with it (default: none, "
+                            "i.e. those flags' own defaults, which the published recipes use)")
     group.add_argument("--print-freq", "-p", default=10, type=positive_int, metavar="N",
                        help="log every N iterations (default: 10)")
     group.add_argument("--resume", default=None, metavar="PATH", help="continue from this training checkpoint")
@@ -164,12 +179,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                             "torchrun --max-restarts or a scheduler); start fresh otherwise")
     group.add_argument("--prof", default=-1, type=int, metavar="N",
                        help="stop each train/val phase after N iterations (default: -1, off)")
-    group.add_argument("--seed", default=None, type=int, metavar="S",
+    group.add_argument("--seed", default=None, type=int, metavar="SEED",
                        help="random seed; the same seed gives the same run (default: random)")
     group.add_argument("--gather-checkpoints", default=0, type=int, metavar="N",
                        help="per-epoch checkpoint_XXXX.pth.tar files to keep: 0 = none (only the last "
                             "and best copies), -1 = all, N = the last N (default: 0)")
-    group.add_argument("--raport-file", default="experiment_raport.json", metavar="FILE",
+    group.add_argument("--raport-file", default="experiment_raport.json", metavar="RAPORT_FILE",
                        help="DLLogger JSON-lines log, written inside --workspace (default: experiment_raport.json)")
     group.add_argument("--tensorboard", nargs="?", const="tensorboard", default=None, metavar="DIR",
                        help="also write the metrics as TensorBoard scalars to DIR inside --workspace "
@@ -178,11 +193,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--training-only", action="store_true", help="skip validation")
     group.add_argument("--no-checkpoints", action="store_false", dest="save_checkpoints",
                        help="do not write checkpoints")
-    group.add_argument("--checkpoint-filename", default="checkpoint.pth.tar", metavar="NAME",
+    group.add_argument("--checkpoint-filename", default="checkpoint.pth.tar", metavar="CHECKPOINT_FILENAME",
                        help="name of the latest-checkpoint copy (default: checkpoint.pth.tar)")
     group.add_argument("--workspace", default="./", metavar="DIR", help="output directory (default: ./)")
-    group.add_argument("--topk", default=5, type=positive_int, metavar="K",
-                       help="second accuracy metric, reported as val.top{K} (default: 5)")
+    group.add_argument("--topk", default=None, type=positive_int, metavar="K",
+                       help=f"second accuracy metric, reported as val.top{{K}} (default: {DEFAULT_TOPK}, or the "
+                            "number of classes when there are fewer)")
 
 
 def _add_quantization_flags(parser: argparse.ArgumentParser) -> None:
@@ -253,8 +269,16 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The model flags the user (or a preset) actually set."""
-    return {dest: getattr(args, dest) for dest in MODEL_OPTION_DESTS if getattr(args, dest) is not None}
+    """The model flags the user (or a preset) actually set, with ``-c CONF``'s preset filled in."""
+    options = {dest: getattr(args, dest) for dest in MODEL_OPTION_DESTS if getattr(args, dest) is not None}
+    conf = getattr(args, "model_config", None)
+    preset = MODEL_CONFIGS[conf] if conf else {}
+    for dest, value in preset.items():
+        if dest in options and options[dest] != value:
+            flag = "--" + dest.replace("_", "-")
+            raise UserError(f"-c {conf} means {flag} {str(value).lower()}, but {flag} "
+                            f"{str(options[dest]).lower()} was given; drop one of them")
+    return {**preset, **options}
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -290,8 +314,19 @@ def validate(args: argparse.Namespace) -> None:
     if args.onnx is not None and (args.resume or args.pretrained_from_file or args.pretrained or args.quantize):
         raise UserError("--onnx evaluates the exported file as it is; drop --resume/--pretrained-from-file/"
                         "--pretrained/--quantize")
+    model_options(args)  # a -c preset that contradicts an explicit model flag
     if sorted(args.lr_milestones) != args.lr_milestones:
         raise UserError(f"--lr-milestones must be increasing, got {args.lr_milestones}")
+
+
+def topk_for(requested: int | None, num_classes: int, owner: str) -> int:
+    """``--topk`` as given, else ``min(5, classes)``: a 2-class model shows both classes rather
+    than failing or reporting a meaningless top-5. ``owner`` names whose classes, in the error."""
+    if requested is None:
+        return min(DEFAULT_TOPK, num_classes)
+    if requested > num_classes:
+        raise UserError(f"--topk {requested} is more than {owner}'s {num_classes} classes")
+    return requested
 
 
 def accumulation_steps(optimizer_batch_size: int, batch_size: int, world_size: int) -> int:

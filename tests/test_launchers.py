@@ -234,8 +234,12 @@ def _reference_recipes() -> list[str]:
     return names
 
 
+# Names the reference README uses for recipes that it ships under another name.
+RECIPE_ALIASES = {"resnet50v1.5/training/AMP/DGX1_resnet50_AMP_250E.sh":
+                  "resnet50v1.5/training/AMP/DGX1V_resnet50_AMP_250E.sh"}
 RECIPES = sorted(str(path.relative_to(ROOT)) for path in ROOT.glob("*/*/*/*.sh")
-                 if path.parts[-3] in ("training", "inference"))
+                 if path.parts[-3] in ("training", "inference")
+                 and str(path.relative_to(ROOT)) not in RECIPE_ALIASES)
 
 
 def test_every_reference_recipe_exists_and_cpu_recipes_are_added():
@@ -298,6 +302,14 @@ def test_recipe_resolves_in_dry_run(name, python_shim, tmp_path, capsys):
             assert (resolved["epochs"], resolved["mixup"]) == ((90, 0.0) if parts["epochs"] == "90" else (250, 0.2))
         else:
             assert (resolved["epochs"], resolved["mixup"]) == (400, 0.2)
+
+
+@pytest.mark.parametrize("alias, target", RECIPE_ALIASES.items())
+def test_recipe_alias_runs_its_target_with_the_same_arguments(alias, target, python_shim, tmp_path):
+    assert os.access(ROOT / alias, os.X_OK)
+    args = ("my_ws", "--epochs", "3")
+    calls = _run_recipe(alias, python_shim, tmp_path, *args, env={"DATA_DIR": "/data"})
+    assert calls == _run_recipe(target, python_shim, tmp_path, *args, env={"DATA_DIR": "/data"}) and len(calls) == 1
 
 
 def test_recipe_defaults_and_data_dir_override(python_shim, tmp_path, capsys):

@@ -23,7 +23,9 @@ PARAM_COUNTS = {
     "resnet50": 25_557_032,
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
+    "resnext50-32x4d": 25_028_904,
     "resnext101-32x4d": 44_177_704,
+    "resnext101-32x8d": 88_791_336,
     "se-resnext101-32x4d": 45_251_128,
 }
 # A tiny SE-ResNeXt (one block per stage) keeps the SE tests fast.
@@ -62,8 +64,19 @@ def save(obj: object, path: Path) -> str:
 def test_parameter_counts_match_reference(arch: str) -> None:
     spec = registry.get(arch)
     assert spec.family == "resnet" and spec.default_image_size == 224
-    model = spec.build()
+    with torch.device("meta"):  # shapes only: skips initialising up to 88M parameters
+        model = spec.build()
     assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[arch]
+
+
+def test_an_architecture_nothing_defines_is_refused_naming_the_nearest() -> None:
+    """The reference README lists resnext101-32x8d-basic, which no public source defines."""
+    with pytest.raises(UserError) as error:
+        registry.get("resnext101-32x8d-basic")
+    message = str(error.value)
+    assert "\n" not in message and "no public source defines it" in message
+    assert "nearest: resnext101-32x8d " in message
+    assert "resnext101-32x8d-basic" not in registry.names()
 
 
 def test_hub_names() -> None:
@@ -160,9 +173,9 @@ def test_channels_last_bf16_autocast_forward() -> None:
 
 # ---------------------------------------------------------------- loading weights
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50-32x4d", "resnext101-32x8d"])
 def test_torchvision_weights_give_identical_logits(arch: str, tmp_path: Path) -> None:
-    theirs = randomise_bn_stats(getattr(torchvision.models, arch)(weights=None)).eval()
+    theirs = randomise_bn_stats(getattr(torchvision.models, arch.replace("-", "_"))(weights=None)).eval()
     path = save(theirs.state_dict(), tmp_path / "tv.pth")
     ours = build(arch)
     weights.load_pretrained(ours, path, "resnet")

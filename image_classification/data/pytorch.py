@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from image_classification.data.checks import scan_split
+from image_classification.data.decode import split_crop
 from image_classification.data.device import DeviceLoader
 from image_classification.data.registry import Backend, LoaderConfig
 from image_classification.data.sampling import ShardSampler, require_full_batch
@@ -43,12 +45,19 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class FolderDataset(Dataset):
-    """Samples from :func:`scan_split`, indexed by ``(epoch, index)`` (or a plain index: epoch 0)."""
+    """Samples from :func:`scan_split`, indexed by ``(epoch, index)`` (or a plain index: epoch 0).
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Transform, seed: int):
+    ``decode`` turns a path into a PIL image; for training it is a
+    :class:`~image_classification.data.decode.CropDecoder`, which draws the random crop itself and
+    decodes no more pixels than the crop needs, so it runs under the sample's seed too.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Transform, seed: int,
+                 decode: Callable[[str], Image.Image] = open_rgb):
         self.samples = samples
         self.transform = transform
         self.seed = seed
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -56,18 +65,20 @@ class FolderDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
-        try:
-            image = open_rgb(path)
-        except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
-            log.debug("skipping unreadable image %s: %s", path, error)
-            return Sample(None, label, path)
-        # The transforms draw from torch's global CPU generator. With --workers 0 this runs in the
-        # training process, whose generator (dropout, mixup) must not be reset by every sample,
-        # so its state is put back afterwards. (Not torch.random.fork_rng: it probes the
-        # accelerator, which a forked worker must not touch.)
+        # The decoder and the transforms draw from torch's global CPU generator. With --workers 0 this
+        # runs in the training process, whose generator (dropout, mixup) must not be reset by every
+        # sample, so its state is put back afterwards. (Not torch.random.fork_rng: it probes the
+        # accelerator, which a forked worker must not touch. Not torch.manual_seed: it also queues a
+        # lazy seeding of every accelerator with a formatted stack trace, a large part of a small
+        # sample's cost; the CPU generator alone gets the same seed.)
         state = torch.get_rng_state()
-        torch.manual_seed(sample_seed(self.seed, epoch, index))
+        torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
         try:
+            try:
+                image = self.decode(path)
+            except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
+                log.debug("skipping unreadable image %s: %s", path, error)
+                return Sample(None, label, path)
             return Sample(self.transform(image), label, path)
         finally:
             torch.set_rng_state(state)
@@ -115,7 +126,9 @@ class Collate:
 
 def train_loader(config: LoaderConfig) -> DeviceLoader:
     transform = train_transform(config.image_size, config.interpolation, config.augmentation, config.crop_scale)
-    return _loader(config, "train", transform)
+    # Draw the random crop from the file header, then decode only as many pixels as it needs.
+    decode, transform = split_crop(transform)
+    return _loader(config, "train", transform, decode)
 
 
 def val_loader(config: LoaderConfig) -> DeviceLoader:
@@ -123,7 +136,8 @@ def val_loader(config: LoaderConfig) -> DeviceLoader:
     return _loader(config, "val", transform)
 
 
-def _loader(config: LoaderConfig, split: str, transform: Transform) -> DeviceLoader:
+def _loader(config: LoaderConfig, split: str, transform: Transform,
+            decode: Callable[[str], Image.Image] = open_rgb) -> DeviceLoader:
     train = split == "train"
     scan = scan_split(config.data_dir, split)
     sampler = ShardSampler(len(scan.samples), batch_size=config.batch_size, rank=config.rank,
@@ -132,7 +146,7 @@ def _loader(config: LoaderConfig, split: str, transform: Transform) -> DeviceLoa
         require_full_batch(len(scan.samples), batch_size=config.batch_size, world_size=config.world_size,
                            source=str(scan.root))
     batches = DataLoader(
-        FolderDataset(scan.samples, transform, config.seed),
+        FolderDataset(scan.samples, transform, config.seed, decode),
         batch_size=config.batch_size,
         sampler=EpochKeys(sampler),
         collate_fn=Collate(config.image_size, config.memory_format),

@@ -41,6 +41,9 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+# Names users may type (e.g. from the reference README) that no architecture here stands for:
+# name -> why not, and what to use instead.
+_UNAVAILABLE: dict[str, str] = {}
 
 
 def register(spec: ModelSpec) -> ModelSpec:
@@ -48,6 +51,11 @@ def register(spec: ModelSpec) -> ModelSpec:
         raise ValueError(f"model {spec.name!r} registered twice")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def register_unavailable(name: str, reason: str) -> None:
+    """Make ``--arch name`` a one-line error carrying ``reason`` instead of "unknown --arch"."""
+    _UNAVAILABLE[name] = reason
 
 
 def _ensure_loaded() -> None:
@@ -65,4 +73,6 @@ def get(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name in _UNAVAILABLE:
+            raise UserError(f"--arch {name}: {_UNAVAILABLE[name]}") from None
         raise UserError(f"unknown --arch {name!r}; choose one of: {', '.join(_REGISTRY)}") from None

@@ -1,4 +1,4 @@
-"""ResNet v1.5 family: ResNet-18..152, ResNeXt101-32x4d and SE-ResNeXt101-32x4d.
+"""ResNet v1.5 family: ResNet-18..152, ResNeXt50-32x4d, ResNeXt101-32x4d/-32x8d, SE-ResNeXt101-32x4d.
 
 v1.5 differs from the original ResNet in one place: a downsampling bottleneck puts its stride on
 the 3x3 conv instead of the first 1x1, which costs a little speed and gains ~0.5% top-1.
@@ -171,7 +171,8 @@ def _make_stages(config: ResNetConfig, opts: BlockOptions) -> tuple[nn.Sequentia
 
 
 _BASIC_WIDTHS = (64, 128, 256, 512)
-_RESNEXT_WIDTHS = (128, 256, 512, 1024)
+_RESNEXT_WIDTHS = (128, 256, 512, 1024)  # 32 groups x 4 channels in the first stage
+_RESNEXT_8D_WIDTHS = (256, 512, 1024, 2048)  # 32 groups x 8 channels
 
 CONFIGS: dict[str, tuple[ResNetConfig, str | None]] = {
     "resnet18": (ResNetConfig(False, (2, 2, 2, 2), _BASIC_WIDTHS, 1), None),
@@ -179,10 +180,12 @@ CONFIGS: dict[str, tuple[ResNetConfig, str | None]] = {
     "resnet50": (ResNetConfig(True, (3, 4, 6, 3), _BASIC_WIDTHS, 4), "nvidia_resnet50"),
     "resnet101": (ResNetConfig(True, (3, 4, 23, 3), _BASIC_WIDTHS, 4), None),
     "resnet152": (ResNetConfig(True, (3, 8, 36, 3), _BASIC_WIDTHS, 4), None),
+    "resnext50-32x4d": (ResNetConfig(True, (3, 4, 6, 3), _RESNEXT_WIDTHS, 2, groups=32), None),
     "resnext101-32x4d": (
         ResNetConfig(True, (3, 4, 23, 3), _RESNEXT_WIDTHS, 2, groups=32),
         "nvidia_resnext101_32x4d",
     ),
+    "resnext101-32x8d": (ResNetConfig(True, (3, 4, 23, 3), _RESNEXT_8D_WIDTHS, 1, groups=32), None),
     "se-resnext101-32x4d": (
         ResNetConfig(True, (3, 4, 23, 3), _RESNEXT_WIDTHS, 2, groups=32, squeeze_excitation=True),
         "nvidia_se_resnext101_32x4d",
@@ -201,6 +204,13 @@ def _register_all() -> None:
             defaults=dict(DEFAULTS),
             hub_name=hub_name,
         ))
+    # The reference README's --help lists it, but neither the reference's code (any version), nor
+    # torchvision, timm or the ResNeXt paper defines it: refuse rather than guess an architecture.
+    registry.register_unavailable(
+        "resnext101-32x8d-basic",
+        "listed in the reference README's --help, but no public source defines it (not the reference's "
+        "code, torchvision, timm or the ResNeXt paper); nearest: resnext101-32x8d (same depth, 32 groups "
+        "of 8 channels, bottleneck blocks), resnext101-32x4d, resnet34 (basic blocks)")
 
 
 _register_all()

@@ -1,0 +1,185 @@
+"""Write a copy of an image tree with every image's shorter side capped.
+
+    python -m image_classification.data.prepare --max-size 256 SRC DST
+
+Every image file under SRC (the files the loaders read: image extensions, hidden entries ignored)
+is written to the same relative path under DST. An image whose shorter side is larger than
+``--max-size`` is resized (aspect ratio kept) so its shorter side is ``--max-size``, decoded at a
+reduced JPEG scale first where that still leaves at least the target size, and saved in its own
+format (JPEG at ``--quality``, EXIF and colour profile kept). A smaller image is copied byte for
+byte once it is known to decode.
+
+Why the shorter side: both training and validation geometry are defined by it. Validation resizes
+the shorter side to ``val_resize_size`` and center-crops, so with ``--max-size`` at least that size
+the validation pixels are the same up to resampling; the random training crop is a share of the
+image's area, so capping the shorter side shrinks every image by the same rule whatever its aspect
+ratio (capping the longer side would shrink panoramas below the crop size).
+
+Resumable: a file already in DST is skipped, and each file is written to a hidden ``.NAME.part``
+first and renamed when complete, so an interrupted run leaves no partial image under its real
+name (the loaders ignore hidden files; the next run overwrites the ``.part``). Unreadable files are
+reported and skipped; the exit status is still 0 when the rest were written.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from PIL import Image
+from tqdm import tqdm
+
+from image_classification.data.checks import is_image_file
+from image_classification.errors import UserError, exit_status
+
+_JPEG_MODES = ("L", "RGB", "CMYK")
+_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    path: str          # relative to SRC
+    action: str        # "resized", "copied", "present" or "unreadable"
+    detail: str = ""   # why a file is unreadable
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m image_classification.data.prepare",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", metavar="SRC", help="image tree to read (e.g. an ImageFolder root with train/ and val/)")
+    parser.add_argument("dst", metavar="DST", help="where to write the copy (created; files already there are kept)")
+    parser.add_argument("--max-size", type=int, required=True, metavar="PX",
+                        help="largest shorter side, in pixels, of an image in DST")
+    parser.add_argument("--quality", type=int, default=90, metavar="Q",
+                        help="JPEG/WebP quality of resized images, 1-100 (default: 90)")
+    parser.add_argument("-j", "--workers", type=int, default=len(os.sched_getaffinity(0)), metavar="N",
+                        help="parallel processes (default: the CPUs this process may use)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return exit_status(lambda: run(build_parser().parse_args(argv)))
+
+
+def run(args: argparse.Namespace) -> int:
+    src, dst = _check(args)
+    files = list_images(src)
+    if not files:
+        raise UserError(f"no image files under {src}")
+    job = _Job(src, dst, args.max_size, args.quality)
+    counts = {"resized": 0, "copied": 0, "present": 0, "unreadable": 0}
+    unreadable: list[str] = []
+    with multiprocessing.Pool(args.workers) as pool, tqdm(total=len(files), unit="img", desc="prepare") as bar:
+        for outcome in pool.imap_unordered(job, files, chunksize=8):
+            counts[outcome.action] += 1
+            if outcome.action == "unreadable":
+                unreadable.append(outcome.path)
+                bar.write(f"skipping unreadable {os.path.join(src, outcome.path)}: {outcome.detail}", file=sys.stderr)
+            bar.update()
+    print(f"{dst}: {counts['resized']} resized, {counts['copied']} copied (shorter side <= {args.max_size}), "
+          f"{counts['present']} already there, {counts['unreadable']} unreadable skipped")
+    if unreadable:
+        shown = ", ".join(sorted(unreadable)[:_SHOWN]) + (", ..." if len(unreadable) > _SHOWN else "")
+        print(f"warning: {len(unreadable)} unreadable file(s) not written: {shown}", file=sys.stderr)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> tuple[str, str]:
+    if args.max_size < 1:
+        raise UserError(f"--max-size must be >= 1, got {args.max_size}")
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality must be in 1..100, got {args.quality}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if not os.path.isdir(args.src):
+        what = "is not a directory" if os.path.exists(args.src) else "does not exist"
+        raise UserError(f"SRC {args.src} {what}")
+    if os.path.exists(args.dst) and not os.path.isdir(args.dst):
+        raise UserError(f"DST {args.dst} exists and is not a directory")
+    src, dst = os.path.realpath(args.src), os.path.realpath(args.dst)
+    if src == dst or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
+        raise UserError(f"SRC {args.src} and DST {args.dst} must not contain each other")
+    return src, dst
+
+
+def list_images(root: str) -> list[str]:
+    """Image files under ``root`` (relative paths, sorted), as the loaders find them."""
+    found = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found.extend(os.path.relpath(os.path.join(folder, name), root) for name in sorted(names) if is_image_file(name))
+    return found
+
+
+def target_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """``(width, height)`` with the shorter side ``max_size`` (aspect kept, rounded), or unchanged."""
+    short = min(width, height)
+    if short <= max_size:
+        return width, height
+    if width <= height:
+        return max_size, max(1, round(height * max_size / width))
+    return max(1, round(width * max_size / height)), max_size
+
+
+class _Job:
+    """One file: SRC/rel → DST/rel (a picklable callable for the pool)."""
+
+    def __init__(self, src: str, dst: str, max_size: int, quality: int):
+        self.src, self.dst, self.max_size, self.quality = src, dst, max_size, quality
+
+    def __call__(self, rel: str) -> Outcome:
+        source, target = os.path.join(self.src, rel), os.path.join(self.dst, rel)
+        if os.path.exists(target):
+            return Outcome(rel, "present")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        part = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.part")
+        try:
+            try:
+                image, image_format, resized = self._load(source)
+            except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
+                return Outcome(rel, "unreadable", str(error) or type(error).__name__)
+            if resized:
+                self._save(image, image_format, part)
+            else:
+                shutil.copyfile(source, part)
+            os.replace(part, target)
+        except BaseException:
+            if os.path.exists(part):
+                os.remove(part)
+            raise
+        return Outcome(rel, "resized" if resized else "copied")
+
+    def _load(self, path: str) -> tuple[Image.Image, str, bool]:
+        """The image decoded (resized when its shorter side is over the cap), its format, whether resized."""
+        with open(path, "rb") as file:
+            image = Image.open(file)
+            image_format = image.format
+            size = target_size(*image.size, self.max_size)
+            if size == image.size:
+                image.load()  # only to find unreadable files
+                return image, image_format, False
+            # Decode at the smallest JPEG scale that is still at least the target size (no-op otherwise).
+            image.draft(image.mode, size)
+            image.load()
+        if image.mode in ("1", "P"):  # palette images must be resampled in full colour
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        return image.resize(size, Image.Resampling.LANCZOS), image_format, True
+
+    def _save(self, image: Image.Image, image_format: str, path: str) -> None:
+        options = {}
+        if image_format in ("JPEG", "WEBP"):
+            options["quality"] = self.quality
+        if image_format == "JPEG" and image.mode not in _JPEG_MODES:
+            image = image.convert("RGB")
+        for key in ("exif", "icc_profile"):
+            if key in image.info:
+                options[key] = image.info[key]
+        image.save(path, format=image_format, **options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
