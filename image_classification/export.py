@@ -243,6 +243,7 @@ def _quiet_deprecations():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # Model Optimizer's quantizers
         warnings.filterwarnings("ignore", message=r".*(legacy TorchScript-based ONNX|will be removed"
                                                   r"|torch\.jit\.\w+` is deprecated).*")
         yield
