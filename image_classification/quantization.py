@@ -13,7 +13,9 @@ modelopt is imported lazily: it takes seconds to import and only QAT needs it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import itertools
 import sys
 import warnings
@@ -60,7 +62,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = DEFAULT_CA
 
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics while the ranges are measured
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         model = mtq.quantize(model, int8_config(), forward_loop)
     if not seen:
@@ -96,6 +98,7 @@ def restore(model: nn.Module, checkpoint: Mapping[str, Any] | None) -> nn.Module
     if saved is None:
         return model
     mto, _ = _modelopt()
-    with warnings.catch_warnings():
+    # modelopt prints "Inserted N quantizers" on stdout, which would corrupt e.g. classify.py --json.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         return mto.restore_from_modelopt_state(model, dict(saved))
