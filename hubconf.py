@@ -13,7 +13,6 @@ weights file or training checkpoint, loaded strictly; a missing file is an error
 arguments (``num_classes``, ``trt``, ``dropout``, ...). ``num_classes`` defaults to the file's
 classifier size, else 1000. Models are returned in eval mode.
 """
-import collections.abc as _abc
 import urllib.parse as _urlparse
 import urllib.request as _urlrequest
 
@@ -40,10 +39,8 @@ def _build(arch, pretrained=False, pretrained_from_file=None, state_dict_key_map
     elif pretrained:
         if arch not in _published.PUBLISHED:
             raise ValueError(f"no published weights for {arch}; use pretrained_from_file")
-        source = _published.weights_url(arch)
-        obj = _torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=progress,
-                                                  weights_only=True)
-        state_dict = obj.get("state_dict", obj) if isinstance(obj, _abc.Mapping) else obj
+        source = _published.download_weights(arch)  # hash-checked, loaded with weights_only=True
+        state_dict = _export.read_weights(source).state_dict
     else:
         return _export.load_model(arch, num_classes=num_classes, options=kwargs).model
     if state_dict_key_map_fn is not None:

@@ -1,22 +1,25 @@
 """Training checkpoints: atomic writes, safe loading, retention.
 
-File layout in ``--workspace`` (reference names): ``checkpoint_XXXX.pth.tar`` after epoch XXXX
-(0-based), a copy named ``--checkpoint-filename`` (``checkpoint.pth.tar``) holding the latest
-state, and ``model_best.pth.tar`` when val top-1 improves.
+File layout in ``--workspace`` (reference names): ``--checkpoint-filename`` (``checkpoint.pth.tar``)
+holding the latest state, ``checkpoint_XXXX.pth.tar`` after epoch XXXX (0-based; named after
+``--checkpoint-filename``, kept per ``--gather-checkpoints``) and ``model_best.pth.tar`` when val
+top-1 improves.
 
 Keys: the reference's ``epoch`` (epochs completed), ``best_prec1``, ``state_dict`` (no ``module.``
 prefix), ``optimizer`` and ``state_dict_ema``, plus what an exact resume needs: ``step_in_epoch``
 (batches already done in epoch ``epoch``, non-zero only after an interruption), ``scaler``,
 ``scheduler``, ``ema_updates``, ``rng`` (one state per rank), ``arch``, ``num_classes``,
-``class_names``, ``epochs_since_best`` and ``config`` (the resolved flags).
+``class_names``, ``epochs_since_best``, ``config`` (the resolved flags) and ``epoch_files``
+(the per-epoch files this run keeps, see :class:`Retention`).
 """
 from __future__ import annotations
 
 import io
 import os
 import pickle
-import re
+import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,6 @@ import torch
 from image_classification.errors import UserError
 
 FORMAT_VERSION = 1
-EPOCH_FILE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -59,34 +61,63 @@ def serialize(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass
+class Retention:
+    """``--gather-checkpoints``: per-epoch files to keep (0 none written, -1 all, N the last N),
+    and the per-epoch files this run wrote and still keeps (saved in the checkpoint as
+    ``epoch_files``, so a resumed run knows them). Only those are ever deleted: files of another
+    run, even with the same names, are not this run's to remove."""
+    keep: int = 0
+    written: list[str] = field(default_factory=list)
+
+
+def epoch_filename(filename: str, epoch_index: int) -> str:
+    """The per-epoch name for ``--checkpoint-filename``: checkpoint.pth.tar -> checkpoint_0003.pth.tar."""
+    suffix = ".pth.tar" if filename.endswith(".pth.tar") else Path(filename).suffix
+    return f"{filename[: len(filename) - len(suffix)]}_{epoch_index:04d}{suffix}"
+
+
 def save(state: dict[str, Any], workspace: str | Path, *, epoch_index: int | None, is_best: bool,
-         filename: str = "checkpoint.pth.tar", keep: int = 0) -> list[Path]:
+         filename: str = "checkpoint.pth.tar", retention: Retention | None = None) -> list[Path]:
     """Write the checkpoint files for one save point and apply the retention policy.
 
     ``epoch_index`` names the per-epoch file (None for a mid-epoch save, which only updates the
-    latest copy). ``keep``: per-epoch files to keep (0 none, -1 all, N the last N).
-    Returns the paths written.
+    latest copy). Returns the paths written. A failed write (disk full, quota) is one UserError
+    line naming the file; files written before, and the previous copy of that one, are intact.
     """
     workspace = Path(workspace)
-    workspace.mkdir(parents=True, exist_ok=True)
-    data = serialize({"format_version": FORMAT_VERSION, **state})
-    targets = [workspace / filename]
-    if epoch_index is not None and keep != 0:
-        targets.insert(0, workspace / f"checkpoint_{epoch_index:04d}.pth.tar")
+    retention = retention if retention is not None else Retention()
+    targets, kept, obsolete = [workspace / filename], list(retention.written), []
+    if epoch_index is not None and retention.keep != 0:
+        name = epoch_filename(filename, epoch_index)
+        targets.insert(0, workspace / name)
+        kept = [n for n in kept if n != name] + [name]
+        if retention.keep > 0:
+            obsolete, kept = kept[: -retention.keep], kept[-retention.keep:]
     if is_best:
         targets.append(workspace / "model_best.pth.tar")
+    data = serialize({"format_version": FORMAT_VERSION, **state, "epoch_files": kept})
     for target in targets:
-        write_atomic(data, target)
-    prune_epoch_files(workspace, keep)
+        try:
+            write_atomic(data, target)
+        except OSError as error:
+            raise UserError(f"could not write checkpoint {target}: {error.strerror or error}; the previous "
+                            "checkpoint files are intact") from None
+    retention.written = kept
+    for name in obsolete:
+        (workspace / name).unlink(missing_ok=True)
     return targets
 
 
-def prune_epoch_files(workspace: Path, keep: int) -> None:
-    if keep < 0:
-        return
-    epoch_files = sorted((int(m.group(1)), p) for p in workspace.iterdir() if (m := EPOCH_FILE.match(p.name)))
-    for _, path in epoch_files[: max(0, len(epoch_files) - keep)]:
-        path.unlink(missing_ok=True)
+def check_workspace(workspace: str | Path) -> None:
+    """Fail before training, in one line, when ``--workspace`` cannot be created or written."""
+    workspace = Path(workspace)
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workspace):
+            pass
+    except OSError as error:
+        raise UserError(f"--workspace {workspace} cannot be written: {error.strerror or error}") from None
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from image_classification.data.registry import LoaderConfig
 from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma
 from image_classification.engine.losses import SmoothedCrossEntropy
-from image_classification.engine.optim import build_optimizer
+from image_classification.engine.optim import build_optimizer, load_optimizer_state
 from image_classification.engine.schedules import build_scheduler
 from image_classification.engine.trainer import TrainComponents
 from image_classification.errors import UserError, exit_status
@@ -38,17 +38,23 @@ def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = No
 
 def run(args) -> int:
     context = distributed.context_from_env()
+    if args.gpu_affinity != "none" and runtime.uses_cuda(args.device):
+        # Before select_device creates the CUDA context: its threads, and the loaders', inherit it.
+        from image_classification.affinity import set_affinity
+        bus_id = runtime.pci_bus_id(runtime.cuda_index(context.local_rank))
+        if bus_id is None:
+            raise UserError(f"--gpu-affinity needs a torch that reports PCI bus ids (torch {torch.__version__} "
+                            "does not); use --gpu-affinity none")
+        set_affinity(bus_id, args.gpu_affinity)
     device = runtime.select_device(args.device, context.local_rank)
     rt = runtime.build_runtime(device=device, amp=args.amp, amp_dtype=args.amp_dtype,
                                memory_format=args.memory_format, tf32=args.tf32)
-    if args.gpu_affinity != "none" and device.type == "cuda":
-        from image_classification.affinity import set_affinity
-        set_affinity(device.index, args.gpu_affinity)
     distributed.init(context, device)
     seed = _shared_seed(args.seed, device)
     runtime.seed_everything(seed + context.rank)
-    if args.static_loss_scale != 1.0 and not rt.uses_grad_scaler:
-        print("warning: --static-loss-scale only applies to fp16 AMP (--amp on CUDA); ignored", file=sys.stderr)
+    if args.static_loss_scale not in (None, 1.0) and not rt.uses_grad_scaler:
+        print("warning: --static-loss-scale only applies to fp16 AMP (--amp on CUDA, or --amp-dtype float16); "
+              "ignored", file=sys.stderr)
 
     spec = models.get(args.arch)
     if args.model_config and spec.family != "resnet":
@@ -64,6 +70,8 @@ def run(args) -> int:
     if args.auto_resume and (Path(args.workspace) / args.checkpoint_filename).is_file():
         args.resume = str(Path(args.workspace) / args.checkpoint_filename)
     resume = checkpoint.load(args.resume) if args.resume else None
+    if args.gather_checkpoints is None:  # a resumed run keeps the retention it was started with
+        args.gather_checkpoints = int((resume or {}).get("config", {}).get("gather_checkpoints") or 0)
 
     if onnx_model is not None:
         model = onnx_model
@@ -74,13 +82,15 @@ def run(args) -> int:
         model = model.to(device, memory_format=rt.memory_format)
         model = _quantize(model, args, train_loader)
 
+    if context.is_main:
+        checkpoint.check_workspace(args.workspace)
     reporter = Reporter(str(Path(args.workspace) / args.raport_file), enabled=context.is_main, topk=args.topk,
                         tensorboard_dir=str(Path(args.workspace) / args.tensorboard) if args.tensorboard else None,
                         steps_per_epoch=len(train_loader) if train_loader is not None else None)
     try:
         reporter.log("PARAMETER", {**vars(args), "seed": seed, "image_size": image_size, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
-                                   "precision": rt.precision_name})
+                                   "precision": rt.precision_name, **_resume_marker(args, resume)})
         if args.evaluate:
             return _evaluate(args, model, val_loader, rt, resume, reporter)
         return _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
@@ -98,6 +108,14 @@ def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
         raise UserError(f"{args.onnx} takes {model.image_size} px images, not --image-size {args.image_size}")
     args.val_resize_size = args.val_resize_size or model.resize_size
     return model
+
+
+def _resume_marker(args, resume: dict | None) -> dict:
+    """Where a resumed training run continues: the raport is appended to, and this tells readers
+    (``image_classification.plot``) that epochs from ``resume_epoch`` on are logged again."""
+    if resume is None or args.evaluate:
+        return {}
+    return {"resume_epoch": int(resume["epoch"]), "resume_step": int(resume.get("step_in_epoch", 0))}
 
 
 def _check_known_kernel_bugs(rt: runtime.Runtime, image_size: int) -> None:
@@ -204,11 +222,16 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
     optimizer = build_optimizer(model, name=args.optimizer, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.nesterov,
                                 bn_weight_decay=args.bn_weight_decay, rmsprop_alpha=args.rmsprop_alpha,
-                                rmsprop_eps=args.rmsprop_eps)
+                                rmsprop_eps=args.rmsprop_eps, device=rt.device)
     steps_per_epoch = -(-len(train_loader) // steps)
-    scaler = rt.grad_scaler(args.static_loss_scale)
+    scaler = rt.grad_scaler(args.static_loss_scale, args.dynamic_loss_scale)
     state = loop.RunState()
+    module = torch.jit.script(model) if args.jit == "script" else model
+    # DDP broadcasts rank 0's weights when it wraps the model; the EMA copy is taken after that,
+    # or every rank would average from its own random initialisation.
+    wrapped = _wrap_distributed(module, rt.device, context)
     ema = ModelEma(model, args.use_ema) if args.use_ema else None
+    retention = checkpoint.Retention(args.gather_checkpoints, list((resume or {}).get("epoch_files", [])))
     if resume is not None:
         state = _restore(resume, optimizer, scaler, ema, context)
         reporter.message(f"resumed from {args.resume}: epoch {state.epoch}, batch {state.step_in_epoch}")
@@ -224,9 +247,8 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
                          "nothing to train")
         return 0
 
-    module = torch.jit.script(model) if args.jit == "script" else model
     parts = TrainComponents(
-        model=_wrap_distributed(module, rt.device, context), module=module, optimizer=optimizer,
+        model=wrapped, module=module, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
         accumulation_steps=steps, ema=ema, batch_transform=_batch_transform(args, train_loader.num_classes),
         world_size=context.world_size)
@@ -237,7 +259,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
         if context.is_main and args.save_checkpoints:
             checkpoint.save(_checkpoint_state(parts, run_state, args, class_names, rng, seed), args.workspace,
                             epoch_index=epoch_index, is_best=is_best, filename=args.checkpoint_filename,
-                            keep=args.gather_checkpoints)
+                            retention=retention)
 
     try:
         state = loop.fit(parts, train_loader, val_loader, state, epochs=args.epochs, run_epochs=args.run_epochs,
@@ -258,7 +280,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
 
 def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> loop.RunState:
     """Load optimizer, scaler, EMA and RNG state from a checkpoint (the weights are already in)."""
-    optimizer.load_state_dict(resume["optimizer"])
+    load_optimizer_state(optimizer, resume["optimizer"])
     if resume.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(resume["scaler"])
     if ema is not None and resume.get("state_dict_ema") is not None:
@@ -267,7 +289,7 @@ def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> 
         ema.updates = int(resume.get("ema_updates", 0))
     rng = resume.get("rng")
     if rng and len(rng) == context.world_size:
-        runtime.set_rng_state(rng[context.rank])
+        runtime.set_rng_state(rng[context.rank], context.local_rank)
     return loop.RunState(epoch=int(resume["epoch"]), step_in_epoch=int(resume.get("step_in_epoch", 0)),
                          best_top1=float(resume.get("best_prec1", 0.0)),
                          epochs_since_best=int(resume.get("epochs_since_best", 0)))

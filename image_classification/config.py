@@ -53,6 +53,15 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def _int_or_text(text: str) -> int | str:
+    """An int, or the text itself: the positional DIR after a bare ``--gather-checkpoints``
+    (see :func:`_bare_gather_checkpoints`)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _choice_with_none(choices: Sequence[str]):
     """``--augmentation None`` (the reference's spelling) means ``none``."""
     def parse(text: str) -> str:
@@ -148,9 +157,15 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--amp", action="store_true",
                        help="automatic mixed precision: fp16 + dynamic loss scaling on CUDA, bf16 on CPU")
     group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
-                       help="autocast dtype for --amp (default: float16 on CUDA, bfloat16 on CPU)")
-    group.add_argument("--static-loss-scale", default=1.0, type=float, metavar="STATIC_LOSS_SCALE",
-                       help="initial scale of the dynamic loss scaler (fp16 AMP only) (default: 1)")
+                       help="autocast dtype for --amp; float16 on the CPU runs the fp16 + GradScaler path "
+                            "(slow, for testing it without a GPU) (default: float16 on CUDA, bfloat16 on CPU)")
+    group.add_argument("--static-loss-scale", default=None, type=float, metavar="STATIC_LOSS_SCALE",
+                       help="fp16 AMP: a fixed loss scale S, or the initial scale with --dynamic-loss-scale "
+                            "(default: neither flag = dynamic scaling from PyTorch's initial scale, 65536)")
+    group.add_argument("--dynamic-loss-scale", action="store_true",
+                       help="fp16 AMP: dynamic loss scaling (halve on overflow, double after 100 good steps), "
+                            "starting from --static-loss-scale when given; the AMP presets of configs.yml "
+                            "start at 128 (default: on unless --static-loss-scale is given)")
     group.add_argument("--tf32", default=True, type=str2bool, metavar="BOOL",
                        help="allow TF32 matmuls and convolutions on Ampere+ GPUs; false for strict FP32 (default: true)")
     group.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
@@ -181,9 +196,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                        help="stop each train/val phase after N iterations (default: -1, off)")
     group.add_argument("--seed", default=None, type=int, metavar="SEED",
                        help="random seed; the same seed gives the same run (default: random)")
-    group.add_argument("--gather-checkpoints", default=0, type=int, metavar="N",
-                       help="per-epoch checkpoint_XXXX.pth.tar files to keep: 0 = none (only the last "
-                            "and best copies), -1 = all, N = the last N (default: 0)")
+    group.add_argument("--gather-checkpoints", nargs="?", const=-1, default=None, type=_int_or_text,
+                       metavar="N",
+                       help="per-epoch files (checkpoint_XXXX.pth.tar, named after --checkpoint-filename) to "
+                            "keep: 0 = none (only the last and best copies), -1 or no value = all, N = this "
+                            "run's last N; files this run did not write are never deleted (default: 0; a "
+                            "resumed run keeps the value it was started with)")
     group.add_argument("--raport-file", default="experiment_raport.json", metavar="RAPORT_FILE",
                        help="DLLogger JSON-lines log, written inside --workspace (default: experiment_raport.json)")
     group.add_argument("--tensorboard", nargs="?", const="tensorboard", default=None, metavar="DIR",
@@ -299,7 +317,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--run-epochs must be a positive number of epochs or -1 (all)")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.static_loss_scale <= 0:
+    if args.static_loss_scale is not None and args.static_loss_scale <= 0:
         raise UserError(f"--static-loss-scale must be positive, got {args.static_loss_scale}")
     if args.auto_resume and args.resume:
         raise UserError("--auto-resume and --resume exclude each other")
@@ -347,7 +365,18 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | Non
     if defaults:
         _check_presets(parser, defaults)
         parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    return _bare_gather_checkpoints(parser, parser.parse_args(argv))
+
+
+def _bare_gather_checkpoints(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The seed's bare switch right before DIR (``--gather-checkpoints /data``): argparse hands DIR
+    to the optional value, so give it back to ``data`` and keep every per-epoch file."""
+    value = args.gather_checkpoints
+    if isinstance(value, str):
+        if args.data is not None:
+            parser.error(f"argument --gather-checkpoints: invalid int value: {value!r}")
+        args.data, args.gather_checkpoints = value, -1
+    return args
 
 
 def _check_presets(parser: argparse.ArgumentParser, presets: dict[str, Any]) -> None:

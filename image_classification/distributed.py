@@ -7,10 +7,13 @@ and gloo on CPU.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from image_classification.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,38 @@ def init(context: DistributedContext, device: torch.device) -> None:
     # After a torchrun restart the store can still hold the dead group's addresses; keys of each
     # attempt get their own prefix so the new group never connects to a dead rank.
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if device.type == "cuda":
+        from image_classification.runtime import device_identity
+        check_one_process_per_device(store, context, f"{socket.gethostname()} {device_identity(device.index)}",
+                                     visible=torch.cuda.device_count())
     dist.init_process_group(backend=backend, store=store, rank=context.rank, world_size=context.world_size,
                             **kwargs)
+
+
+def check_one_process_per_device(store, context: DistributedContext, device_key: str, visible: int) -> None:
+    """Every rank stops with one line when two processes would share a GPU.
+
+    NCCL would otherwise fail later with "Duplicate GPU detected" (or hang). Each rank records its
+    ``device_key`` ("host GPU-identity") in the rendezvous store, waits for all ranks, then checks.
+    """
+    ranks_key = f"device/{device_key}"
+    store.append(ranks_key, f"{context.rank} ")
+    if store.add(f"count/{device_key}", 1) > 1:
+        store.add("shared_devices", 1)
+    store.set(f"checked/{context.rank}", "1")
+    store.wait([f"checked/{rank}" for rank in range(context.world_size)])
+    if store.add("shared_devices", 0) == 0:
+        return
+    sharing = store.get(ranks_key).decode().split()
+    store.set(f"read/{context.rank}", "1")
+    if context.rank == 0:  # rank 0 may host the store: leave only once every rank has read it
+        store.wait([f"read/{rank}" for rank in range(context.world_size)])
+    host, gpu = device_key.split(" ", 1)
+    if len(sharing) > 1:
+        raise UserError(f"ranks {', '.join(sorted(sharing, key=int))} all use CUDA device {gpu} on {host}: "
+                        f"more processes on this node than its {visible} visible GPU(s); start at most {visible} "
+                        "per node (--nproc_per_node) or give each process its own GPU (CUDA_VISIBLE_DEVICES)")
+    raise UserError("other ranks share a GPU (more processes than GPUs on a node); see their error")
 
 
 def shutdown() -> None:

@@ -316,9 +316,11 @@ class Parity:
 def onnx_session(path: str, device: torch.device):
     import onnxruntime as ort
 
-    providers = ["CPUExecutionProvider"]
+    providers: list = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+        # The CUDA provider computes fp32 convolutions/GEMMs in TF32 unless told not to (use_tf32
+        # defaults to true), which fails a strict fp32 parity check on Ampere and newer.
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": 0}))
     return ort.InferenceSession(path, providers=providers)
 
 

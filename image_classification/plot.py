@@ -26,18 +26,35 @@ _TOPK = re.compile(r"^val\.top(\d+)$")
 
 
 def epoch_series(records: list[dict]) -> Series:
-    """metric -> [(epoch, value)] from the epoch records; a later record for the same epoch
-    (a resumed run repeating it) replaces the earlier one."""
+    """metric -> [(epoch, value)] from the epoch records of the last training run in the raport.
+
+    Runs append to the raport, each starting with a PARAMETER record. A resumed run's record has
+    ``resume_epoch``: the history so far is kept up to that epoch and continued (a later record
+    for the same epoch replaces the earlier one). A fresh training run starts the history anew;
+    an ``--evaluate`` run changes nothing.
+    """
     by_metric: dict[str, dict[int, float]] = {}
     for record in records:
         step = record.get("step")
+        if record.get("type") == "LOG" and step == "PARAMETER":
+            _start_run(by_metric, record.get("data") or {})
+            continue
         if record.get("type") != "LOG" or not isinstance(step, list) or len(step) != 1:
             continue
         for name, value in (record.get("data") or {}).items():
             number = _number(value)
             if number is not None:
                 by_metric.setdefault(name, {})[int(step[0])] = number
-    return {name: sorted(points.items()) for name, points in by_metric.items()}
+    return {name: sorted(points.items()) for name, points in by_metric.items() if points}
+
+
+def _start_run(by_metric: dict[str, dict[int, float]], parameters: dict) -> None:
+    if parameters.get("evaluate"):
+        return
+    first_new = int(parameters.get("resume_epoch", 0))
+    for points in by_metric.values():
+        for epoch in [e for e in points if e >= first_new]:
+            del points[epoch]
 
 
 def _number(value) -> float | None:

@@ -2,14 +2,16 @@
 
 The same code runs on CUDA and on CPU:
 
-=========  ===============================  ==================================
-``--amp``  CUDA                             CPU
-=========  ===============================  ==================================
-on         fp16 autocast + GradScaler       bf16 autocast, no scaler (bf16 has
-           (initial scale --static-loss-    fp32's exponent range, so gradients
-           scale), or bf16 with --amp-dtype do not underflow)
-off        fp32; TF32 on/off per --tf32     fp32
-=========  ===============================  ==================================
+=========  ================================  ===================================
+``--amp``  CUDA                              CPU
+=========  ================================  ===================================
+on         fp16 autocast + GradScaler (see   bf16 autocast, no scaler (bf16 has
+           ``Runtime.grad_scaler``), or      fp32's exponent range, so gradients
+           bf16 with --amp-dtype             do not underflow); with --amp-dtype
+                                             float16 fp16 + GradScaler (slow: to
+                                             test the fp16 path without a GPU)
+off        fp32; TF32 on/off per --tf32      fp32
+=========  ================================  ===================================
 """
 from __future__ import annotations
 
@@ -53,21 +55,64 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def grad_scaler(self, init_scale: float) -> torch.amp.GradScaler:
-        # growth/backoff as the reference; disabled (a pass-through) unless fp16 AMP.
-        return torch.amp.GradScaler(self.device.type, init_scale=init_scale, growth_factor=2.0,
-                                    backoff_factor=0.5, growth_interval=100, enabled=self.uses_grad_scaler)
+    def grad_scaler(self, static_loss_scale: float | None = None, dynamic: bool = False) -> torch.amp.GradScaler:
+        """The loss scaler for ``--static-loss-scale`` / ``--dynamic-loss-scale`` (the seed's meaning):
+        a static scale alone is fixed; ``dynamic`` starts from it; neither is dynamic from
+        GradScaler's own initial scale (a fixed scale of 1 would let fp16 gradients underflow).
+        Growth and backoff as the reference; disabled (a pass-through) unless fp16 AMP."""
+        kwargs = {} if static_loss_scale is None else {"init_scale": static_loss_scale}
+        kind = torch.amp.GradScaler if dynamic or static_loss_scale is None else FixedGradScaler
+        return kind(self.device.type, growth_factor=2.0, backoff_factor=0.5, growth_interval=100,
+                    enabled=self.uses_grad_scaler, **kwargs)
+
+
+class FixedGradScaler(torch.amp.GradScaler):
+    """A static loss scale: ``step`` still skips a step whose gradients overflowed (rather than
+    write inf into the weights), but ``update`` never changes the scale."""
+
+    def __init__(self, *args, init_scale: float, **kwargs):
+        super().__init__(*args, init_scale=init_scale, **kwargs)
+        self.fixed_scale = float(init_scale)
+
+    def update(self, new_scale=None) -> None:
+        super().update(self.fixed_scale if new_scale is None else new_scale)
 
 
 def select_device(preference: str, local_rank: int) -> torch.device:
     """``auto`` → CUDA device ``local_rank mod count`` when CUDA is available, else CPU."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA device is available (use --device cpu)")
-    if preference in ("auto", "cuda") and torch.cuda.is_available():
-        index = local_rank % torch.cuda.device_count()
+    if uses_cuda(preference):
+        index = cuda_index(local_rank)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def uses_cuda(preference: str) -> bool:
+    """Whether :func:`select_device` will choose a CUDA device (without creating a CUDA context)."""
+    return preference in ("auto", "cuda") and torch.cuda.is_available()
+
+
+def cuda_index(local_rank: int) -> int:
+    """The visible CUDA device of local rank ``local_rank`` (one GPU per task under SLURM: 0)."""
+    return local_rank % torch.cuda.device_count()
+
+
+def pci_bus_id(index: int) -> str | None:
+    """``0000:3b:00.0`` of visible CUDA device ``index`` (reads properties; creates no context).
+
+    None with a torch too old to report it (the NGC images' builds may be).
+    """
+    properties = torch.cuda.get_device_properties(index)
+    if not hasattr(properties, "pci_domain_id"):
+        return None
+    return f"{properties.pci_domain_id:04x}:{properties.pci_bus_id:02x}:{properties.pci_device_id:02x}.0"
+
+
+def device_identity(index: int) -> str:
+    """A name of physical GPU ``index`` that is the same in every process: PCI bus id, else UUID."""
+    return pci_bus_id(index) or f"uuid {torch.cuda.get_device_properties(index).uuid}"
 
 
 def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, memory_format: str,
@@ -82,8 +127,6 @@ def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, mem
     if amp:
         default = "float16" if device.type == "cuda" else "bfloat16"
         dtype = getattr(torch, amp_dtype or default)
-        if device.type == "cpu" and dtype == torch.float16:
-            raise UserError("--amp-dtype float16 is not supported on the CPU; use bfloat16")
     return Runtime(device=device, amp=amp, amp_dtype=dtype, memory_format=MEMORY_FORMATS[memory_format])
 
 
@@ -103,17 +146,21 @@ def rng_state() -> dict:
                                                      int(has_gauss), float(cached)],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: another launch may show it a different number of GPUs.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, local_rank: int = 0) -> None:
     random.setstate(_as_python_state(state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU, and this
+        cuda = cuda[local_rank % len(cuda)] if cuda else None  # rank used GPU local_rank mod count
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # the current device
 
 
 def _as_python_state(state):

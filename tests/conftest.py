@@ -31,3 +31,7 @@ def small_digits_dir(tmp_path_factory) -> Path:
             for image in sorted(class_dir.iterdir())[:per_class]:
                 (target / image.name).write_bytes(image.read_bytes())
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; run them all with `bash benchmarks/gpu_smoke.sh`")

@@ -19,7 +19,7 @@ def _state(epoch, size=10):
 
 
 def test_save_writes_reference_files_and_loads(tmp_path):
-    written = checkpoint.save(_state(1), tmp_path, epoch_index=0, is_best=True, keep=-1)
+    written = checkpoint.save(_state(1), tmp_path, epoch_index=0, is_best=True, retention=checkpoint.Retention(-1))
     assert [p.name for p in written] == ["checkpoint_0000.pth.tar", "checkpoint.pth.tar", "model_best.pth.tar"]
     loaded = checkpoint.load(tmp_path / "checkpoint.pth.tar")
     assert loaded["epoch"] == 1 and loaded["format_version"] == checkpoint.FORMAT_VERSION
@@ -28,11 +28,46 @@ def test_save_writes_reference_files_and_loads(tmp_path):
 
 @pytest.mark.parametrize("keep, expected", [(0, []), (-1, [0, 1, 2, 3]), (2, [2, 3])])
 def test_gather_checkpoints_keeps_what_its_help_says(tmp_path, keep, expected):
+    retention = checkpoint.Retention(keep)
     for epoch in range(4):
-        checkpoint.save(_state(epoch), tmp_path, epoch_index=epoch, is_best=False, keep=keep)
+        checkpoint.save(_state(epoch), tmp_path, epoch_index=epoch, is_best=False, retention=retention)
     kept = sorted(int(p.name[11:15]) for p in tmp_path.glob("checkpoint_*.pth.tar"))
     assert kept == expected
-    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["epoch"] == 3
+    final = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    assert final["epoch"] == 3 and final["epoch_files"] == [f"checkpoint_{e:04d}.pth.tar" for e in expected]
+
+
+def test_retention_deletes_only_this_runs_own_files_named_after_checkpoint_filename(tmp_path):
+    foreign = [tmp_path / "checkpoint_0000.pth.tar", tmp_path / "other_0001.pth.tar"]
+    for path in foreign:
+        path.write_bytes(b"another run's file")
+    retention = checkpoint.Retention(1)
+    for epoch in range(3):
+        checkpoint.save(_state(epoch), tmp_path, epoch_index=epoch, is_best=False, filename="mine.pth.tar",
+                        retention=retention)
+    assert all(path.read_bytes() == b"another run's file" for path in foreign)
+    assert sorted(p.name for p in tmp_path.glob("mine*")) == ["mine.pth.tar", "mine_0002.pth.tar"]
+    assert retention.written == ["mine_0002.pth.tar"]
+
+
+def test_a_failed_save_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(_state(1), tmp_path, epoch_index=None, is_best=False)
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".tmp." in str(path):
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(UserError, match=r"could not write checkpoint .*checkpoint\.pth\.tar: No space left"):
+        checkpoint.save(_state(2), tmp_path, epoch_index=None, is_best=False)
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["epoch"] == 1
+
+
+def test_unwritable_workspace_is_one_line():
+    with pytest.raises(UserError, match="--workspace /proc/convnets-x cannot be written: No such file"):
+        checkpoint.check_workspace("/proc/convnets-x")
 
 
 def test_failure_during_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -41,7 +76,7 @@ def test_failure_during_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk full")
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="could not write checkpoint"):
         checkpoint.save(_state(2), tmp_path, epoch_index=None, is_best=False)
     assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth.tar"]

@@ -155,12 +155,16 @@ def test_seed_changes_the_augmentation(folder):
     assert not torch.equal(a[0][0], b[0][0])
 
 
-def test_decoding_leaves_the_global_rng_alone(folder):
+def test_decoding_leaves_the_global_rng_alone(folder, monkeypatch):
     loader = pytorch_backend.train_loader(config(folder))
     dataset = loader.source.dataset
+    # With --workers 0 on a GPU, torch.manual_seed would also reseed every CUDA generator
+    # (dropout, stochastic depth) for each sample: only the CPU generator may be seeded.
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     state = torch.get_rng_state()
     first = dataset[(0, 1)].image
-    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.get_rng_state(), state) and reseeded == []
     assert torch.equal(dataset[(0, 1)].image, first) and not torch.equal(dataset[(1, 1)].image, first)
 
 # ---------------------------------------------------------------- bad data
@@ -252,12 +256,18 @@ def test_odd_image_modes_load_through_the_backend(tmp_path):
 def test_augmentation_policies_on_real_files(tmp_path, policy, interpolation):
     paths = _odd_images(tmp_path)
     paths["rgb"] = save_image(tmp_path / "rgb.jpg", size=(40, 30))
-    transform = train_transform(SIZE, interpolation, policy)
+    transform, plain = train_transform(SIZE, interpolation, policy), train_transform(SIZE, interpolation)
     for path in paths.values():
+        changed = 0
         for seed in range(5):
             torch.manual_seed(seed)
             out = transform(open_rgb(path))
             assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.uint8
+            torch.manual_seed(seed)
+            assert torch.equal(transform(open_rgb(path)), out)  # seeded: the same draws again
+            torch.manual_seed(seed)  # the same crop and flip without the policy
+            changed += not torch.equal(plain(open_rgb(path)), out)
+        assert changed >= 2, (path, changed)  # the policy really changes pixels
 
 
 def test_val_transform_resizes_shorter_side_then_center_crops():

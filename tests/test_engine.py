@@ -91,8 +91,10 @@ def test_ema_averages_batchnorm_buffers_but_not_counters():
     ema = ModelEma(model, decay=0.5)
     model.train()
     model(torch.randn(8, 2) + 5)
-    ema.update(model)
-    assert ema.module.running_mean.abs().sum() > 0
+    ema.update(model)  # first update: decay min(0.5, 1/10) = 0.1 from the initial zeros
+    torch.testing.assert_close(ema.module.running_mean, 0.9 * model.running_mean)
+    torch.testing.assert_close(ema.module.running_var, 0.1 * torch.ones(2) + 0.9 * model.running_var)
+    assert model.running_mean.min() > 0.4  # the model's statistics really moved (momentum 0.1 of ~5)
     assert ema.module.num_batches_tracked.item() == 0
 
 
@@ -110,11 +112,12 @@ def test_batchnorm_parameters_get_no_weight_decay_by_module_type():
 
 
 class _ListLoader:
-    """The Loader protocol over a fixed list of batches."""
+    """The Loader protocol over a fixed list of batches; counts the batches handed out."""
 
     def __init__(self, batches):
         self.batches = batches
         self.start = 0
+        self.fetched = 0
 
     def __len__(self):
         return len(self.batches) - self.start
@@ -123,7 +126,9 @@ class _ListLoader:
         self.start = start_batch
 
     def __iter__(self):
-        return iter(self.batches[self.start:])
+        for batch in self.batches[self.start:]:
+            self.fetched += 1
+            yield batch
 
     def take_skipped(self):
         return []
@@ -134,16 +139,64 @@ def _tiny_net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
 
-def _train_one_epoch(batches, accumulation_steps, optimizer_name="sgd"):
-    model = _tiny_net()
-    optimizer = build_optimizer(model, name=optimizer_name, lr=0.5, momentum=0.9, weight_decay=1e-3)
+def _parts(model, accumulation_steps=1, lr=0.5, optimizer_name="sgd"):
+    optimizer = build_optimizer(model, name=optimizer_name, lr=lr, momentum=0.9, weight_decay=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     runtime = build_runtime(device=torch.device("cpu"), amp=False, amp_dtype=None, memory_format="nchw", tf32=False)
-    parts = TrainComponents(model=model, module=model, optimizer=optimizer, scheduler=scheduler,
-                            scaler=runtime.grad_scaler(1.0), criterion=SmoothedCrossEntropy(0.1), runtime=runtime,
-                            accumulation_steps=accumulation_steps)
-    train_epoch(parts, _ListLoader(batches), epoch=0, print_freq=100)
+    return TrainComponents(model=model, module=model, optimizer=optimizer, scheduler=scheduler,
+                           scaler=runtime.grad_scaler(), criterion=SmoothedCrossEntropy(0.1), runtime=runtime,
+                           accumulation_steps=accumulation_steps)
+
+
+def _train_one_epoch(batches, accumulation_steps, optimizer_name="sgd"):
+    model = _tiny_net()
+    train_epoch(_parts(model, accumulation_steps, optimizer_name=optimizer_name), _ListLoader(batches), epoch=0,
+                print_freq=100)
     return model
+
+
+def _batches(count, size=4):
+    torch.manual_seed(3)
+    return [(torch.randn(size, 3, 8, 8), torch.randint(0, 3, (size,))) for _ in range(count)]
+
+
+def test_prof_n_trains_and_reports_exactly_n_batches():
+    batches, model = _batches(6), _tiny_net()
+    loader = _ListLoader(batches)
+    outcome = train_epoch(_parts(model, lr=0.0), loader, epoch=0, print_freq=100, prof=3)
+    with torch.no_grad():  # lr 0: every batch sees the initial weights
+        expected = sum(SmoothedCrossEntropy(0.1)(model(x), y).item() for x, y in batches[:3]) / 3
+    assert loader.fetched == 3 and outcome.batches_done == 3 and not outcome.interrupted
+    assert outcome.metrics["train.loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_validate_with_prof_n_decodes_exactly_n_batches():
+    from image_classification.engine.trainer import validate
+    loader = _ListLoader(_batches(5))
+    runtime = build_runtime(device=torch.device("cpu"), amp=False, amp_dtype=None, memory_format="nchw", tf32=False)
+    validate(_tiny_net(), loader, runtime=runtime, criterion=SmoothedCrossEntropy(0.0), topk=2, prof=2)
+    assert loader.fetched == 2
+
+
+def test_ddp_all_reduces_once_per_optimizer_step_with_accumulation(tmp_path):
+    """no_sync on every micro-batch but the last of its group: 6 micro-batches, accumulation 3,
+    one gradient bucket -> 2 all-reduces (counted by a DDP communication hook)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(_tiny_net())
+        calls = []
+
+        def counting_allreduce(state, bucket):
+            calls.append(bucket.index())
+            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+        model.register_comm_hook(None, counting_allreduce)
+        parts = _parts(model.module, accumulation_steps=3)
+        parts.model = model
+        train_epoch(parts, _ListLoader(_batches(6)), epoch=0, print_freq=100)
+        assert calls == [0, 0]
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "rmsprop"])
@@ -175,16 +228,6 @@ def test_a_run_shorter_than_its_warmup_is_all_warmup(policy):
     assert lrs == pytest.approx([0.8 / 8, 0.8 * 2 / 8])
 
 
-def test_gpu_affinity_splits_a_socket_between_its_gpus():
-    from image_classification.affinity import split_cores
-    cores, gpus = list(range(8)), [0, 1]
-    assert split_cores(cores, gpus, 1, "socket") == cores
-    assert split_cores(cores, gpus, 1, "socket_single") == [0]
-    assert split_cores(cores, gpus, 1, "socket_single_unique") == [1]
-    assert split_cores(cores, gpus, 1, "socket_unique_contiguous") == [4, 5, 6, 7]
-    assert split_cores(cores, gpus, 1, "socket_unique_interleaved") == [1, 3, 5, 7]
-
-
 def test_docs_main_help_is_generated_from_the_parser(monkeypatch):
     """docs/main-help.txt must match the parser: regenerate with
     ``COLUMNS=100 python main.py --help > docs/main-help.txt``."""
@@ -193,3 +236,47 @@ def test_docs_main_help_is_generated_from_the_parser(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     expected = (Path(__file__).resolve().parents[1] / "docs" / "main-help.txt").read_text()
     assert config.build_parser().format_help() == expected
+
+
+def _scaler_for(argv, defaults=None):
+    """(dynamic?, initial scale) of the GradScaler main.py builds for ``argv``, found by behaviour:
+    an overflowing step halves a dynamic scale and leaves a fixed one."""
+    from image_classification import config
+    args = config.parse_args([*argv, "--data-backend", "synthetic"], defaults)
+    runtime = build_runtime(device=torch.device("cpu"), amp=args.amp, amp_dtype="float16", memory_format="nchw",
+                            tf32=False)
+    scaler = runtime.grad_scaler(args.static_loss_scale, args.dynamic_loss_scale)
+    initial = scaler.get_scale()
+    parameter = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scaler.scale(parameter.sum()).backward()
+    parameter.grad.fill_(float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    assert parameter.item() == 0.0  # the overflowing step was skipped
+    return scaler.get_scale() == initial / 2, initial
+
+
+def test_loss_scale_flags_have_the_seed_meaning():
+    assert _scaler_for(["--amp"]) == (True, 65536.0)  # neither flag: dynamic from PyTorch's default
+    assert _scaler_for(["--amp", "--static-loss-scale", "256"]) == (False, 256.0)  # fixed
+    assert _scaler_for(["--amp", "--dynamic-loss-scale"]) == (True, 65536.0)
+    assert _scaler_for(["--amp", "--static-loss-scale", "256", "--dynamic-loss-scale"]) == (True, 256.0)
+
+
+def test_amp_presets_keep_the_reference_dynamic_scale_from_128():
+    import launch
+    _, rest, presets = launch.split_argv(["--model", "resnet50", "--precision", "AMP", "--platform", "DGXA100",
+                                          "--mode", "convergence"])
+    assert _scaler_for([], presets) == (True, 128.0)
+    assert _scaler_for(["--static-loss-scale", "64"], presets) == (True, 64.0)
+
+
+def test_gather_checkpoints_bare_switch_keeps_all_and_gives_dir_back():
+    from image_classification import config
+    assert config.parse_args(["--gather-checkpoints", "/data"]).gather_checkpoints == -1
+    assert config.parse_args(["--gather-checkpoints", "/data"]).data == "/data"
+    assert config.parse_args(["/data", "--gather-checkpoints"]).gather_checkpoints == -1
+    parsed = config.parse_args(["--gather-checkpoints", "3", "/data"])
+    assert (parsed.gather_checkpoints, parsed.data) == (3, "/data")
+    assert config.parse_args(["/data"]).gather_checkpoints is None  # resolved at start: 0, or the resumed run's

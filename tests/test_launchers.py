@@ -362,11 +362,14 @@ def test_multiproc_defaults_are_the_reference_ones():
 FAILING_SCRIPT = """
 import os, signal, sys, time
 if os.environ["LOCAL_RANK"] == "1":
+    while not os.path.exists("pid0"):  # fail only once rank 0 is up, so the test can check it was stopped
+        time.sleep(0.05)
     print("rank 1 fails", flush=True)
     sys.exit(3)
 if "--ignore-sigterm" in sys.argv:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-open("pid0", "w").write(str(os.getpid()))
+open("pid0.tmp", "w").write(str(os.getpid()))
+os.replace("pid0.tmp", "pid0")
 time.sleep(60)
 """
 
@@ -381,9 +384,8 @@ def test_one_failing_rank_stops_the_group_with_its_exit_status(tmp_path, stubbor
     assert result.returncode == 3
     assert "local rank 1 exited with status 3" in result.stderr
     assert "rank 1 fails" in (tmp_path / "GPU_1.log").read_text()
-    if (tmp_path / "pid0").exists():
-        with pytest.raises(ProcessLookupError):
-            os.kill(int((tmp_path / "pid0").read_text()), 0)
+    with pytest.raises(ProcessLookupError):  # rank 0 was stopped with the group
+        os.kill(int((tmp_path / "pid0").read_text()), 0)
 
 
 SIGNAL_SCRIPT = """

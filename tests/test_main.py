@@ -213,23 +213,57 @@ def test_efficientnet_b0_learns_digits_and_resumes(digits_dir, tmp_path):
     assert run_main([*EFFICIENTNET, "--run-epochs", "1"], tmp_path, digits_dir) == 0
     assert run_main([*EFFICIENTNET, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, digits_dir) == 0
     epochs = epoch_records(tmp_path / "experiment_raport.json")
-    assert list(epochs) == [1]  # the resumed invocation ran epoch 1 only
+    assert list(epochs) == [0, 1]  # the resumed invocation appended epoch 1 to the raport
+    starts = [r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER"]
+    assert [s.get("resume_epoch") for s in starts] == [None, 1]
     assert epochs[1]["val.top1"] > 50.0  # chance is 10%
     best = checkpoint.load(tmp_path / "model_best.pth.tar")
     assert best["best_prec1"] == max(epochs[1]["val.top1"], epochs[1]["val_ema.top1"], best["best_prec1"])
     assert best["arch"] == "efficientnet-b0" and "state_dict_ema" in best
 
 
-def test_cutmix_and_mixup_together_and_tensorboard(small_digits_dir, tmp_path):
-    args = [*STATEFUL[:-4], "--epochs", "1", "--cutmix", "1.0", "--tensorboard"]
+def test_cutmix_and_mixup_together_and_tensorboard(small_digits_dir, tmp_path, monkeypatch):
+    kinds, build = [], cli._batch_transform
+
+    def spy(args, num_classes):
+        transform = build(args, num_classes)
+
+        def apply(images, target):
+            mixed, soft = transform(images, target)
+            partner = images.roll(1, 0)  # torchvision's MixUp/CutMix pair each sample with the previous one
+            assert not torch.equal(mixed, images) and soft.shape == (len(target), num_classes)
+            weights = soft.sort(1, descending=True).values  # label smoothing off: two labels, lam and 1-lam
+            assert torch.allclose(weights[:, :2].sum(1), torch.ones(len(target))) and (weights[:, 1] > 0).any()
+            # CutMix pastes a box: every pixel is its own or its partner's. MixUp blends everywhere.
+            pasted = torch.isclose(mixed, images) | torch.isclose(mixed, partner)
+            kinds.append("cutmix" if pasted.all() else "mixup")
+            return mixed, soft
+        return apply
+    monkeypatch.setattr(cli, "_batch_transform", spy)
+    args = [*STATEFUL[:-4], "--epochs", "1", "--cutmix", "1.0", "--label-smoothing", "0", "--tensorboard"]
     assert run_main(args, tmp_path, small_digits_dir) == 0
+    assert len(kinds) == 12 and kinds.count("mixup") >= 3 and kinds.count("cutmix") >= 3, kinds
     loss = epoch_records(tmp_path / "experiment_raport.json")[0]["train.loss"]
-    assert 0 < loss < 10
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert "epoch/train.loss" in events.Tags()["scalars"]
     assert events.Scalars("epoch/train.loss")[0].value == pytest.approx(loss, rel=1e-5)
+
+
+def test_ema_starts_from_the_weights_ddp_broadcast_from_rank_0(small_digits_dir, tmp_path):
+    # resnet18 draws its initial weights from each rank's own seed (seed + rank); DDP then copies
+    # rank 0's into every rank, and the EMA must start from those.
+    args = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "16", "--val-resize-size", "16",
+            "-b", "4", "--epochs", "1", "--prof", "1", "--training-only", "--workers", "0", "--seed", "3",
+            "--device", "cpu", "--use-ema", "0.9"]
+    run = _torchrun(2, args, tmp_path, small_digits_dir, port=29616)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ema = [torch.load(tmp_path / f"weights.ema.rank{rank}", weights_only=True) for rank in (0, 1)]
+    # BN running statistics are each rank's own (DDP syncs them before a forward, not after), so
+    # only the parameters, which DDP keeps identical, must agree.
+    weights = [name for name in ema[0] if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(weights) == 62 and all(torch.equal(ema[0][name], ema[1][name]) for name in weights)
 
 
 def test_torchrun_restart_after_a_rank_dies_resumes_and_completes(small_digits_dir, tmp_path):
@@ -241,10 +275,147 @@ def test_torchrun_restart_after_a_rank_dies_resumes_and_completes(small_digits_d
     run = _torchrun(2, common, tmp_path / "ws", small_digits_dir, 29613, "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", "localhost:29615", "--max-restarts", "1", FAIL_AT_BATCH="17")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "resume" in run.stdout.lower() or "resume" in run.stderr.lower()
+    assert f"=> resumed from {tmp_path / 'ws' / 'checkpoint.pth.tar'}: epoch 1, batch 0" in run.stdout
+    starts = [r["data"] for r in read_raport(tmp_path / "ws" / "experiment_raport.json") if r.get("step") == "PARAMETER"]
+    assert [s.get("resume_epoch") for s in starts] == [None, 1]  # the restart appended to the raport
     final = checkpoint.load(tmp_path / "ws" / "checkpoint.pth.tar")
     assert final["epoch"] == 3
     expected = _torchrun(2, common, tmp_path / "clean", small_digits_dir, 29614)
     assert expected.returncode == 0, expected.stderr[-3000:]
     reference = checkpoint.load(tmp_path / "clean" / "checkpoint.pth.tar")["state_dict"]
     assert all(torch.equal(t, final["state_dict"][k]) for k, t in reference.items())
+
+
+# --- issue 9: nothing is lost; the fp16 path on the CPU ------------------------------------------
+
+TINY = ["--arch", "tiny-cnn", "--data-backend", "pytorch", "--image-size", "16", "--val-resize-size", "16",
+        "-b", "8", "--lr", "0.05", "--workers", "0", "--seed", "5", "--device", "cpu", "--print-freq", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    """Registers the driver's tiny-cnn architecture in this process."""
+    import tests.helpers.run_main as driver
+    return driver.tiny_cnn
+
+
+def iteration_records(raport: Path, metric: str) -> list[float]:
+    return [r["data"][metric] for r in read_raport(raport) if r.get("type") == "LOG"
+            and isinstance(r["step"], list) and len(r["step"]) == 2 and metric in r["data"]]
+
+
+def test_resumed_runs_keep_their_retention_append_to_the_raport_and_never_delete_foreign_files(
+        small_digits_dir, tmp_path, tiny_cnn):
+    from image_classification.plot import epoch_series
+    foreign = tmp_path / "checkpoint_0007.pth.tar"  # another run's file with our naming pattern
+    foreign.write_bytes(b"not ours")
+    args = [*TINY, "--epochs", "4", "--prof", "2", "--run-epochs", "1"]
+    assert run_main([*args, "--gather-checkpoints", "-1"], tmp_path, small_digits_dir) == 0
+    resume = ["--resume", str(tmp_path / "checkpoint.pth.tar")]
+    assert run_main([*args, *resume], tmp_path, small_digits_dir) == 0  # retention -1 carried over
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == [
+        "checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar", "checkpoint_0007.pth.tar"]
+    assert run_main([*args, *resume, "--gather-checkpoints", "1"], tmp_path, small_digits_dir) == 0
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == [
+        "checkpoint_0002.pth.tar", "checkpoint_0007.pth.tar"]
+    assert foreign.read_bytes() == b"not ours"
+    assert run_main([*args, *resume], tmp_path, small_digits_dir) == 0  # the last N=1 carried over
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == [
+        "checkpoint_0003.pth.tar", "checkpoint_0007.pth.tar"]
+
+    records = read_raport(tmp_path / "experiment_raport.json")
+    starts = [r["data"] for r in records if r.get("step") == "PARAMETER"]
+    assert [s.get("resume_epoch") for s in starts] == [None, 1, 2, 3]
+    assert [s["gather_checkpoints"] for s in starts] == [-1, -1, 1, 1]
+    assert sorted(epoch_records(tmp_path / "experiment_raport.json")) == [0, 1, 2, 3]
+    assert [epoch for epoch, _ in epoch_series(records)["train.loss"]] == [0, 1, 2, 3]
+
+
+def test_plot_joins_a_resumed_history_without_duplicated_epochs():
+    from image_classification.plot import epoch_series
+
+    def epoch(e, loss):
+        return {"type": "LOG", "step": [e], "data": {"train.loss": loss}}
+
+    def start(**data):
+        return {"type": "LOG", "step": "PARAMETER", "data": data}
+    # Run to epoch 2, resumed from the epoch-1 checkpoint (epoch 1 and 2 again), then an --evaluate.
+    records = [start(), epoch(0, 3.0), epoch(1, 2.0), epoch(2, 1.5), start(resume_epoch=1),
+               epoch(1, 2.1), start(evaluate=True)]
+    assert epoch_series(records)["train.loss"] == [(0, 3.0), (1, 2.1)]
+    assert epoch_series([*records, start(), epoch(0, 9.0)])["train.loss"] == [(0, 9.0)]  # a fresh run
+
+
+def test_fp16_grad_scaler_on_the_cpu_skips_overflowing_steps_and_backs_off(small_digits_dir, tmp_path, tiny_cnn):
+    args = [*TINY, "--amp", "--amp-dtype", "float16", "--epochs", "1", "--prof", "3", "--training-only"]
+    huge = 2.0 ** 100  # loss x scale is finite in fp32, the fp16 gradients overflow
+    assert run_main([*args, "--static-loss-scale", str(huge), "--dynamic-loss-scale"], tmp_path,
+                    small_digits_dir) == 0
+    assert iteration_records(tmp_path / "experiment_raport.json", "train.grad_scale") == [huge / 2, huge / 4, huge / 8]
+    saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    assert saved["scaler"]["scale"] == huge / 8
+    assert saved["optimizer"]["state"] == {}  # every step was skipped: no momentum buffer exists
+    assert all(torch.equal(t, tiny_cnn().state_dict()[k]) for k, t in saved["state_dict"].items())
+    # A fixed scale (--static-loss-scale alone) skips the step too, but keeps its scale.
+    fixed = tmp_path / "fixed"
+    assert run_main([*args, "--static-loss-scale", str(huge)], fixed, small_digits_dir) == 0
+    assert iteration_records(fixed / "experiment_raport.json", "train.grad_scale") == [huge] * 3
+    assert checkpoint.load(fixed / "checkpoint.pth.tar")["optimizer"]["state"] == {}
+
+
+def test_fp16_grad_scaler_state_is_checkpointed_and_resume_reproduces_the_run(small_digits_dir, tmp_path, tiny_cnn):
+    # Start at 2^20: the first steps overflow and back off, so the scaler's state matters.
+    args = [*TINY, "--amp", "--amp-dtype", "float16", "--epochs", "2", "--prof", "6", "--static-loss-scale",
+            "1048576", "--dynamic-loss-scale"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_main(args, straight, small_digits_dir) == 0
+    scales = iteration_records(straight / "experiment_raport.json", "train.grad_scale")
+    assert scales[0] < 1048576 and len(scales) == 12
+    assert run_main([*args, "--run-epochs", "1"], split, small_digits_dir) == 0
+    assert checkpoint.load(split / "checkpoint.pth.tar")["scaler"]["scale"] == scales[5]
+    assert run_main([*args, "--resume", str(split / "checkpoint.pth.tar")], split, small_digits_dir) == 0
+    assert iteration_records(split / "experiment_raport.json", "train.loss") == \
+        iteration_records(straight / "experiment_raport.json", "train.loss")
+    final_a, final_b = (checkpoint.load(p / "checkpoint.pth.tar") for p in (straight, split))
+    assert final_a["scaler"] == final_b["scaler"]
+    assert all(torch.equal(t, final_b["state_dict"][k]) for k, t in final_a["state_dict"].items())
+
+
+def test_a_save_that_fails_mid_run_stops_with_one_line_and_keeps_the_previous_checkpoint(
+        small_digits_dir, tmp_path, capsys, monkeypatch, tiny_cnn):
+    writes = {"count": 0}
+    real_write = checkpoint.write_atomic
+
+    def disk_full_on_second_epoch(data, path):
+        writes["count"] += 1
+        if writes["count"] > 1:
+            raise OSError(28, "No space left on device")
+        real_write(data, path)
+    monkeypatch.setattr(checkpoint, "write_atomic", disk_full_on_second_epoch)
+    args = [*TINY, "--epochs", "3", "--prof", "2", "--training-only"]
+    assert run_main(args, tmp_path, small_digits_dir) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: could not write checkpoint {tmp_path / 'checkpoint.pth.tar'}: No space left on device; "
+                   "the previous checkpoint files are intact"]
+    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["epoch"] == 1
+
+
+def test_unwritable_workspace_stops_before_training(small_digits_dir, capsys, tiny_cnn):
+    assert run_main([*TINY, "--epochs", "1"], Path("/proc/convnets-x"), small_digits_dir) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --workspace /proc/convnets-x cannot be written: No such file or directory"]
+
+
+def test_resume_with_use_ema_from_a_checkpoint_without_ema_starts_the_average_at_the_loaded_weights(
+        small_digits_dir, tmp_path, tiny_cnn):
+    args = [*TINY, "--epochs", "2", "--prof", "1", "--training-only"]
+    assert run_main([*args, "--run-epochs", "1"], tmp_path, small_digits_dir) == 0
+    loaded = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    assert "state_dict_ema" not in loaded
+    assert run_main([*args, "--use-ema", "0.99", "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path,
+                    small_digits_dir) == 0
+    final = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    assert final["ema_updates"] == 1
+    for name, weight in final["state_dict"].items():  # one update: decay min(0.99, 1/10) = 0.1
+        torch.testing.assert_close(final["state_dict_ema"][name], 0.1 * loaded["state_dict"][name] + 0.9 * weight)
+    assert not torch.equal(final["state_dict_ema"]["0.weight"], final["state_dict"]["0.weight"])

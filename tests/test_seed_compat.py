@@ -66,8 +66,6 @@ SEED_ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "res
               "resnext101-32x8d", "resnext101-32x8d-basic", "se-resnext101-32x4d"]
 SEED_DATA_BACKENDS = ["pytorch", "synthetic", "dali-gpu", "dali-cpu"]
 SEED_MODEL_CONFIGS = ["classic", "fanin", "grp-fanin", "grp-fanout"]
-# Options issue 10 item 2 adds on another branch; checked strictly once they exist.
-PENDING = {"--dynamic-loss-scale": "issue 10 item 2 (branch work/9b) adds it"}
 
 
 def _takes(action) -> str | None:
@@ -120,11 +118,8 @@ def readme_listed_differences() -> dict[str, str]:
 
 def test_every_seed_help_option_matches_or_readme_says_why():
     differences = help_differences()
-    pending = {option: why for option, why in PENDING.items() if differences.get(option) == "missing"}
-    assert set(differences) - set(pending) == set(readme_listed_differences()), (
+    assert set(differences) == set(readme_listed_differences()), (
         f"options that differ from the seed's -h: {differences}; README explains: {readme_listed_differences()}")
-    if pending:
-        pytest.xfail(f"expected after merging main: {pending}")
 
 
 def test_the_seed_help_choices_exist():

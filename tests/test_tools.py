@@ -314,18 +314,19 @@ def test_hub_entries_load_local_weights(export_weights, images):
         assert callable(getattr(hubconf, name))
 
 
-def test_hub_pretrained_downloads_the_ngc_file_weights_only(monkeypatch):
+def test_hub_pretrained_downloads_the_ngc_file_weights_only(monkeypatch, tmp_path):
     reference = _build("efficientnet-b0", 1000)
     calls = []
 
-    def fake_download(url, **kwargs):  # NGC files wrap the weights in {"state_dict": ...}
-        calls.append((url, kwargs))
-        return {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    def fake_download(url, dst, hash_prefix=None, progress=True):  # NGC files wrap the weights in {"state_dict": ...}
+        calls.append((url, hash_prefix))
+        torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, dst)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     model = hubconf.nvidia_efficientnet_b0(pretrained=True)
-    assert calls[0][0] == ("https://api.ngc.nvidia.com/v2/models/nvidia/efficientnet_b0_pyt_amp/versions/"
-                           "20.12.0/files/nvidia_efficientnet-b0_210412.pth")
-    assert calls[0][1]["weights_only"] is True and calls[0][1]["map_location"] == "cpu"
+    assert calls == [("https://api.ngc.nvidia.com/v2/models/nvidia/efficientnet_b0_pyt_amp/versions/"
+                      "20.12.0/files/nvidia_efficientnet-b0_210412.pth", None)]
+    assert len(list((tmp_path / "checkpoints").glob("nvidia_efficientnet-b0_210412-*.pth"))) == 1  # sha256 in name
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
@@ -465,3 +466,42 @@ def test_classify_script_reports_one_line(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: image {tmp_path / 'none.jpg'} does not exist"
+
+
+def test_pretrained_downloads_are_hash_checked(tmp_path, monkeypatch, capsys):
+    """--pretrained through a local file:// URL (no network): torch.hub's naming rule checks a hash
+    carried in the name while downloading; a name without one (NGC's) gets the download's SHA-256
+    in its cached name, checked on every later use."""
+    import hashlib
+    from image_classification.models import published
+    from image_classification.errors import UserError
+    source = tmp_path / "served"
+    source.mkdir()
+    payload = tmp_path / "payload.pth"
+    torch.save({"w": torch.arange(4.0)}, payload)
+    digest = hashlib.sha256(payload.read_bytes()).hexdigest()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cache = tmp_path / "hub" / "checkpoints"
+
+    def serve(name):
+        (source / name).write_bytes(payload.read_bytes())
+        monkeypatch.setattr(published, "weights_url", lambda arch: (source / name).as_uri())
+
+    serve(f"good-{digest[:8]}.pth")
+    assert published.download_weights("resnet50") == str(cache / f"good-{digest[:8]}.pth")
+    serve("bad-0123abcd.pth")
+    with pytest.raises(UserError, match="invalid hash value"):
+        published.download_weights("resnet50")
+    assert not list(cache.glob("*bad*"))
+
+    serve("nvidia_weights_200821.pth.tar")
+    path = published.download_weights("resnet50")
+    assert path == str(cache / f"nvidia_weights_200821-{digest[:16]}.pth.tar")
+    assert f"sha256 {digest}" in capsys.readouterr().out
+    (source / "nvidia_weights_200821.pth.tar").unlink()  # cached: no second download
+    assert published.download_weights("resnet50") == path
+    with open(path, "r+b") as file:  # a corrupted cache is an error, not a silent load
+        file.seek(100)
+        file.write(b"\x00\x01\x02")
+    with pytest.raises(UserError, match="are corrupt"):
+        published.download_weights("resnet50")

@@ -60,6 +60,9 @@ from image_classification.data.sampling import ShardSampler, require_full_batch
 from image_classification.errors import UserError
 
 INSTALL_HINT = "pip install nvidia-dali-cuda120"
+# ``exec_dynamic`` (reference-counted outputs that torch may keep without a copy) got that name in
+# DALI 1.44; older builds (such as older NGC PyTorch images ship) reject it when the pipeline is built.
+MIN_DALI_VERSION = (1, 44)
 _MEAN = [255.0 * m for m in IMAGENET_MEAN]
 _STD = [255.0 * s for s in IMAGENET_STD]
 _BLACK = [-m / s for m, s in zip(_MEAN, _STD)]  # pixel value 0, normalised
@@ -71,6 +74,7 @@ _POLICY_FILL = 0  # torchvision's policies fill uncovered pixels with black
 _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
 _SHOWN = 5
+_DLPACK_PINNED = 3  # kDLCUDAHost: DALI's pinned host buffers (CPU outputs when the pipeline has a device)
 
 
 # ---------------------------------------------------------------- DALI import and the backends
@@ -78,11 +82,17 @@ _SHOWN = 5
 def import_dali(backend: str = "dali-cpu") -> pytypes.SimpleNamespace:
     """``nvidia.dali``'s pieces this module uses, or a UserError with the install command."""
     try:
+        import nvidia.dali
         from nvidia.dali import fn, math, pipeline_def, types
         from nvidia.dali.tensors import TensorGPU
     except ImportError as error:
         raise UserError(f"--data-backend {backend} needs NVIDIA DALI, which cannot be imported ({error}); "
                         f"install it with `{INSTALL_HINT}`, or use --data-backend pytorch") from None
+    found = nvidia.dali.__version__
+    if tuple(int(part) for part in found.split(".")[:2]) < MIN_DALI_VERSION:
+        needed = ".".join(map(str, MIN_DALI_VERSION))
+        raise UserError(f"--data-backend {backend} needs NVIDIA DALI >= {needed} (its pipelines use exec_dynamic), "
+                        f"found {found}; install it with `{INSTALL_HINT}` (requirements.txt pins the tested version)")
     return pytypes.SimpleNamespace(fn=fn, math=math, types=types, pipeline_def=pipeline_def, TensorGPU=TensorGPU)
 
 
@@ -111,6 +121,11 @@ class PipelineSpec:
     layout: str            # "CHW" (nchw) or "HWC" (nhwc: channels_last)
     decoder: str           # "cpu" or "mixed"
     gpu_tail: bool         # move to the GPU before crop_mirror_normalize (dali-cpu on a CUDA run)
+
+    @property
+    def on_gpu(self) -> bool:
+        """The pipeline delivers on the GPU (its run's device is CUDA)."""
+        return self.gpu_tail or self.decoder == "mixed"
 
 
 def _interp(dali, name: str):
@@ -169,6 +184,10 @@ def _graph(dali, spec: PipelineSpec, source):
         images = images.gpu()
     images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=spec.layout, mean=_MEAN,
                                       std=_STD, mirror=mirror, **crop)
+    if spec.on_gpu:
+        # A CPU output of a pipeline with a device sits in pinned memory, which DLPack calls
+        # kDLCUDAHost and torch.from_dlpack rejects; on the GPU it is handed over like the images.
+        labels = labels.gpu()
     return images, labels
 
 
@@ -372,8 +391,8 @@ class DaliLoader:
         images, labels = (as_torch(output, self.dali, self.device) for output in outputs)
         if self.channels_last:
             images = images.permute(0, 3, 1, 2)  # NHWC buffer seen as a channels_last NCHW tensor
-        non_blocking = self.device.type == "cuda"
-        return images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking)
+        # Both are on self.device already (spec.on_gpu), so no asynchronous copy reads DALI's buffers.
+        return images.to(self.device), labels.to(self.device)
 
     def _failure(self, error: RuntimeError) -> UserError:
         candidates = [path for batch in self.feeder.in_flight for path in batch]
@@ -397,6 +416,8 @@ def as_torch(output, dali, device: torch.device | None = None) -> torch.Tensor:
     if isinstance(tensor, dali.TensorGPU):
         with torch.cuda.device(device):
             return torch.from_dlpack(tensor)
+    if tensor.__dlpack_device__()[0] == _DLPACK_PINNED:
+        return torch.tensor(np.asarray(tensor))  # torch cannot import pinned host memory: copy it, now
     return torch.from_dlpack(tensor)
 
 

@@ -1,9 +1,10 @@
 """One training epoch and one validation pass.
 
-Hot-path rules: the loss is accumulated on the device and read back only every ``print_freq``
-iterations (the only host sync of a training step); gradients are all-reduced only on the last
-micro-batch of an accumulation group (DDP ``no_sync``); the EMA and the LR schedule advance once per
-optimizer step, not per micro-batch. Throughput is images divided by wall time, with the first
+Hot-path rules: no step waits for the device. The loss is accumulated on the device and read
+back every ``print_freq`` iterations, one interval late (:class:`IntervalReport`); SGD on CUDA is
+fused, so the GradScaler reads nothing back (``engine/optim.py``); gradients are all-reduced only
+on the last micro-batch of an accumulation group (DDP ``no_sync``); the EMA and the LR schedule
+advance once per optimizer step, not per micro-batch. Throughput is images divided by wall time, with the first
 iteration (worker start-up, cuDNN autotuning) left out.
 """
 from __future__ import annotations
@@ -56,7 +57,54 @@ class IntervalMeter:
         self.batches = 0
         self.images = 0
         self.data_time = 0.0
-        self.start = time.perf_counter()
+        self.start = _mark(self.device)
+
+
+def _mark(device: torch.device):
+    """A point in the device's work queue: a timing event on CUDA, the host clock elsewhere."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+@dataclass
+class IntervalReport:
+    """One interval's figures, read back from the device one interval late.
+
+    Reading a loss (``.item()``) or timing with ``synchronize()`` makes the host wait for all
+    queued work, so the GPU idles while the host queues the next step; with ``--print-freq 1``
+    (the benchmark modes) that happened every step, inside the measured time. Instead, an
+    interval's device values are copied to the host asynchronously when it ends and logged when
+    the next one ends (or the epoch does): by then they have long arrived, and the step in
+    flight keeps the GPU busy. The interval's time is the device's, between two CUDA events.
+    """
+    step: list[int]
+    values: torch.Tensor   # [mean loss over ranks, grad scale], on (or on its way to) the host
+    start: object          # _mark()s
+    end: object
+    images: int
+    batches: int
+    data_time: float
+    lr: float
+    scaled: bool
+
+    def metrics(self) -> dict[str, float]:
+        if isinstance(self.end, float):
+            elapsed = self.end - self.start
+        else:
+            self.end.synchronize()  # the values were copied before this event was recorded
+            elapsed = self.start.elapsed_time(self.end) / 1000.0
+        loss, scale = self.values.tolist()
+        metrics = {"train.loss": loss,
+                   **_throughput("train", self.images, elapsed, self.data_time),
+                   "train.data_time": self.data_time / self.batches,
+                   "train.compute_time": (elapsed - self.data_time) / self.batches,
+                   "train.lr": self.lr}
+        if self.scaled:
+            metrics["train.grad_scale"] = scale
+        return metrics
 
 
 def _no_sync(model: nn.Module, sync: bool):
@@ -73,17 +121,16 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
     model, runtime = parts.model, parts.runtime
     model.train()
     loader.set_epoch(epoch, start_batch)
-    num_batches = len(loader) + start_batch
+    # --prof N: exactly N batches (the last accumulation group ends there), no extra one fetched.
+    num_batches = start_batch + (min(len(loader), prof) if prof > 0 else len(loader))
     steps = parts.accumulation_steps
-    interval = IntervalMeter(runtime.device)
+    interval, pending = IntervalMeter(runtime.device), None
     epoch_images, epoch_loss, data_wait, timed_from = 0, torch.zeros((), device=runtime.device), 0.0, None
     batch = start_batch
     lr = parts.optimizer.param_groups[0]["lr"]
     end = time.perf_counter()
     batches = progress(loader, len(loader), f"epoch {epoch}") if progress else loader
     for batch, (images, target) in enumerate(batches, start=start_batch):
-        if prof > 0 and batch - start_batch >= prof:
-            break
         waited = time.perf_counter() - end
         group_start = batch - batch % steps
         group_size = min(steps, num_batches - group_start)
@@ -103,11 +150,19 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
             epoch_images += images.shape[0]
             data_wait += waited
         if (batch + 1) % print_freq == 0 and log is not None:
-            log([epoch, batch + 1], _interval_metrics(parts, interval, lr))
+            if pending is not None:
+                log(pending.step, pending.metrics())
+            pending = _interval_report(parts, interval, lr, [epoch, batch + 1])
             interval.reset()
         end = time.perf_counter()
         if last_of_group and should_stop():
+            if pending is not None:
+                log(pending.step, pending.metrics())
             return StepOutcome(batch + 1, interrupted=batch + 1 < num_batches)
+        if batch + 1 == num_batches:
+            break
+    if pending is not None:
+        log(pending.step, pending.metrics())
     runtime.synchronize()
     elapsed = time.perf_counter() - timed_from if timed_from else 0.0
     done = batch + 1 - start_batch
@@ -138,18 +193,16 @@ def _optimizer_step(parts: TrainComponents) -> None:
         parts.ema.update(parts.module)
 
 
-def _interval_metrics(parts: TrainComponents, interval: IntervalMeter, lr: float) -> dict[str, float]:
-    parts.runtime.synchronize()
-    elapsed = time.perf_counter() - interval.start
-    loss = distributed.all_reduce_mean(interval.loss / interval.batches).item()
-    metrics = {"train.loss": loss,
-               **_throughput("train", interval.images * parts.world_size, elapsed, interval.data_time),
-               "train.data_time": interval.data_time / interval.batches,
-               "train.compute_time": (elapsed - interval.data_time) / interval.batches,
-               "train.lr": lr}
-    if parts.scaler.is_enabled():
-        metrics["train.grad_scale"] = parts.scaler.get_scale()
-    return metrics
+def _interval_report(parts: TrainComponents, interval: IntervalMeter, lr: float, step: list[int]) -> IntervalReport:
+    """Close ``interval`` without waiting for the device (see :class:`IntervalReport`)."""
+    loss = distributed.all_reduce_mean(interval.loss / interval.batches)
+    # GradScaler.get_scale() reads the scale back at once; its asynchronous twin keeps it a tensor.
+    scale = parts.scaler._get_scale_async() if parts.scaler.is_enabled() else None
+    values = torch.stack([loss.float(), scale.float() if scale is not None else torch.zeros_like(loss)])
+    values = values.to("cpu", non_blocking=True)
+    return IntervalReport(step=step, values=values, start=interval.start, end=_mark(interval.device),
+                          images=interval.images * parts.world_size, batches=interval.batches,
+                          data_time=interval.data_time, lr=lr, scaled=scale is not None)
 
 
 def _throughput(prefix: str, images: int, elapsed: float, data_wait: float) -> dict[str, float]:
@@ -175,8 +228,6 @@ def validate(model: nn.Module, loader, *, runtime: Runtime, criterion: nn.Module
     start = end = time.perf_counter()
     batches = progress(loader, len(loader), prefix) if progress else loader
     for batch, (images, target) in enumerate(batches):
-        if prof > 0 and batch >= prof:
-            break
         data_wait += time.perf_counter() - end
         compute_start = time.perf_counter()
         with runtime.autocast():
@@ -192,6 +243,8 @@ def validate(model: nn.Module, loader, *, runtime: Runtime, criterion: nn.Module
         if log is not None and (batch + 1) % print_freq == 0:
             log([epoch, 0, batch + 1], {f"{prefix}.compute_latency": latencies[-1]})
         end = time.perf_counter()
+        if batch + 1 == prof:  # --prof N: stop after N batches without fetching another
+            break
     elapsed = time.perf_counter() - start
     distributed.all_reduce_sum(sums)
     loss_sum, top1, topk_hits, count = sums.tolist()

@@ -1,11 +1,14 @@
 """NVIDIA's published (NGC) weights: one table for main.py --pretrained, classify.py and hubconf.
 
-Downloading needs network access; files are cached by ``torch.hub`` and always loaded with
-``weights_only=True``. Offline, download the file elsewhere and use ``--pretrained-from-file``.
+Downloading needs network access; files are cached in ``torch.hub``'s directory, hash-checked (see
+:func:`download_weights`) and always loaded with ``weights_only=True``. Offline, download the file elsewhere and use ``--pretrained-from-file``.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
+import re
 
 import torch
 
@@ -35,14 +38,55 @@ def weights_url(arch: str) -> str:
 
 
 def download_weights(arch: str) -> str:
-    """Path of the cached download of ``arch``'s published weights (downloaded if missing)."""
+    """Path of the cached, hash-checked download of ``arch``'s published weights.
+
+    torch.hub's ``check_hash`` naming rule: a file named ``NAME-<hex>.EXT`` must have a SHA-256
+    starting with ``<hex>``. NGC's file names carry no hash and NGC publishes no checksums we could
+    pin, so the first download's SHA-256 is written into the cached file's name by that rule and
+    every later use checks the file against it (a truncated or altered cache is an error, not a
+    silent load). A URL whose name carries a hash is checked already while downloading.
+    """
     url = weights_url(arch)
-    target = f"{torch.hub.get_dir()}/checkpoints/{url.rsplit('/', 1)[1]}"
-    if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, target, progress=True)
-        except Exception as error:  # network errors come in many types (URLError, HTTPError, OSError)
-            raise UserError(f"could not download {url} ({type(error).__name__}: {error}); download it yourself "
-                            "and pass --pretrained-from-file") from None
+    name = url.rsplit("/", 1)[1]
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    stem, dot, ext = name.partition(".")
+    expected = _HASH_IN_NAME.search(name)
+    pattern = glob.escape(name) if expected else f"{glob.escape(stem)}-*{dot}{ext}"
+    for cached in sorted(glob.glob(os.path.join(glob.escape(cache), pattern))):
+        _check_hash(cached, expected or _HASH_IN_NAME.search(os.path.basename(cached)[len(stem):]))
+        return cached
+    os.makedirs(cache, exist_ok=True)
+    partial = os.path.join(cache, f".{name}.partial")
+    try:
+        torch.hub.download_url_to_file(url, partial, hash_prefix=expected.group(1) if expected else None,
+                                       progress=True)
+    except Exception as error:  # network errors come in many types (URLError, HTTPError, OSError)
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise UserError(f"could not download {url} ({type(error).__name__}: {error}); download it yourself "
+                        "and pass --pretrained-from-file") from None
+    digest = _sha256(partial)
+    target = os.path.join(cache, f"{stem}-{digest[:16]}{dot}{ext}" if not expected else name)
+    os.replace(partial, target)
+    print(f"=> downloaded {url}: sha256 {digest}, cached as {target}")
     return target
+
+
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_hash(path: str, match: re.Match | None) -> None:
+    if match is None:
+        raise UserError(f"cached weights {path} carry no hash in their name; delete the file to download it again")
+    digest = _sha256(path)
+    if not digest.startswith(match.group(1)):
+        raise UserError(f"cached weights {path} are corrupt (sha256 {digest[:16]}..., its name says "
+                        f"{match.group(1)}); delete the file to download it again")

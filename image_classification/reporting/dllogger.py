@@ -55,10 +55,13 @@ class DLLogger:
         self.file = None
         if raport_path is not None:
             Path(raport_path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(raport_path, "w", buffering=1, encoding="utf-8")  # overwritten each run
-            for name, metric in self.metrics.items():
-                self._write({"type": "METADATA", "metric": name,
-                             "metadata": {"unit": metric.unit, "format": metric.format}})
+            # Appended to, never overwritten: a resumed run continues its history, and a file an
+            # earlier run wrote is not this run's to destroy (each run starts with a PARAMETER record).
+            self.file = open(raport_path, "a", buffering=1, encoding="utf-8")
+            if self.file.tell() == 0:
+                for name, metric in self.metrics.items():
+                    self._write({"type": "METADATA", "metric": name,
+                                 "metadata": {"unit": metric.unit, "format": metric.format}})
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.file is None:

@@ -2,7 +2,7 @@
 
 BatchNorm statistics depend on the per-process batch, so comparing a 2-process run with a
 1-process run of double batch needs a model without it. ``DUMP_WEIGHTS=PREFIX`` makes every rank
-write its final weights to ``PREFIX.rank<R>``.
+write its final weights to ``PREFIX.rank<R>`` (and its EMA weights to ``PREFIX.ema.rank<R>``).
 """
 import os
 import sys
@@ -33,6 +33,8 @@ def fit_and_dump(parts, *args, **kwargs):
     prefix = os.environ.get("DUMP_WEIGHTS")
     if prefix:
         torch.save(parts.module.state_dict(), f"{prefix}.rank{os.environ.get('RANK', '0')}")
+        if parts.ema is not None:
+            torch.save(parts.ema.state_dict(), f"{prefix}.ema.rank{os.environ.get('RANK', '0')}")
     return state
 
 
