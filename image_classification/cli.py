@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from image_classification.engine.ema import ModelEma
 from image_classification.engine.losses import SmoothedCrossEntropy
 from image_classification.engine.optim import build_optimizer, load_optimizer_state
 from image_classification.engine.schedules import build_scheduler
+from image_classification.engine.stages import Stage, StagedTraining, StageSchedule
 from image_classification.engine.trainer import TrainComponents
 from image_classification.errors import UserError, exit_status
 from image_classification.models import weights
@@ -62,9 +64,13 @@ def run(args) -> int:
                         f"{spec.family} model (set --conv-init instead)")
     args.quantize = args.quantize or spec.quantized
     onnx_model = _onnx_model(args, device)
-    image_size = args.image_size or (onnx_model and onnx_model.image_size) or spec.default_image_size
-    _check_known_kernel_bugs(rt, image_size)
-    train_loader, val_loader = _build_loaders(args, spec, image_size, rt, context, seed)
+    _resolve_sizes(args, spec)
+    schedule = StageSchedule(n_stages=args.n_stages, epochs=args.epochs, base_size=args.base_image_size,
+                             final_size=args.image_size, mixup=args.mixup, cutmix=args.cutmix,
+                             randaugment_magnitude=args.randaugment_magnitude)
+    _check_known_kernel_bugs(rt, min(schedule.smallest_size, args.eval_image_size))
+    loader_config = _loader_config(args, rt, context, seed)
+    train_loader, val_loader = _build_loaders(args, loader_config, schedule.stages[0])
     num_classes, class_names = _resolve_classes(args, train_loader or val_loader)
     args.topk = config.topk_for(args.topk, num_classes, "the dataset")
     if args.auto_resume and (Path(args.workspace) / args.checkpoint_filename).is_file():
@@ -88,12 +94,18 @@ def run(args) -> int:
                         tensorboard_dir=str(Path(args.workspace) / args.tensorboard) if args.tensorboard else None,
                         steps_per_epoch=len(train_loader) if train_loader is not None else None)
     try:
-        reporter.log("PARAMETER", {**vars(args), "seed": seed, "image_size": image_size, "num_classes": num_classes,
+        reporter.log("PARAMETER", {**vars(args), "seed": seed, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
                                    "precision": rt.precision_name, **_resume_marker(args, resume)})
         if args.evaluate:
             return _evaluate(args, model, val_loader, rt, resume, reporter)
-        return _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
+        staged = StagedTraining(
+            schedule, first=train_loader,
+            build_loader=lambda stage: data_registry.get(args.data_backend).train_loader(
+                _stage_loader_config(loader_config, stage)),
+            build_mixer=lambda stage: _batch_transform(stage.mixup, stage.cutmix, num_classes))
+        del train_loader  # `staged` owns it now and lets it go (its workers too) when stage 0 ends
+        return _train(args, model, staged, val_loader, rt, context, resume, reporter,
                       class_names=class_names, seed=seed)
     finally:
         reporter.close()
@@ -106,8 +118,27 @@ def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
     model = export.OnnxModel(args.onnx, device)
     if args.image_size and model.image_size and args.image_size != model.image_size:
         raise UserError(f"{args.onnx} takes {model.image_size} px images, not --image-size {args.image_size}")
+    args.image_size = args.image_size or model.image_size
     args.val_resize_size = args.val_resize_size or model.resize_size
     return model
+
+
+def _resolve_sizes(args, spec) -> None:
+    """Fill in the size flags the user left to their defaults, in ``args`` itself, so the raport's
+    PARAMETER record and the checkpoint's config (read by classify.py) hold the sizes used.
+
+    The validation resize keeps the ratio it has to the training size (default: size + 32) when
+    ``--eval-image-size`` sets another crop.
+    """
+    args.image_size = args.image_size or spec.default_image_size
+    args.base_image_size = args.base_image_size or (max(1, args.image_size // 2) if args.n_stages > 1
+                                                    else args.image_size)
+    resize = args.val_resize_size or args.image_size + 32
+    if args.eval_image_size is None:
+        args.eval_image_size = args.image_size
+    else:
+        resize = round(args.eval_image_size * resize / args.image_size)
+    args.val_resize_size = resize
 
 
 def _resume_marker(args, resume: dict | None) -> dict:
@@ -126,9 +157,9 @@ def _check_known_kernel_bugs(rt: runtime.Runtime, image_size: int) -> None:
     ~1e27) from its second call on. tests/test_main.py keeps a check that fails once PyTorch fixes it.
     """
     if rt.device.type == "cpu" and rt.amp_dtype == torch.bfloat16 and image_size <= 16:
-        raise UserError(f"--image-size {image_size} with --amp on the CPU hits a PyTorch bug (garbage "
-                        "gradients of bf16 stride-2 convolutions on 1x1 feature maps); use --image-size 17 or "
-                        "more, or leave out --amp")
+        raise UserError(f"image size {image_size} with --amp on the CPU hits a PyTorch bug (garbage "
+                        "gradients of bf16 stride-2 convolutions on 1x1 feature maps); use --image-size (and "
+                        "--base-image-size, --eval-image-size) 17 or more, or leave out --amp")
 
 
 def _shared_seed(seed: int | None, device: torch.device) -> int:
@@ -141,16 +172,25 @@ def _shared_seed(seed: int | None, device: torch.device) -> int:
     return int(value.item())
 
 
-def _build_loaders(args, spec, image_size: int, rt: runtime.Runtime, context, seed: int):
-    backend = data_registry.get(args.data_backend)
-    loader_config = LoaderConfig(
-        data_dir=args.data, image_size=image_size, val_resize_size=args.val_resize_size or image_size + 32,
+def _loader_config(args, rt: runtime.Runtime, context, seed: int) -> LoaderConfig:
+    """The validation loader's config; a training stage's is :func:`_stage_loader_config` of it."""
+    return LoaderConfig(
+        data_dir=args.data, image_size=args.eval_image_size, val_resize_size=args.val_resize_size,
         batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch, interpolation=args.interpolation,
         augmentation=args.augmentation, memory_format=rt.memory_format, device=rt.device, rank=context.rank,
         world_size=context.world_size, seed=seed, num_classes=args.num_classes or 1000,
-        synthetic_epoch_size=args.synthetic_epoch_size, crop_scale=tuple(args.crop_scale))
-    train_loader = None if args.evaluate else backend.train_loader(loader_config)
-    val_loader = None if args.training_only else backend.val_loader(loader_config)
+        synthetic_epoch_size=args.synthetic_epoch_size, crop_scale=tuple(args.crop_scale),
+        randaugment_num_ops=args.randaugment_num_ops, randaugment_magnitude=args.randaugment_magnitude)
+
+
+def _stage_loader_config(config: LoaderConfig, stage: Stage) -> LoaderConfig:
+    return dataclasses.replace(config, image_size=stage.image_size, randaugment_magnitude=stage.randaugment_magnitude)
+
+
+def _build_loaders(args, config: LoaderConfig, first_stage: Stage):
+    backend = data_registry.get(args.data_backend)
+    train_loader = None if args.evaluate else backend.train_loader(_stage_loader_config(config, first_stage))
+    val_loader = None if args.training_only else backend.val_loader(config)
     return train_loader, val_loader
 
 
@@ -217,13 +257,14 @@ def _ema_from_checkpoint(model: nn.Module, resume: dict) -> nn.Module:
     return ema_model
 
 
-def _train(args, model, train_loader, val_loader, rt, context, resume, reporter, *, class_names, seed) -> int:
+def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume, reporter, *, class_names,
+           seed) -> int:
     steps = config.accumulation_steps(args.optimizer_batch_size, args.batch_size, context.world_size)
     optimizer = build_optimizer(model, name=args.optimizer, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.nesterov,
                                 bn_weight_decay=args.bn_weight_decay, rmsprop_alpha=args.rmsprop_alpha,
                                 rmsprop_eps=args.rmsprop_eps, device=rt.device)
-    steps_per_epoch = -(-len(train_loader) // steps)
+    steps_per_epoch = -(-len(staged(0).loader) // steps)  # every stage has the same batches per epoch
     scaler = rt.grad_scaler(args.static_loss_scale, args.dynamic_loss_scale)
     state = loop.RunState()
     module = torch.jit.script(model) if args.jit == "script" else model
@@ -250,8 +291,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
     parts = TrainComponents(
         model=wrapped, module=module, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
-        accumulation_steps=steps, ema=ema, batch_transform=_batch_transform(args, train_loader.num_classes),
-        world_size=context.world_size)
+        accumulation_steps=steps, ema=ema, world_size=context.world_size)
     stop = loop.GracefulStop(rt.device)
 
     def save(run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
@@ -262,7 +302,7 @@ def _train(args, model, train_loader, val_loader, rt, context, resume, reporter,
                             retention=retention)
 
     try:
-        state = loop.fit(parts, train_loader, val_loader, state, epochs=args.epochs, run_epochs=args.run_epochs,
+        state = loop.fit(parts, staged, val_loader, state, epochs=args.epochs, run_epochs=args.run_epochs,
                          patience=args.early_stopping_patience, print_freq=args.print_freq, prof=args.prof,
                          topk=args.topk, training_only=args.training_only, ema_best=args.ema_best,
                          criterion_val=SmoothedCrossEntropy(args.label_smoothing), reporter=reporter, save=save,
@@ -302,14 +342,14 @@ def _wrap_distributed(model: nn.Module, device: torch.device, context) -> nn.Mod
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
-def _batch_transform(args, num_classes: int):
+def _batch_transform(mixup: float, cutmix: float, num_classes: int):
     """MixUp and/or CutMix on device batches (torchvision v2); labels become soft targets."""
     from torchvision.transforms import v2
     mixers = []
-    if args.mixup > 0:
-        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
-    if args.cutmix > 0:
-        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
+    if mixup > 0:
+        mixers.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        mixers.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
     if not mixers:
         return None
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

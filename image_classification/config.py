@@ -96,6 +96,14 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                        help="training random-resized-crop: fraction of the image area kept (default: 0.08 1.0)")
     group.add_argument("--augmentation", type=_choice_with_none(AUGMENTATIONS), default="none",
                        metavar="POLICY", help=f"extra training augmentation: {' | '.join(AUGMENTATIONS)} (default: none)")
+    group.add_argument("--randaugment-num-ops", default=2, type=positive_int, metavar="N",
+                       help="--augmentation randaugment: operations applied per image (default: 2)")
+    group.add_argument("--randaugment-magnitude", default=9, type=int, metavar="M",
+                       help="--augmentation randaugment: strength 0..30 (with --n-stages: reached in the last "
+                            "stage, from min(5, M) in the first) (default: 9)")
+    group.add_argument("--eval-image-size", default=None, type=positive_int, metavar="PX",
+                       help="validation crop size, independent of the training size; the validation resize "
+                            "keeps its ratio to the crop (default: the final training --image-size)")
     group.add_argument("--synthetic-epoch-size", default=0, type=int, metavar="N",
                        help="synthetic backend: images per epoch (default: 64 batches per process)")
 
@@ -126,6 +134,14 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-granularity", default="epoch", choices=("epoch", "iteration"),
                        help="epoch: LR constant within an epoch, as the reference (published results); "
                             "iteration: LR updated every optimizer step (default: epoch)")
+    group.add_argument("--n-stages", default=1, type=positive_int, metavar="N",
+                       help="stage-wise training: split the epochs into N stages whose training image size grows "
+                            "linearly from --base-image-size to --image-size (intermediate sizes rounded to "
+                            "multiples of 16) while --mixup, --cutmix and --randaugment-magnitude grow to their "
+                            "values in the last stage; 1 = off (default: 1)")
+    group.add_argument("--base-image-size", default=None, type=positive_int, metavar="PX",
+                       help="with --n-stages > 1: training image size of the first stage "
+                            "(default: half the final --image-size)")
     group.add_argument("--label-smoothing", default=0.0, type=non_negative_float, metavar="S",
                        help="label smoothing epsilon (default: 0.0)")
     group.add_argument("--mixup", default=0.0, type=non_negative_float, metavar="ALPHA",
@@ -332,6 +348,10 @@ def validate(args: argparse.Namespace) -> None:
     if args.onnx is not None and (args.resume or args.pretrained_from_file or args.pretrained or args.quantize):
         raise UserError("--onnx evaluates the exported file as it is; drop --resume/--pretrained-from-file/"
                         "--pretrained/--quantize")
+    if not 0 <= args.randaugment_magnitude <= 30:
+        raise UserError(f"--randaugment-magnitude must be in 0..30, got {args.randaugment_magnitude}")
+    if args.base_image_size is not None and args.n_stages == 1:
+        raise UserError("--base-image-size needs --n-stages 2 or more")
     model_options(args)  # a -c preset that contradicts an explicit model flag
     if sorted(args.lr_milestones) != args.lr_milestones:
         raise UserError(f"--lr-milestones must be increasing, got {args.lr_milestones}")

@@ -189,7 +189,7 @@ def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool =
         if isinstance(names, (list, tuple)) and len(names) == num_classes:
             loaded.class_names = [str(n) for n in names]
         config = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
-        loaded.trained_image_size = config.get("image_size")
+        loaded.trained_image_size = config.get("eval_image_size") or config.get("image_size")
         loaded.trained_resize_size = config.get("val_resize_size")
         loaded.trained_interpolation = config.get("interpolation")
     return loaded

@@ -4,7 +4,8 @@
 
 Four panels over epochs, from the raport's epoch records (step ``[epoch]``): loss (train.loss,
 val.loss, val_ema.loss), top-1 (val.top1, val_ema.top1), top-k (val.top5 or whichever
-val.top{k} the run used, and its val_ema twin) and the learning rate (train.lr). Series the run
+val.top{k} the run used, and its val_ema twin) and the learning rate (train.lr); a fifth shows
+the training image size (train.image_size) when the raport has it (stage-wise training). Series the run
 did not log are left out. The PNG defaults to the raport's name with ``.png``; the names of the
 plotted series are stored in its ``Series`` text field.
 """
@@ -77,6 +78,8 @@ def panels(series: Series) -> list[tuple[str, str, list[str]]]:
         (f"Top-{topk[3:]} accuracy", "%", [f"val.{topk}", f"val_ema.{topk}"]),
         ("Learning rate", "lr", ["train.lr"]),
     ]
+    if "train.image_size" in series:  # stage-wise runs: the training resolution per epoch
+        layout.append(("Training image size", "px", ["train.image_size"]))
     return [(title, label, [name for name in names if name in series]) for title, label, names in layout]
 
 
@@ -106,8 +109,11 @@ def plot_raport(raport: str | Path, output: str | Path | None = None, title: str
     from matplotlib import pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    columns = -(-len(layout) // 2)
+    figure, axes = plt.subplots(2, columns, figsize=(5.5 * columns, 7.5))
     try:
+        for axis in axes.flat[len(layout):]:
+            axis.set_visible(False)
         for axis, (panel_title, ylabel, names) in zip(axes.flat, layout):
             axis.set_title(panel_title)
             axis.set_xlabel("epoch")

@@ -151,6 +151,22 @@ def test_mode_beats_model_and_cli_beats_everything(capsys):
         7, 0.5, False, "none", 3, 64.0, "synthetic")
 
 
+def test_presets_and_config_files_set_the_stage_flags(tmp_path, capsys):
+    resolved = _dry_run(["--model", "efficientnet-b0", "--precision", "AMP", "--platform", "DGXA100", "--mode",
+                         "convergence", "--n-stages", "2", "--base-image-size", "128", "--eval-image-size", "256",
+                         "/data"], capsys)
+    assert (resolved["n_stages"], resolved["base_image_size"], resolved["eval_image_size"]) == (2, 128, 256)
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text("precision: {AMP: {amp: true}}\nplatform: {X: {}}\nmode: {m: {}}\n"
+                   "models: {resnet50: {X: {AMP: {n_stages: 3, base_image_size: 96, randaugment_magnitude: 15}}}}\n")
+    argv = ["--cfg_file", str(cfg), "--model", "resnet50", "--precision", "AMP", "--platform", "X", "--mode", "m",
+            "/data"]
+    resolved = _dry_run(argv, capsys)
+    assert (resolved["n_stages"], resolved["base_image_size"], resolved["randaugment_magnitude"]) == (3, 96, 15)
+    cfg.write_text(cfg.read_text().replace("n_stages: 3", "n_stages: 0"))
+    assert "n_stages: 0 is invalid" in _launch_error([*argv, "--dry-run"], capsys)
+
+
 def test_flags_may_come_before_the_launch_options(capsys):
     resolved = _dry_run(["-b", "5", "/data", "--model", "resnet50", "--epochs", "3", "--precision", "FP32",
                          "--platform", "CPU", "--mode", "convergence", "--warmup", "1"], capsys)

@@ -1,6 +1,5 @@
 """End-to-end specifications of main.py: learning, exact resume, evaluation, distributed runs."""
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,6 @@ import pytest
 import torch
 
 from image_classification import checkpoint, cli
-from image_classification.engine import trainer
 from image_classification.reporting.dllogger import read_raport
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,24 +65,14 @@ def test_resume_at_epoch_boundary_reproduces_the_uninterrupted_run(small_digits_
             assert torch.equal(tensor, final_b[key][name]), (key, name)
 
 
-def test_sigterm_mid_epoch_saves_position_and_resume_reproduces_the_run(small_digits_dir, tmp_path, monkeypatch):
+def test_sigterm_mid_epoch_saves_position_and_resume_reproduces_the_run(small_digits_dir, tmp_path, sigterm_at_step):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_main(STATEFUL, straight, small_digits_dir) == 0
-
-    steps = {"count": 0}
-    original_step = trainer._optimizer_step
-
-    def step_then_sigterm(parts):
-        original_step(parts)
-        steps["count"] += 1
-        if steps["count"] == 8:  # 100 images / 8 = 12 batches = 6 optimizer steps per epoch
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(trainer, "_optimizer_step", step_then_sigterm)
+    sigterm_at_step(8)  # 100 images / 8 = 12 batches = 6 optimizer steps per epoch
     assert run_main(STATEFUL, split, small_digits_dir) == 0
     saved = checkpoint.load(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 4)  # 2 steps of 2 micro-batches into epoch 1
-    monkeypatch.setattr(trainer, "_optimizer_step", original_step)
+    sigterm_at_step(None)
     assert run_main([*STATEFUL, "--resume", str(split / "checkpoint.pth.tar")], split, small_digits_dir) == 0
     expected, resumed = epoch_records(straight / "experiment_raport.json"), epoch_records(split / "experiment_raport.json")
     assert resumed[2]["train.loss"] == expected[2]["train.loss"]

@@ -349,7 +349,8 @@ def test_hub_processing_utils(images):
 
 # ---------------------------------------------------------------- plot
 
-def _write_raport(path: Path, epochs: int = 3, ema: bool = True, epoch_records: bool = True) -> None:
+def _write_raport(path: Path, epochs: int = 3, ema: bool = True, epoch_records: bool = True,
+                  image_sizes: tuple[int, ...] = ()) -> None:
     reporter = Reporter(str(path), enabled=True, topk=5, progress_bar=False)
     reporter.dllogger.console = None
     reporter.log("PARAMETER", {"arch": "resnet18", "lr": 0.1})
@@ -363,6 +364,8 @@ def _write_raport(path: Path, epochs: int = 3, ema: bool = True, epoch_records: 
             if ema:
                 data.update({"val_ema.top1": 42.0 + 10 * epoch, "val_ema.top5": 81.0 + 5 * epoch,
                              "val_ema.loss": 1.7 - 0.4 * epoch})
+            if image_sizes:
+                data["train.image_size"] = image_sizes[epoch]
             reporter.log([epoch], data)
     reporter.log([], {"val.top1": 60.0})
     reporter.close()
@@ -388,6 +391,14 @@ def test_plot_writes_png_with_the_expected_series(tmp_path, capsys):
     assert plot.main([str(no_ema), "-o", str(out)]) == 0
     with Image.open(out) as image:
         assert json.loads(image.info["Series"]) == ["train.loss", "val.loss", "val.top1", "val.top5", "train.lr"]
+
+    staged = tmp_path / "staged.json"
+    _write_raport(staged, ema=False, image_sizes=(16, 16, 32))
+    assert plot.main([str(staged), "-o", str(out)]) == 0
+    with Image.open(out) as image:
+        assert json.loads(image.info["Series"])[-1] == "train.image_size"
+        assert image.size[0] > 1.3 * image.size[1]  # a third column holds the fifth panel
+    assert plot.epoch_series(read_raport(staged))["train.image_size"] == [(0, 16.0), (1, 16.0), (2, 32.0)]
 
 
 def test_plot_rejects_a_raport_without_epoch_records(tmp_path, capsys):

@@ -68,7 +68,6 @@ _STD = [255.0 * s for s in IMAGENET_STD]
 _BLACK = [-m / s for m, s in zip(_MEAN, _STD)]  # pixel value 0, normalised
 _ASPECT = [3 / 4, 4 / 3]
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop, then a center-crop fallback (as DALI)
-_RANDAUGMENT = {"n": 2, "m": 9}  # torchvision's RandAugment defaults
 _POLICY_FILL = 0  # torchvision's policies fill uncovered pixels with black
 # nvJPEG buffer preallocation for the mixed decoder, as the reference (avoids reallocations).
 _DEVICE_MEMORY_PADDING = 211_025_920
@@ -118,6 +117,8 @@ class PipelineSpec:
     crop_scale: tuple[float, float]
     interpolation: str
     augmentation: str
+    randaugment_num_ops: int
+    randaugment_magnitude: int  # DALI's rand_augment has 31 magnitude bins, as torchvision's
     layout: str            # "CHW" (nchw) or "HWC" (nhwc: channels_last)
     decoder: str           # "cpu" or "mixed"
     gpu_tail: bool         # move to the GPU before crop_mirror_normalize (dali-cpu on a CUDA run)
@@ -151,7 +152,7 @@ def _policy(dali, spec: PipelineSpec, images):
     if spec.augmentation == "autoaugment":
         return auto_augment.auto_augment_image_net(images, **common)
     if spec.augmentation == "randaugment":
-        return rand_augment.rand_augment(images, **_RANDAUGMENT, **common)
+        return rand_augment.rand_augment(images, n=spec.randaugment_num_ops, m=spec.randaugment_magnitude, **common)
     if spec.augmentation == "trivialaugment":
         return trivial_augment.trivial_augment_wide(images, **common)
     raise UserError(f"unknown --augmentation {spec.augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
@@ -311,7 +312,8 @@ class DaliLoader:
         self.spec = PipelineSpec(
             train=train, image_size=config.image_size, val_resize_size=config.val_resize_size,
             crop_scale=tuple(config.crop_scale), interpolation=config.interpolation,
-            augmentation=config.augmentation if train else "none", layout="HWC" if self.channels_last else "CHW",
+            augmentation=config.augmentation if train else "none", randaugment_num_ops=config.randaugment_num_ops,
+            randaugment_magnitude=config.randaugment_magnitude, layout="HWC" if self.channels_last else "CHW",
             decoder="mixed" if kind == "gpu" else "cpu", gpu_tail=gpu and kind == "cpu")
         self.pipeline_args = {
             "batch_size": config.batch_size, "num_threads": max(1, config.workers),

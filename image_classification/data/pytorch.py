@@ -125,7 +125,8 @@ class Collate:
 
 
 def train_loader(config: LoaderConfig) -> DeviceLoader:
-    transform = train_transform(config.image_size, config.interpolation, config.augmentation, config.crop_scale)
+    transform = train_transform(config.image_size, config.interpolation, config.augmentation, config.crop_scale,
+                                (config.randaugment_num_ops, config.randaugment_magnitude))
     # Draw the random crop from the file header, then decode only as many pixels as it needs.
     decode, transform = split_crop(transform)
     return _loader(config, "train", transform, decode)

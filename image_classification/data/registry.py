@@ -26,7 +26,7 @@ AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment")
 @dataclass(frozen=True)
 class LoaderConfig:
     data_dir: str | None          # ImageFolder root holding train/ and val/ (None for synthetic)
-    image_size: int               # training crop / validation crop
+    image_size: int               # training crop / validation crop (stage-wise training: one loader per size)
     val_resize_size: int          # validation: resize the shorter side to this, then center crop
     batch_size: int               # per process
     workers: int
@@ -41,6 +41,8 @@ class LoaderConfig:
     num_classes: int = 1000       # synthetic only; folders decide it otherwise
     synthetic_epoch_size: int = 0  # synthetic only: samples per epoch (0 = backend default)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # training random-resized-crop area range
+    randaugment_num_ops: int = 2  # augmentation "randaugment": operations per image
+    randaugment_magnitude: int = 9  # augmentation "randaugment": strength, 0..30 (torchvision's and DALI's bins)
 
 
 class Loader(Protocol):

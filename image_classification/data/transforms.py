@@ -44,28 +44,32 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
                         "(or triangular with a dali backend)") from None
 
 
-def augmentation(name: str, interpolation: v2.InterpolationMode) -> list[v2.Transform]:
-    """The ``--augmentation`` policy as a (possibly empty) list of transforms."""
+def augmentation(name: str, interpolation: v2.InterpolationMode, randaugment: tuple[int, int] = (2, 9)
+                 ) -> list[v2.Transform]:
+    """The ``--augmentation`` policy as a (possibly empty) list of transforms; ``randaugment`` is
+    RandAugment's (number of ops, magnitude)."""
     if name == "none":
         return []
     if name == "autoaugment":
         return [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation)]
     if name == "randaugment":
-        return [v2.RandAugment(interpolation=interpolation)]
+        num_ops, magnitude = randaugment
+        return [v2.RandAugment(num_ops=num_ops, magnitude=magnitude, interpolation=interpolation)]
     if name == "trivialaugment":
         return [v2.TrivialAugmentWide(interpolation=interpolation)]
     raise UserError(f"unknown --augmentation {name!r}; choose one of: {', '.join(AUGMENTATIONS)}")
 
 
 def train_transform(image_size: int, interpolation: str = "bilinear", augment: str = "none",
-                    crop_scale: tuple[float, float] = (0.08, 1.0)) -> Transform:
+                    crop_scale: tuple[float, float] = (0.08, 1.0), randaugment: tuple[int, int] = (2, 9)
+                    ) -> Transform:
     """RandomResizedCrop → horizontal flip → optional policy → uint8 CHW tensor."""
     mode = interpolation_mode(interpolation)
     return v2.Compose([
         v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=(3 / 4, 4 / 3),
                              interpolation=mode, antialias=True),
         v2.RandomHorizontalFlip(),
-        *augmentation(augment, mode),
+        *augmentation(augment, mode, randaugment),
         v2.PILToTensor(),
     ])
 

@@ -10,6 +10,7 @@ import torch
 
 from image_classification import distributed
 from image_classification.engine import trainer
+from image_classification.engine.stages import EpochPlan
 from image_classification.engine.trainer import TrainComponents
 
 
@@ -56,14 +57,18 @@ class GracefulStop:
             signal.signal(signum, handler)
 
 
-def fit(parts: TrainComponents, train_loader, val_loader, state: RunState, *, epochs: int, run_epochs: int,
+def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_loader, state: RunState, *, epochs: int,
+        run_epochs: int,
         patience: int, print_freq: int, prof: int, topk: int, training_only: bool, criterion_val,
         ema_best: bool = False,
         reporter, save: Callable[[RunState, int | None, bool], None], stop: GracefulStop) -> RunState:
-    """Run epochs from ``state`` until ``epochs`` (or ``run_epochs`` more, early stop, signal)."""
+    """Run epochs from ``state`` until ``epochs`` (or ``run_epochs`` more, early stop, signal).
+    ``plan_epoch(epoch)`` gives the epoch's training loader and batch transform (stage-wise training)."""
     last = epochs if run_epochs < 0 else min(epochs, state.epoch + run_epochs)
     while state.epoch < last:
         epoch = state.epoch
+        plan = plan_epoch(epoch)
+        train_loader, parts.batch_transform = plan.loader, plan.batch_transform
         outcome = trainer.train_epoch(parts, train_loader, epoch=epoch, start_batch=state.step_in_epoch,
                                       print_freq=print_freq, prof=prof, log=reporter.log, should_stop=stop,
                                       progress=reporter.progress)
@@ -74,7 +79,7 @@ def fit(parts: TrainComponents, train_loader, val_loader, state: RunState, *, ep
             reporter.message(f"interrupted in epoch {epoch} after {outcome.batches_done} batches; "
                              "checkpoint saved, continue with --resume")
             return state
-        metrics = dict(outcome.metrics)
+        metrics = {**outcome.metrics, **plan.record}
         is_best = False
         if not training_only:
             metrics.update(_validate_all(parts, val_loader, epoch, prof, topk, criterion_val, reporter, print_freq))
