@@ -17,10 +17,12 @@ from typing import Sequence
 
 import torch
 
-from image_classification import config, export, runtime
+from image_classification import config, export, quantization, runtime, triton
+from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD
 from image_classification.errors import UserError, exit_status
 
 CHECK_BATCHES = (1, 4)
+INT8_TOLERANCE = 0.25  # ORT and PyTorch may round a tie differently: one INT8 step, propagated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"ONNX opset, at least {export.MIN_ONNX_OPSET} (default: {export.DEFAULT_ONNX_OPSET})")
     parser.add_argument("--check", default=True, action=argparse.BooleanOptionalAction,
                         help="compare the export with PyTorch at batch 1 and 4 (default: on)")
-    parser.add_argument("--tolerance", default=1e-4, type=float, metavar="T",
-                        help="largest accepted |export - pytorch| / max(1, max |pytorch|) (default: 1e-4)")
+    parser.add_argument("--tolerance", default=None, type=float, metavar="T",
+                        help="largest accepted |export - pytorch| / max(1, max |pytorch|) (default: 1e-4; "
+                             f"{INT8_TOLERANCE:g} for a QAT checkpoint, whose INT8 rounding may differ by a step)")
+    parser.add_argument("--int8", action="store_true",
+                        help="require a QAT checkpoint (quant_main.py) and export it with INT8 QuantizeLinear/"
+                             "DequantizeLinear nodes (a QAT checkpoint is always exported so; this makes a "
+                             "non-QAT file an error)")
+    parser.add_argument("--triton-repository", default=None, metavar="DIR",
+                        help="write the export as a Triton model repository entry: DIR/NAME/config.pbtxt, "
+                             "DIR/NAME/labels.txt and DIR/NAME/1/model.onnx (or model.pt)")
+    parser.add_argument("--triton-model-name", default=None, metavar="NAME",
+                        help="model name in the Triton repository (default: the arch, plus -int8 for a QAT checkpoint)")
+    parser.add_argument("--max-batch-size", default=32, type=int, metavar="N",
+                        help="Triton max_batch_size, also checked by the parity run (default: 32)")
     export.add_model_flags(parser)  # --weights/--pretrained-from-file, --ema, --pretrained, --num-classes, ...
     return parser
 
@@ -66,34 +80,75 @@ def run(args: argparse.Namespace) -> int:
     device = runtime.select_device(args.device, 0)
     if device.type == "cuda":  # a strict FP32 reference for the check
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    quantized = quantization.is_quantized(loaded.model)
+    if args.int8 and not quantized:
+        raise UserError(f"--int8 needs a QAT checkpoint from quant_main.py; "
+                        f"{args.pretrained_from_file or 'a randomly initialised model'} has no quantizers")
+    if quantized and args.format == "onnx" and args.exporter == "dynamo":
+        raise UserError("a QAT checkpoint exports with --exporter legacy (the dynamo exporter does not "
+                        "translate the fake quantizers into QuantizeLinear/DequantizeLinear)")
     model = loaded.model.to(device).eval()
     image_size = args.image_size or loaded.trained_image_size or loaded.spec.default_image_size
-    output = args.output or export.default_output(args.pretrained_from_file, loaded.arch, args.format)
+    tolerance = args.tolerance if args.tolerance is not None else INT8_TOLERANCE if quantized else 1e-4
+    output, folder = _output_path(args, loaded, quantized)
     example = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
 
     if args.format == "onnx":
-        used = export.export_onnx(model, example, output, opset=args.opset, exporter=args.exporter)
+        used = export.export_onnx(model, example, output, opset=args.opset,
+                                  exporter="legacy" if quantized else args.exporter)
+        export.write_onnx_metadata(output, loaded, image_size)
         print(f"=> wrote {output} (ONNX opset {args.opset}, {used} exporter, input '{export.INPUT_NAME}' "
               f"[batch, 3, {image_size}, {image_size}], output '{export.OUTPUT_NAME}' [batch, {loaded.num_classes}])")
     else:
         used = export.export_torchscript(model, example, output)
         print(f"=> wrote {output} (TorchScript via torch.jit.{used}, input [batch, 3, {image_size}, {image_size}])")
+    if folder is not None:
+        entry = triton.Entry(name=folder.name, fmt=args.format, image_size=image_size, num_classes=loaded.num_classes,
+                             max_batch_size=args.max_batch_size, preprocessing=_preprocessing(loaded, image_size))
+        triton.write(folder, entry, export.default_class_names(loaded))
+        print(f"=> wrote Triton model {folder} (config.pbtxt, {triton.LABELS_FILE}, 1/{entry.filename}; "
+              f"max_batch_size {args.max_batch_size}, dynamic batching)")
     if not args.check:
         return 0
 
     runner = (export.onnx_runner if args.format == "onnx" else export.torchscript_runner)(output, device)
-    results = export.check_parity(runner, model, image_size, device=device, batches=CHECK_BATCHES)
+    batches = CHECK_BATCHES if folder is None else (*CHECK_BATCHES, args.max_batch_size)
+    results = export.check_parity(runner, model, image_size, device=device, batches=batches)
     for result in results:
         print(f"=> check batch {result.batch}: max abs diff {result.max_abs_diff:.3g} "
-              f"(max |logit| {result.max_abs_output:.3g}, scaled {result.scaled():.3g}, tolerance {args.tolerance:g})")
+              f"(max |logit| {result.max_abs_output:.3g}, scaled {result.scaled():.3g}, tolerance {tolerance:g}), "
+              f"top-1 agreement {100 * result.top1_agreement:.1f}%")
     worst = max(results, key=lambda r: r.scaled())
-    if worst.scaled() > args.tolerance:
+    if worst.scaled() > tolerance:
         print(f"error: the {args.format} export differs from PyTorch by {worst.max_abs_diff:.3g} at batch {worst.batch} "
-              f"(scaled {worst.scaled():.3g} > --tolerance {args.tolerance:g}); {output} was written but is "
+              f"(scaled {worst.scaled():.3g} > --tolerance {tolerance:g}); {output} was written but is "
               "not faithful", file=sys.stderr)
         return 1
     print("=> check passed")
     return 0
+
+
+def _output_path(args: argparse.Namespace, loaded: export.LoadedModel, quantized: bool):
+    """(export file, Triton model folder or None)."""
+    if args.triton_repository is None:
+        return args.output or export.default_output(args.pretrained_from_file, loaded.arch, args.format), None
+    if args.output is not None:
+        raise UserError("--output and --triton-repository exclude each other (the repository fixes the file name)")
+    if args.max_batch_size < 1:
+        raise UserError(f"--max-batch-size must be positive, got {args.max_batch_size}")
+    name = args.triton_model_name or loaded.arch + ("-int8" if quantized else "")
+    folder = triton.prepare(args.triton_repository, name)
+    return str(folder / "1" / triton.PLATFORMS[args.format][1]), folder
+
+
+def _preprocessing(loaded: export.LoadedModel, image_size: int) -> str:
+    resize = loaded.trained_resize_size or image_size + 32
+    interpolation = loaded.trained_interpolation if loaded.trained_interpolation in ("bilinear", "bicubic") else "bilinear"
+    return (f"{loaded.arch}, {loaded.num_classes} classes, exported by convnets model2onnx.py.\n"
+            f"Input: RGB image, shorter side resized to {resize} px ({interpolation}), center crop "
+            f"{image_size}x{image_size},\n"
+            f"scaled to [0, 1], normalised with mean {list(IMAGENET_MEAN)} and std {list(IMAGENET_STD)}, "
+            "float32 NCHW.\nOutput: logits (softmax gives probabilities); labels.txt names the classes.")
 
 
 if __name__ == "__main__":

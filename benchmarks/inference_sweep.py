@@ -6,6 +6,15 @@ same table from existing raports (e.g. the ``raport_<bs>.json`` files of the inf
 
     python benchmarks/inference_sweep.py --arch resnet50 --batch-sizes 1 8 32 --amp
     python benchmarks/inference_sweep.py --from-raports results/raport_*.json
+
+``--paths`` instead compares CPU inference paths on one batch size, side by side in one process:
+PyTorch fp32; PyTorch bf16 + channels_last with BatchNorm folded (classify.py's CPU default);
+ONNX Runtime fp32; ONNX Runtime INT8 from the Model Optimizer Q/DQ export (what quant_main.py
+checkpoints export to; here calibrated without fine-tuning) and from ONNX Runtime's post-training
+static quantization (QDQ, per-channel weights), both calibrated on --calibration-batches batches.
+Each row: img/s, batch latency p50/p99 and top-1 agreement with fp32 on the timed images.
+
+    flock -x /tmp/cpu.lock python benchmarks/inference_sweep.py --paths --arch resnet50 --batch-size 8
 """
 from __future__ import annotations
 
@@ -51,6 +60,96 @@ def sweep(args, extra: list[str]) -> list[dict]:
     return rows
 
 
+def _timed(run, batches, warmup: int = 2):
+    """(outputs, img/s, p50 ms, p99 ms) of ``run`` over ``batches`` after ``warmup`` untimed calls."""
+    import time
+
+    import numpy as np
+    for batch in batches[:warmup]:
+        run(batch)
+    outputs, latencies = [], []
+    for batch in batches:
+        start = time.perf_counter()
+        outputs.append(np.asarray(run(batch), dtype=np.float32))
+        latencies.append(time.perf_counter() - start)
+    images = sum(len(b) for b in batches)
+    return (np.concatenate(outputs), images / sum(latencies), 1000 * float(np.percentile(latencies, 50)),
+            1000 * float(np.percentile(latencies, 99)))
+
+
+def compare_paths(args) -> list[dict]:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnxruntime import quantization as ortq
+
+    from image_classification import export, inference, models, quantization
+
+    torch.manual_seed(0)
+    model = models.get(args.arch).build(num_classes=1000).eval()
+    if args.weights:
+        model = export.load_model(args.arch, args.weights).model
+    size = args.image_size or models.get(args.arch).default_image_size
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(args.batch_size, 3, size, size, generator=generator) for _ in range(args.iterations)]
+    calibration = [torch.randn(args.batch_size, 3, size, size, generator=generator)
+                   for _ in range(args.calibration_batches)]
+    if not calibration:
+        raise SystemExit("error: --calibration-batches must be at least 1 (INT8 needs a calibration set)")
+    fast = inference.cpu_fast_path(model)
+
+    def torch_runner(module, bf16: bool):
+        def run(x):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                x = x.contiguous(memory_format=torch.channels_last) if bf16 else x
+                return module(x).float().numpy()
+        return run
+
+    def ort_runner(path):
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {export.INPUT_NAME: x.numpy()})[0]
+
+    class Reader(ortq.CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{export.INPUT_NAME: b.numpy()} for b in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_onnx, ptq_onnx, qdq_onnx = (str(Path(tmp) / n) for n in ("fp32.onnx", "ptq.onnx", "qdq.onnx"))
+        export.export_onnx(model, batches[0], fp32_onnx, exporter="legacy")
+        ortq.quantize_static(fp32_onnx, ptq_onnx, Reader(), quant_format=ortq.QuantFormat.QDQ, per_channel=True,
+                             activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8)
+        import copy
+        quantized = quantization.calibrate(copy.deepcopy(model), calibration, len(calibration)).eval()
+        export.export_onnx(quantized, batches[0], qdq_onnx, exporter="legacy")
+        paths = [("PyTorch fp32", torch_runner(model, False)),
+                 ("PyTorch bf16 + channels_last, BN folded", torch_runner(fast, True)),
+                 ("ONNX Runtime fp32", ort_runner(fp32_onnx)),
+                 ("ONNX Runtime INT8, Model Optimizer Q/DQ export (QAT form)", ort_runner(qdq_onnx)),
+                 ("ONNX Runtime INT8, static PTQ (QDQ, per-channel)", ort_runner(ptq_onnx))]
+        reference = None
+        for name, run in paths:
+            outputs, ips, p50, p99 = _timed(run, batches)
+            reference = outputs if reference is None else reference
+            agreement = 100.0 * float(np.mean(outputs.argmax(1) == reference.argmax(1)))
+            rows.append({"path": name, "ips": ips, "p50": p50, "p99": p99, "agreement": agreement})
+            print(f"{name}: {ips:.1f} img/s", file=sys.stderr)
+    return rows
+
+
+def paths_table(rows: list[dict], args) -> str:
+    base = rows[0]["ips"]
+    lines = [f"{args.arch}, {args.image_size or 'default'} px, batch {args.batch_size}, {args.iterations} timed batches",
+             "| Path | img/s | vs fp32 | p50 (ms) | p99 (ms) | top-1 agreement with fp32 |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['path']} | {row['ips']:.1f} | {row['ips'] / base:.2f}x | {row['p50']:.1f} | "
+                     f"{row['p99']:.1f} | {row['agreement']:.1f} % |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from-raports", nargs="+", type=Path, help="tabulate these raports instead of running")
@@ -59,7 +158,15 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20, help="batches per size with synthetic data")
     parser.add_argument("--data", help="dataset root (default: synthetic data)")
     parser.add_argument("--data-backend", default="pytorch")
+    parser.add_argument("--paths", action="store_true", help="compare CPU inference paths at --batch-size")
+    parser.add_argument("--batch-size", type=int, default=8, help="--paths: batch size (default: 8)")
+    parser.add_argument("--image-size", type=int, default=None, help="--paths: input size (default: the arch's)")
+    parser.add_argument("--weights", help="--paths: weights file (default: random initialisation, seed 0)")
+    parser.add_argument("--calibration-batches", type=int, default=4, help="--paths: INT8 calibration batches")
     args, extra = parser.parse_known_args()  # everything else goes to main.py (--amp, --memory-format ...)
+    if args.paths:
+        print(paths_table(compare_paths(args), args))
+        return
     rows = [row_from_raport(p) for p in args.from_raports] if args.from_raports else sweep(args, extra)
     print(table(rows))
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from image_classification import checkpoint, config, distributed, models, runtime
+from image_classification import checkpoint, config, distributed, export, models, quantization, runtime
 from image_classification.data import registry as data_registry
 from image_classification.data.registry import LoaderConfig
 from image_classification.engine import loop, trainer
@@ -62,6 +62,8 @@ def run(args) -> int:
     if args.model_config and spec.family != "resnet":
         raise UserError(f"-c/--model-config presets ResNet initialisation; --arch {args.arch} is an "
                         f"{spec.family} model (set --conv-init instead)")
+    args.quantize = args.quantize or spec.quantized
+    onnx_model = _onnx_model(args, device)
     _resolve_sizes(args, spec)
     schedule = StageSchedule(n_stages=args.n_stages, epochs=args.epochs, base_size=args.base_image_size,
                              final_size=args.image_size, mixup=args.mixup, cutmix=args.cutmix,
@@ -77,11 +79,16 @@ def run(args) -> int:
     if args.gather_checkpoints is None:  # a resumed run keeps the retention it was started with
         args.gather_checkpoints = int((resume or {}).get("config", {}).get("gather_checkpoints") or 0)
 
-    model = spec.build(num_classes=num_classes, **config.model_options(args))
-    _load_initial_weights(model, args, spec, resume)
-    model = model.to(device, memory_format=rt.memory_format)
-    if not args.evaluate:
-        _check_batch_norm_batch(model, args.batch_size, schedule.smallest_size)
+    if onnx_model is not None:
+        model = onnx_model
+        model.check_classes(num_classes)
+    else:
+        model = spec.build(num_classes=num_classes, **config.model_options(args))
+        model = _load_initial_weights(model, args, spec, resume)
+        model = model.to(device, memory_format=rt.memory_format)
+        if not args.evaluate:
+            _check_batch_norm_batch(model, args.batch_size, schedule.smallest_size)
+        model = _quantize(model, args, train_loader)
 
     if context.is_main:
         checkpoint.check_workspace(args.workspace)
@@ -104,6 +111,18 @@ def run(args) -> int:
                       class_names=class_names, seed=seed)
     finally:
         reporter.close()
+
+
+def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
+    """--onnx: the exported file; its input size and recorded resize size become the defaults."""
+    if args.onnx is None:
+        return None
+    model = export.OnnxModel(args.onnx, device)
+    if args.image_size and model.image_size and args.image_size != model.image_size:
+        raise UserError(f"{args.onnx} takes {model.image_size} px images, not --image-size {args.image_size}")
+    args.image_size = args.image_size or model.image_size
+    args.val_resize_size = args.val_resize_size or model.resize_size
+    return model
 
 
 def _resolve_sizes(args, spec) -> None:
@@ -203,16 +222,40 @@ def _resolve_classes(args, loader) -> tuple[int, list[str]]:
     return found, list(loader.class_names)
 
 
-def _load_initial_weights(model: nn.Module, args, spec, resume: dict | None) -> None:
+def _load_initial_weights(model: nn.Module, args, spec, resume: dict | None) -> nn.Module:
+    """Fill ``model`` from --resume, --pretrained-from-file or --pretrained; a QAT checkpoint
+    first gets its quantizers back (their ranges are part of its state dict)."""
     if resume is not None:
         if resume.get("arch", args.arch) != args.arch:
             raise UserError(f"{args.resume} was trained with --arch {resume['arch']}, not --arch {args.arch}")
+        model = quantization.restore(model, resume)
         weights.load_state_dict_into(model, resume["state_dict"], source=args.resume, arch=args.arch)
     elif args.pretrained_from_file:
-        weights.load_pretrained(model, args.pretrained_from_file, family=spec.family, arch=args.arch)
+        file = export.read_weights(args.pretrained_from_file)
+        model = quantization.restore(model, file.checkpoint)
+        weights.load_state_dict_into(model, file.state_dict, source=args.pretrained_from_file,
+                                     family=spec.family, arch=args.arch)
     elif args.pretrained:
         from image_classification.models.published import download_weights
         weights.load_pretrained(model, download_weights(args.arch), family=spec.family, arch=args.arch)
+    return model
+
+
+def _quantize(model: nn.Module, args, train_loader) -> nn.Module:
+    """--quantize: calibrate INT8 fake quantizers on training batches, unless the weights came
+    quantized already (a QAT checkpoint)."""
+    if not args.quantize or quantization.is_quantized(model):
+        return model
+    if not (args.pretrained_from_file or args.pretrained):
+        raise UserError("--quantize fine-tunes a trained model: give its weights with --pretrained-from-file "
+                        "(or --resume a QAT checkpoint)")
+    if train_loader is None:
+        raise UserError("--quantize calibrates on the training set, which --evaluate does not load; evaluate a "
+                        "QAT checkpoint instead (--resume or --pretrained-from-file of a quant_main.py checkpoint)")
+    if args.jit != "no":
+        raise UserError("--quantize does not support --jit script (the fake quantizers are not scriptable)")
+    train_loader.set_epoch(0)
+    return quantization.calibrate(model, train_loader, args.calib_batches)
 
 
 def _evaluate(args, model, val_loader, rt, resume, reporter) -> int:
@@ -348,6 +391,8 @@ def _checkpoint_state(parts: TrainComponents, state: loop.RunState, args, class_
         "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
         "config": {**vars(args), "seed": seed},
     }
+    if quantization.is_quantized(parts.module):
+        saved[quantization.CHECKPOINT_KEY] = quantization.state(parts.module)
     if parts.ema is not None:
         saved.update(state_dict_ema=parts.ema.state_dict(), ema_updates=parts.ema.updates)
     return saved

@@ -235,6 +235,22 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                             "number of classes when there are fewer)")
 
 
+def _add_quantization_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quantization-aware training (quant_main.py turns --quantize on)")
+    group.add_argument("--quantize", action="store_true",
+                       help="INT8 quantization-aware training with NVIDIA Model Optimizer: fake-quantize the "
+                            "--pretrained-from-file model (weights per channel, activations per tensor), calibrate "
+                            "on training batches, then fine-tune (default: off; on for the *-quant archs)")
+    group.add_argument("--calib-batches", default=16, type=positive_int, metavar="N",
+                       help="--quantize: training batches used to calibrate the activation ranges (default: 16)")
+
+
+def add_onnx_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--onnx", default=None, metavar="FILE",
+                        help="run this exported ONNX model with ONNX Runtime instead of a PyTorch model "
+                             "(e.g. the INT8 export of a QAT checkpoint)")
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (defaults come from --arch)")
     group.add_argument("--num-classes", "--num_classes", dest="num_classes", default=None, type=positive_int,
@@ -280,6 +296,8 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     _add_optimization_flags(parser)
     _add_precision_flags(parser)
     _add_run_flags(parser)
+    _add_quantization_flags(parser)
+    add_onnx_flag(parser)
     add_model_flags(parser)
     return parser
 
@@ -325,6 +343,11 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--pretrained and --pretrained-from-file exclude each other")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise UserError(f"--crop-scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale[0]} {args.crop_scale[1]}")
+    if args.onnx is not None and not args.evaluate:
+        raise UserError("--onnx runs an exported model for evaluation only; add --evaluate")
+    if args.onnx is not None and (args.resume or args.pretrained_from_file or args.pretrained or args.quantize):
+        raise UserError("--onnx evaluates the exported file as it is; drop --resume/--pretrained-from-file/"
+                        "--pretrained/--quantize")
     if not 0 <= args.randaugment_magnitude <= 30:
         raise UserError(f"--randaugment-magnitude must be in 0..30, got {args.randaugment_magnitude}")
     if args.base_image_size is not None and args.n_stages == 1:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from image_classification import config, models
+from image_classification import config, models, quantization
 from image_classification.errors import UserError
 from image_classification.models import weights
 from image_classification.models.registry import ModelSpec
@@ -62,6 +62,15 @@ def read_labels(path: str) -> list[str]:
     if not lines:
         raise UserError(f"labels file {path} is empty; it needs one class name per line")
     return [line.strip() for line in lines]
+
+
+def default_class_names(loaded: "LoadedModel") -> list[str]:
+    """The checkpoint's class names, else ImageNet's for 1000 classes, else the indices."""
+    if loaded.class_names is not None:
+        return loaded.class_names
+    if loaded.num_classes == 1000:
+        return imagenet_classes()
+    return [str(i) for i in range(loaded.num_classes)]
 
 
 # ---------------------------------------------------------------- loading a model
@@ -169,7 +178,7 @@ def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool =
     if num_classes is None and state_dict is not None:
         num_classes = infer_num_classes(state_dict)
     num_classes = num_classes or 1000
-    model = spec.build(num_classes=num_classes, **dict(options or {}))
+    model = quantization.restore(spec.build(num_classes=num_classes, **dict(options or {})), checkpoint)
     if state_dict is not None:
         weights.load_state_dict_into(model, state_dict, source=source or "state dict",
                                      family=spec.family, arch=arch)
@@ -234,6 +243,7 @@ def _quiet_deprecations():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # Model Optimizer's quantizers
         warnings.filterwarnings("ignore", message=r".*(legacy TorchScript-based ONNX|will be removed"
                                                   r"|torch\.jit\.\w+` is deprecated).*")
         yield
@@ -296,13 +306,14 @@ class Parity:
     batch: int
     max_abs_diff: float
     max_abs_output: float
+    top1_agreement: float = 1.0  # fraction of images whose top-1 class is the same
 
     def scaled(self) -> float:
         """Difference relative to the output magnitude (absolute when outputs are within +-1)."""
         return self.max_abs_diff / max(1.0, self.max_abs_output)
 
 
-def onnx_runner(path: str, device: torch.device) -> Runner:
+def onnx_session(path: str, device: torch.device):
     import onnxruntime as ort
 
     providers: list = ["CPUExecutionProvider"]
@@ -310,12 +321,78 @@ def onnx_runner(path: str, device: torch.device) -> Runner:
         # The CUDA provider computes fp32 convolutions/GEMMs in TF32 unless told not to (use_tf32
         # defaults to true), which fails a strict fp32 parity check on Ampere and newer.
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0, "use_tf32": 0}))
-    session = ort.InferenceSession(path, providers=providers)
+    return ort.InferenceSession(path, providers=providers)
+
+
+def onnx_runner(path: str, device: torch.device, session=None) -> Runner:
+    session = session or onnx_session(path, device)
     input_name = session.get_inputs()[0].name
 
     def run(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {input_name: images.cpu().numpy()})[0])
     return run
+
+
+METADATA_PREFIX = "convnets."
+
+
+def write_onnx_metadata(path: str, loaded: LoadedModel, image_size: int) -> None:
+    """Record the evaluation preprocessing and class names in the ONNX file's metadata_props, so
+    whoever runs the file (``--onnx``) preprocesses as the model was trained."""
+    import json
+
+    import onnx
+
+    model = onnx.load(path)
+    values = {"arch": loaded.arch, "image_size": image_size,
+              "resize_size": loaded.trained_resize_size or image_size + 32,
+              "interpolation": loaded.trained_interpolation or "bilinear",
+              "class_names": json.dumps(default_class_names(loaded))}
+    for key, value in values.items():
+        model.metadata_props.add(key=METADATA_PREFIX + key, value=str(value))
+    onnx.save(model, path)
+
+
+def _json_list(text: str | None) -> list[str] | None:
+    import json
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return [str(v) for v in value] if isinstance(value, list) else None
+
+
+class OnnxModel(nn.Module):
+    """An exported ONNX file run by ONNX Runtime behind the ``nn.Module`` call interface, so the
+    evaluation loop and classify.py can score the deployed artifact itself (inference only)."""
+
+    def __init__(self, path: str, device: torch.device):
+        super().__init__()
+        if not os.path.isfile(path):
+            raise UserError(f"ONNX file {path} does not exist")
+        try:
+            session = onnx_session(path, device)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"{path} is not a loadable ONNX model ({detail})") from None
+        shape, input_shape = session.get_outputs()[0].shape, session.get_inputs()[0].shape
+        self.num_classes = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+        self.image_size = input_shape[-1] if len(input_shape) == 4 and isinstance(input_shape[-1], int) else None
+        meta = {k[len(METADATA_PREFIX):]: v for k, v in session.get_modelmeta().custom_metadata_map.items()
+                if k.startswith(METADATA_PREFIX)}
+        self.resize_size = int(meta["resize_size"]) if meta.get("resize_size", "").isdigit() else None
+        self.interpolation = meta.get("interpolation")
+        names = _json_list(meta.get("class_names"))
+        self.class_names = names if names and len(names) == self.num_classes else None
+        self.path = path
+        self._run = onnx_runner(path, device, session)
+
+    def check_classes(self, num_classes: int) -> None:
+        if self.num_classes is not None and self.num_classes != num_classes:
+            raise UserError(f"{self.path} outputs {self.num_classes} classes but the data has {num_classes}")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images.float().contiguous()).to(images.device)
 
 
 def torchscript_runner(path: str, device: torch.device) -> Runner:
@@ -341,5 +418,6 @@ def check_parity(runner: Runner, model: nn.Module, image_size: int, *, device: t
         if got.shape != expected.shape:
             raise UserError(f"exported model returned shape {list(got.shape)} for batch {batch}, "
                             f"PyTorch {list(expected.shape)}")
-        results.append(Parity(batch, float((got - expected).abs().max()), float(expected.abs().max())))
+        agreement = float((got.argmax(1) == expected.argmax(1)).float().mean())
+        results.append(Parity(batch, float((got - expected).abs().max()), float(expected.abs().max()), agreement))
     return results

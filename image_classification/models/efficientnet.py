@@ -410,6 +410,12 @@ def _register_all() -> None:
                 defaults=_defaults(config, variant),
                 hub_name=hub_prefix + variant if variant in _HUB_VARIANTS else None,
             ))
+    for variant, config in CONFIGS.items():  # the reference's QAT archs: B0-B7 that imply --quantize
+        name = "efficientnet-quant-" + variant
+        registry.register(registry.ModelSpec(
+            name=name, family=FAMILY, builder=functools.partial(EfficientNet, config, arch=name),
+            default_image_size=config.image_size, options=OPTIONS, defaults=_defaults(config, variant),
+            quantized=True))
 
 
 _register_all()

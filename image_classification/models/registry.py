@@ -26,6 +26,8 @@ class ModelSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     # Name used by the reference's torch.hub entry point, e.g. "nvidia_resnet50".
     hub_name: str | None = None
+    # The reference's QAT names (efficientnet-quant-b0 ...): the same network, trained with --quantize.
+    quantized: bool = False
 
     def build(self, num_classes: int = 1000, **options: Any) -> nn.Module:
         unknown = set(options) - self.options

@@ -1,0 +1,99 @@
+"""A Triton Inference Server model repository entry for an exported model.
+
+Layout (what ``tritonserver --model-repository DIR`` loads)::
+
+    DIR/<name>/config.pbtxt     ModelConfig in protobuf text format
+    DIR/<name>/labels.txt       class names, one per line (the output's label_filename)
+    DIR/<name>/1/model.onnx     version 1 (model.pt for TorchScript)
+
+The config is written as text by hand (it is a handful of fields); the tests parse it with the
+``ModelConfig`` protobuf that ``tritonclient`` ships, so a typo cannot pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from image_classification.errors import UserError
+
+# Triton's naming convention for TorchScript models, which carry no tensor names.
+PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx", "input", "logits"),
+             "torchscript": ("pytorch_libtorch", "model.pt", "INPUT__0", "OUTPUT__0")}
+LABELS_FILE = "labels.txt"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    fmt: str
+    image_size: int
+    num_classes: int
+    max_batch_size: int
+    preprocessing: str  # a human-readable description, written as a comment
+
+    @property
+    def platform(self) -> str:
+        return PLATFORMS[self.fmt][0]
+
+    @property
+    def filename(self) -> str:
+        return PLATFORMS[self.fmt][1]
+
+    @property
+    def input_name(self) -> str:
+        return PLATFORMS[self.fmt][2]
+
+    @property
+    def output_name(self) -> str:
+        return PLATFORMS[self.fmt][3]
+
+
+def prepare(repository: str, name: str) -> Path:
+    """Check the repository folder and create ``<repository>/<name>/1``; returns the model folder.
+    An existing ``<name>`` is never overwritten."""
+    root = Path(repository)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--triton-repository {repository} exists and is not a directory")
+    if not name or "/" in name or name.startswith("."):
+        raise UserError(f"--triton-model-name {name!r} is not a valid folder name")
+    folder = root / name
+    if folder.exists():
+        raise UserError(f"{folder} already exists; choose another --triton-model-name or remove it")
+    (folder / "1").mkdir(parents=True)
+    return folder
+
+
+def config_text(entry: Entry) -> str:
+    comment = "\n".join(f"# {line}" for line in entry.preprocessing.splitlines())
+    return f"""{comment}
+name: "{entry.name}"
+platform: "{entry.platform}"
+max_batch_size: {entry.max_batch_size}
+input [
+  {{
+    name: "{entry.input_name}"
+    data_type: TYPE_FP32
+    format: FORMAT_NCHW
+    dims: [ 3, {entry.image_size}, {entry.image_size} ]
+  }}
+]
+output [
+  {{
+    name: "{entry.output_name}"
+    data_type: TYPE_FP32
+    dims: [ {entry.num_classes} ]
+    label_filename: "{LABELS_FILE}"
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: 100
+}}
+"""
+
+
+def write(folder: Path, entry: Entry, labels: Sequence[str]) -> None:
+    if len(labels) != entry.num_classes:
+        raise UserError(f"{len(labels)} class names for a model with {entry.num_classes} classes")
+    (folder / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+    (folder / "config.pbtxt").write_text(config_text(entry), encoding="utf-8")

@@ -1,0 +1,207 @@
+"""Quantization-aware training (quant_main.py / --quantize), INT8 ONNX export, ONNX evaluation and the
+Triton model repository, on a small BatchNorm CNN and the 32 px digits."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import classify  # noqa: E402
+import model2onnx  # noqa: E402
+from image_classification import checkpoint, cli, models, quantization  # noqa: E402
+from image_classification.models.registry import ModelSpec, register  # noqa: E402
+from image_classification.reporting.dllogger import read_raport  # noqa: E402
+
+ARCH = "tiny-bn-cnn"
+
+
+def tiny_bn_cnn(num_classes: int = 10) -> nn.Module:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, num_classes))
+
+
+if ARCH not in models.names():
+    register(ModelSpec(ARCH, "test", tiny_bn_cnn, default_image_size=32))
+
+COMMON = ["--arch", ARCH, "--data-backend", "pytorch", "--image-size", "32", "--val-resize-size", "32", "-b", "32",
+          "--workers", "0", "--seed", "3", "--device", "cpu", "--print-freq", "100"]
+QAT = [*COMMON, "--quantize", "--calib-batches", "2", "--epochs", "2", "--lr", "0.01", "--momentum", "0.9",
+       "--lr-schedule", "cosine"]
+
+
+def summary(workspace: Path) -> dict:
+    return [r["data"] for r in read_raport(workspace / "experiment_raport.json")
+            if r.get("type") == "LOG" and r["step"] == []][-1]
+
+
+def epochs(workspace: Path) -> dict[int, dict]:
+    return {r["step"][0]: r["data"] for r in read_raport(workspace / "experiment_raport.json")
+            if r.get("type") == "LOG" and isinstance(r["step"], list) and len(r["step"]) == 1}
+
+
+def one_line_error(capsys, status: int) -> str:
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def fp32(digits_dir, tmp_path_factory) -> Path:
+    workspace = tmp_path_factory.mktemp("fp32")
+    assert cli.main([*COMMON, "--epochs", "4", "--lr", "0.3", "--lr-schedule", "cosine", "--workspace",
+                     str(workspace), str(digits_dir)]) == 0
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def qat(fp32, digits_dir, tmp_path_factory) -> Path:
+    workspace = tmp_path_factory.mktemp("qat")
+    assert cli.main([*QAT, "--pretrained-from-file", str(fp32 / "model_best.pth.tar"), "--workspace",
+                     str(workspace), str(digits_dir)]) == 0
+    return workspace
+
+
+def test_qat_keeps_fp32_accuracy_and_saves_int8_quantizers(fp32, qat):
+    fp32_top1, qat_top1 = summary(fp32)["val.top1"], summary(qat)["val.top1"]
+    assert fp32_top1 > 50
+    assert qat_top1 > fp32_top1 - 2.0, (fp32_top1, qat_top1)
+    saved = checkpoint.load(qat / "checkpoint.pth.tar")  # weights_only=True
+    assert saved["arch"] == ARCH and quantization.CHECKPOINT_KEY in saved
+    amax = {k: v for k, v in saved["state_dict"].items() if k.endswith("_quantizer._amax")}
+    # Every conv and the linear layer: a per-tensor input range and one weight range per output channel.
+    assert amax["0.weight_quantizer._amax"].numel() == 16 and amax["11.weight_quantizer._amax"].numel() == 10
+    assert amax["0.input_quantizer._amax"].numel() == 1 and all((v > 0).all() for v in amax.values())
+
+
+def test_qat_resume_reproduces_the_uninterrupted_run(fp32, qat, digits_dir, tmp_path):
+    args = [*QAT, "--pretrained-from-file", str(fp32 / "model_best.pth.tar"), "--workspace", str(tmp_path),
+            str(digits_dir)]
+    assert cli.main([*args, "--run-epochs", "1"]) == 0
+    assert cli.main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")]) == 0
+    assert epochs(tmp_path)[1]["train.loss"] == epochs(qat)[1]["train.loss"]
+    assert epochs(tmp_path)[1]["val.top1"] == epochs(qat)[1]["val.top1"]
+    straight, resumed = (checkpoint.load(w / "checkpoint.pth.tar")["state_dict"] for w in (qat, tmp_path))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_int8_onnx_export_matches_fake_quant_and_evaluates_like_pytorch(qat, digits_dir, tmp_path, capsys):
+    output = tmp_path / "qat.onnx"
+    assert model2onnx.main(["--weights", str(qat / "checkpoint.pth.tar"), "--int8", "--output", str(output),
+                            "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "check passed" in printed and "top-1 agreement" in printed
+    ops = [node.op_type for node in onnx.load(str(output)).graph.node]
+    assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= 6  # inputs and weights
+    # The deployed file scores the val set like the fake-quantized PyTorch model.
+    pytorch_ws, onnx_ws = tmp_path / "pt", tmp_path / "onnx"
+    assert cli.main([*COMMON, "--evaluate", "--resume", str(qat / "checkpoint.pth.tar"), "--workspace",
+                     str(pytorch_ws), str(digits_dir)]) == 0
+    assert cli.main(["--evaluate", "--onnx", str(output), "--data-backend", "pytorch", "-b", "64", "--workers", "0",
+                     "--device", "cpu", "--workspace", str(onnx_ws), str(digits_dir)]) == 0
+    assert abs(summary(onnx_ws)["val.top1"] - summary(pytorch_ws)["val.top1"]) <= 100 / 360 + 1e-6
+    # classify.py runs the file with the preprocessing and class names recorded in it.
+    image = sorted((digits_dir / "val" / "7").iterdir())[0]
+    capsys.readouterr()
+    assert classify.main(["--onnx", str(output), "--image", str(image), "--topk", "3"]) == 0
+    via_onnx = capsys.readouterr().out.splitlines()
+    assert classify.main(["--weights", str(qat / "checkpoint.pth.tar"), "--image", str(image), "--topk", "3",
+                          "--precision", "FP32", "--cpu"]) == 0
+    via_pytorch = capsys.readouterr().out.splitlines()
+    assert via_onnx[0] == via_pytorch[0] == str(image) and len(via_onnx) == 4
+    assert [line.split(":")[0] for line in via_onnx] == [line.split(":")[0] for line in via_pytorch]
+
+
+def test_triton_repository_config_parses_and_model_runs_at_1_and_max_batch(qat, tmp_path, capsys):
+    from tritonclient.grpc import model_config_pb2
+    import onnxruntime as ort
+
+    repository = tmp_path / "models"
+    assert model2onnx.main(["--weights", str(qat / "checkpoint.pth.tar"), "--triton-repository", str(repository),
+                            "--max-batch-size", "16", "--device", "cpu"]) == 0
+    assert "check batch 16" in capsys.readouterr().out
+    folder = repository / f"{ARCH}-int8"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == [
+        "1", "1/model.onnx", "config.pbtxt", "labels.txt"]
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.platform, config.max_batch_size) == (f"{ARCH}-int8", "onnxruntime_onnx", 16)
+    assert config.HasField("dynamic_batching")
+    (inp,), (out,) = config.input, config.output
+    assert (inp.name, list(inp.dims), inp.data_type) == ("input", [3, 32, 32], model_config_pb2.TYPE_FP32)
+    assert (out.name, list(out.dims), out.label_filename) == ("logits", [10], "labels.txt")
+    assert (folder / "labels.txt").read_text().splitlines() == [str(d) for d in range(10)]
+    session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, config.max_batch_size):
+        (logits,) = session.run([out.name], {inp.name: np.random.rand(batch, *inp.dims).astype(np.float32)})
+        assert logits.shape == (batch, 10) and np.isfinite(logits).all()
+    # An existing model folder is never overwritten.
+    assert model2onnx.main(["--weights", str(qat / "checkpoint.pth.tar"), "--triton-repository", str(repository),
+                            "--device", "cpu"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bad_quantization_input_is_one_line(fp32, digits_dir, tmp_path, capsys):
+    weights = str(fp32 / "model_best.pth.tar")
+    status = model2onnx.main(["--weights", weights, "--int8", "--output", str(tmp_path / "x.onnx")])
+    assert "has no quantizers" in one_line_error(capsys, status)
+    assert not (tmp_path / "x.onnx").exists()
+    status = cli.main([*QAT, "--workspace", str(tmp_path), str(digits_dir)])
+    assert "--pretrained-from-file" in one_line_error(capsys, status)
+    status = cli.main([*QAT, "--evaluate", "--pretrained-from-file", weights, "--workspace", str(tmp_path),
+                       str(digits_dir)])
+    assert "calibrates on the training set" in one_line_error(capsys, status)
+    status = cli.main([*QAT, "--pretrained-from-file", weights, "--workspace", str(tmp_path), str(tmp_path / "none")])
+    one_line_error(capsys, status)  # a missing calibration (training) set
+    status = cli.main(["--onnx", str(tmp_path / "x.onnx"), "--data-backend", "pytorch", str(digits_dir)])
+    assert "add --evaluate" in one_line_error(capsys, status)
+    status = cli.main(["--evaluate", "--onnx", str(tmp_path / "x.onnx"), "--data-backend", "pytorch", str(digits_dir)])
+    assert "does not exist" in one_line_error(capsys, status)
+
+
+def test_quant_archs_are_the_efficientnets_with_quantize_on():
+    for variant in ("b0", "b4", "b7"):
+        quant, base = models.get(f"efficientnet-quant-{variant}"), models.get(f"efficientnet-{variant}")
+        assert quant.quantized and not base.quantized
+        assert (quant.default_image_size, quant.defaults) == (base.default_image_size, base.defaults)
+    a, b = models.get("efficientnet-quant-b0").build(10), models.get("efficientnet-b0").build(10)
+    assert a.state_dict().keys() == b.state_dict().keys()
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("b0", dict(epochs=10, batch_size=128, optimizer="sgd", lr=0.0125, momentum=0.89, weight_decay=4.5e-5,
+                lr_schedule="cosine")),
+    ("b4", dict(epochs=2, batch_size=32, optimizer="rmsprop", lr=4.09e-6, rmsprop_alpha=0.853, rmsprop_eps=0.00422,
+                momentum=0.9, weight_decay=9.714e-4, lr_schedule="linear")),
+])
+def test_quantization_recipes_run_quant_main_with_the_reference_hyperparameters(variant, expected, tmp_path):
+    import multiproc
+    from image_classification import config
+
+    shim = tmp_path / "python"
+    shim.write_text("#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > \"$RECIPE_CALL\"\n")
+    shim.chmod(0o755)
+    script = ROOT / f"efficientnet/quantization/DGX1V-32G_efficientnet-quant-{variant}_FP32.sh"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(shim), "RECIPE_CALL": str(tmp_path / "call")}
+    subprocess.run(["bash", str(script), "w.pth", "ws", "--print-freq", "5"], env=env, check=True, timeout=60)
+    call = (tmp_path / "call").read_text().split("\0")[:-1]
+    spawn = multiproc.parse_args(call[1:])
+    assert spawn.nproc_per_node == 8 and spawn.training_script == str(ROOT / "quant_main.py")
+    args = config.parse_args(spawn.training_script_args, {"quantize": True})
+    assert (args.arch, args.pretrained_from_file, args.workspace, args.print_freq, args.quantize) == (
+        f"efficientnet-quant-{variant}", "w.pth", "ws", 5, True)
+    assert {key: getattr(args, key) for key in expected} == expected
+    missing = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "usage:" in missing.stderr
