@@ -196,7 +196,7 @@ def test_dali_labels_join_the_images_on_the_gpu():
     from unittest import mock
     from image_classification.data import dali
     spec = dict(train=False, image_size=32, val_resize_size=36, crop_scale=(0.08, 1.0), interpolation="bilinear",
-                augmentation="none", layout="CHW")
+                augmentation="none", randaugment_num_ops=2, randaugment_magnitude=9, layout="CHW")
     for decoder, gpu_tail, on_gpu in (("mixed", False, True), ("cpu", True, True), ("cpu", False, False)):
         fake = mock.MagicMock()
         encoded, labels = mock.MagicMock(), mock.MagicMock()

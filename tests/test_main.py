@@ -213,8 +213,8 @@ def test_efficientnet_b0_learns_digits_and_resumes(digits_dir, tmp_path):
 def test_cutmix_and_mixup_together_and_tensorboard(small_digits_dir, tmp_path, monkeypatch):
     kinds, build = [], cli._batch_transform
 
-    def spy(args, num_classes):
-        transform = build(args, num_classes)
+    def spy(mixup, cutmix, num_classes):
+        transform = build(mixup, cutmix, num_classes)
 
         def apply(images, target):
             mixed, soft = transform(images, target)

@@ -180,7 +180,8 @@ def _loader_config(data: Path, workers: int):
 def test_pytorch_workers_ignore_the_shutdown_signals(tmp_path):
     from image_classification.data import pytorch
     loader = pytorch.train_loader(_loader_config(_tiny_folder(tmp_path), workers=2))
-    next(iter(loader))  # starts the (persistent) workers
+    batches = iter(loader)
+    next(batches), next(batches)  # batch k comes from worker k % 2: both workers have started
     workers = loader.source._iterator._workers
     assert len(workers) == 2
     for worker in workers:
