@@ -103,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
         used = export.export_torchscript(model, example, output)
         print(f"=> wrote {output} (TorchScript via torch.jit.{used}, input [batch, 3, {image_size}, {image_size}])")
     if folder is not None:
-        entry = triton.Entry(name=folder.name, fmt=args.format, image_size=image_size, num_classes=loaded.num_classes,
+        entry = triton.Entry(name=folder.name, platform=triton.PLATFORMS[args.format], image_size=image_size, num_classes=loaded.num_classes,
                              max_batch_size=args.max_batch_size, preprocessing=_preprocessing(loaded, image_size))
         triton.write(folder, entry, export.default_class_names(loaded))
-        print(f"=> wrote Triton model {folder} (config.pbtxt, {triton.LABELS_FILE}, 1/{entry.filename}; "
+        print(f"=> wrote Triton model {folder} (config.pbtxt, {triton.LABELS_FILE}, 1/{entry.platform.filename}; "
               f"max_batch_size {args.max_batch_size}, dynamic batching)")
     if not args.check:
         return 0
@@ -138,7 +138,7 @@ def _output_path(args: argparse.Namespace, loaded: export.LoadedModel, quantized
         raise UserError(f"--max-batch-size must be positive, got {args.max_batch_size}")
     name = args.triton_model_name or loaded.arch + ("-int8" if quantized else "")
     folder = triton.prepare(args.triton_repository, name)
-    return str(folder / "1" / triton.PLATFORMS[args.format][1]), folder
+    return str(folder / "1" / triton.PLATFORMS[args.format].filename), folder
 
 
 def _preprocessing(loaded: export.LoadedModel, image_size: int) -> str:

@@ -13,40 +13,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from image_classification.errors import UserError
+from image_classification.export import INPUT_NAME, OUTPUT_NAME
 
-# Triton's naming convention for TorchScript models, which carry no tensor names.
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx", "input", "logits"),
-             "torchscript": ("pytorch_libtorch", "model.pt", "INPUT__0", "OUTPUT__0")}
+
+class Platform(NamedTuple):
+    name: str         # Triton's backend platform
+    filename: str     # the model file inside the version folder
+    input_name: str
+    output_name: str
+
+
+# TorchScript models carry no tensor names: Triton's naming convention for them.
+PLATFORMS = {"onnx": Platform("onnxruntime_onnx", "model.onnx", INPUT_NAME, OUTPUT_NAME),
+             "torchscript": Platform("pytorch_libtorch", "model.pt", "INPUT__0", "OUTPUT__0")}
 LABELS_FILE = "labels.txt"
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
-    fmt: str
+    platform: Platform
     image_size: int
     num_classes: int
     max_batch_size: int
     preprocessing: str  # a human-readable description, written as a comment
-
-    @property
-    def platform(self) -> str:
-        return PLATFORMS[self.fmt][0]
-
-    @property
-    def filename(self) -> str:
-        return PLATFORMS[self.fmt][1]
-
-    @property
-    def input_name(self) -> str:
-        return PLATFORMS[self.fmt][2]
-
-    @property
-    def output_name(self) -> str:
-        return PLATFORMS[self.fmt][3]
 
 
 def prepare(repository: str, name: str) -> Path:
@@ -68,11 +61,11 @@ def config_text(entry: Entry) -> str:
     comment = "\n".join(f"# {line}" for line in entry.preprocessing.splitlines())
     return f"""{comment}
 name: "{entry.name}"
-platform: "{entry.platform}"
+platform: "{entry.platform.name}"
 max_batch_size: {entry.max_batch_size}
 input [
   {{
-    name: "{entry.input_name}"
+    name: "{entry.platform.input_name}"
     data_type: TYPE_FP32
     format: FORMAT_NCHW
     dims: [ 3, {entry.image_size}, {entry.image_size} ]
@@ -80,7 +73,7 @@ input [
 ]
 output [
   {{
-    name: "{entry.output_name}"
+    name: "{entry.platform.output_name}"
     data_type: TYPE_FP32
     dims: [ {entry.num_classes} ]
     label_filename: "{LABELS_FILE}"
