@@ -150,19 +150,16 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
             epoch_images += images.shape[0]
             data_wait += waited
         if (batch + 1) % print_freq == 0 and log is not None:
-            if pending is not None:
-                log(pending.step, pending.metrics())
+            _log_report(log, pending)
             pending = _interval_report(parts, interval, lr, [epoch, batch + 1])
             interval.reset()
         end = time.perf_counter()
         if last_of_group and should_stop():
-            if pending is not None:
-                log(pending.step, pending.metrics())
+            _log_report(log, pending)
             return StepOutcome(batch + 1, interrupted=batch + 1 < num_batches)
         if batch + 1 == num_batches:
             break
-    if pending is not None:
-        log(pending.step, pending.metrics())
+    _log_report(log, pending)
     runtime.synchronize()
     elapsed = time.perf_counter() - timed_from if timed_from else 0.0
     done = batch + 1 - start_batch
@@ -191,6 +188,12 @@ def _optimizer_step(parts: TrainComponents) -> None:
     parts.scheduler.step()
     if parts.ema is not None:
         parts.ema.update(parts.module)
+
+
+def _log_report(log, report: IntervalReport | None) -> None:
+    """Log the interval closed one interval ago, if any (its values have reached the host by now)."""
+    if report is not None:
+        log(report.step, report.metrics())
 
 
 def _interval_report(parts: TrainComponents, interval: IntervalMeter, lr: float, step: list[int]) -> IntervalReport:
