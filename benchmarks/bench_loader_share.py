@@ -7,13 +7,16 @@ For each image size, in one invocation and in alternating rounds, ``main.py`` tr
 (``--training-only --no-checkpoints --print-freq 1``, ResNet18, batch 64, ``--amp --memory-format
 nhwc``, ``-j 2``) on a folder of 2048 JPEGs of 500x375 px (512 generated images, q90, smooth colour
 ramps plus sensor noise, each linked four times; written once under the temp folder) with each data
-backend, and once with the ``synthetic`` backend -- the same training step on one fixed in-memory
-batch, nothing to decode: the limit a loader can reach. Every run is a fresh process.
+backend and with the ``synthetic`` backend (main.py without a loader). The reference is a bare loop
+-- the same model, optimizer, bf16 autocast and channels_last, one fixed in-memory batch, nothing
+else, timed the same way: the limit a loader can reach, as ``../shared/bench/bare_loop.py
+--compute`` measures it. Every run is a fresh process.
 
 A run's rate is the epoch throughput from its per-iteration records: all images / the sum of the
-iterations' data-wait + compute times (the first one includes starting the loader's workers). The
-best of ``--rounds`` runs counts. The printed ratio, backend rate / synthetic rate, is the share of
-the epoch left to the model (1.0: the loader costs nothing); the loader's cost is 1 - ratio.
+iterations' data-wait + compute times (the first one includes starting the loader's workers, and
+the bare loop's first one its warm-up). The best of ``--rounds`` runs counts. The printed ratio,
+rate / bare-loop rate, is the share of the epoch left to the model (1.0: the loader costs nothing);
+the loader's cost is 1 - ratio (the ``synthetic`` row shows how much of it is main.py's own loop).
 
 Speed figures mean something only when nothing else runs: on a shared machine take the exclusive
 lock, as above.
@@ -26,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ from image_classification.reporting.dllogger import read_raport  # noqa: E402
 
 WIDTH, HEIGHT = 500, 375
 MARKER = ".bench-loader-share.json"
+BARE = "bare loop"
 
 
 def make_dataset(root: Path, images: int = 512, copies: int = 4, seed: int = 0) -> Path:
@@ -102,6 +107,37 @@ def epoch_rate(backend: str, data: Path, size: int, args) -> float:
     return len(times) * args.batch_size / sum(times)
 
 
+def fixed_batch_rate(size: int, args) -> float:
+    """Images per second of the bare training step on one in-memory batch, in a fresh process."""
+    command = [sys.executable, __file__, "--fixed-batch", str(size), "--arch", args.arch,
+               "-b", str(args.batch_size), "--images", str(args.images), "--copies", str(args.copies)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def run_fixed_batch(size: int, args) -> None:
+    """The bare loop: as many steps as a loader epoch has, each timed from the end of the last."""
+    import torch  # noqa: PLC0415 -- only this child process needs it
+
+    from image_classification import models  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = models.get(args.arch).build(num_classes=2).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-5)
+    images = torch.randn(args.batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 2, (args.batch_size,))
+    steps = args.images * args.copies // args.batch_size
+    start = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+    print(steps * args.batch_size / (time.perf_counter() - start))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 96, 64])
@@ -113,25 +149,29 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=512, help="distinct JPEGs (default: 512)")
     parser.add_argument("--copies", type=int, default=4, help="links to each JPEG (default: 4: 2048 per epoch)")
     parser.add_argument("--data", type=Path, default=None, help="ImageFolder root (default: generated, cached)")
+    parser.add_argument("--fixed-batch", type=int, metavar="PX", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
+    if args.fixed_batch:
+        run_fixed_batch(args.fixed_batch, args)
+        return 0
 
     data = args.data or make_dataset(Path(tempfile.gettempdir()) / "convnets-bench-loader-share",
                                      args.images, args.copies)
-    runs = ["synthetic"] + args.backends
+    runs = [BARE, "synthetic"] + args.backends
     print(f"{args.arch}, batch {args.batch_size}, bf16 + nhwc, -j {args.workers}, {data}, "
           f"{os.cpu_count()} CPUs, best of {args.rounds} round(s)", flush=True)
     best: dict[tuple[int, str], float] = {}
     for size in args.sizes:
         for turn in range(args.rounds):
             for backend in runs:
-                rate = epoch_rate(backend, data, size, args)
+                rate = fixed_batch_rate(size, args) if backend == BARE else epoch_rate(backend, data, size, args)
                 print(f"  {size:4d} px  round {turn + 1}  {backend:<10} {rate:7.1f} img/s", flush=True)
                 best[size, backend] = max(best.get((size, backend), 0.0), rate)
-    print(f"\n{'size':>5}  {'backend':<10} {'img/s':>7}  {'ratio to fixed batch':>20}")
+    print(f"\n{'size':>5}  {'run':<10} {'img/s':>7}  {'ratio to bare loop':>18}")
     for size in args.sizes:
-        limit = best[size, "synthetic"]
+        limit = best[size, BARE]
         for backend in runs:
-            print(f"{size:5d}  {backend:<10} {best[size, backend]:7.1f}  {best[size, backend] / limit:20.3f}")
+            print(f"{size:5d}  {backend:<10} {best[size, backend]:7.1f}  {best[size, backend] / limit:18.3f}")
     return 0
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from image_classification import checkpoint, config, distributed, export, models, quantization, runtime
+from image_classification.data import priority
 from image_classification.data import registry as data_registry
 from image_classification.data.registry import LoaderConfig
 from image_classification.engine import loop, trainer
@@ -199,7 +200,8 @@ def _loader_config(args, rt: runtime.Runtime, context, seed: int) -> LoaderConfi
         augmentation=args.augmentation, memory_format=rt.memory_format, device=rt.device, rank=context.rank,
         world_size=context.world_size, seed=seed, num_classes=args.num_classes or 1000,
         synthetic_epoch_size=args.synthetic_epoch_size, crop_scale=tuple(args.crop_scale),
-        randaugment_num_ops=args.randaugment_num_ops, randaugment_magnitude=args.randaugment_magnitude)
+        randaugment_num_ops=args.randaugment_num_ops, randaugment_magnitude=args.randaugment_magnitude,
+        idle_priority=priority.background(args.loader_priority, rt.device))
 
 
 def _stage_loader_config(config: LoaderConfig, stage: Stage) -> LoaderConfig:

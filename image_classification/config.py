@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
+from image_classification.data.priority import PRIORITIES
 from image_classification.data.registry import AUGMENTATIONS, INTERPOLATIONS
 from image_classification.errors import UserError
 
@@ -85,6 +86,10 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                        help="resize filter: bilinear | bicubic | triangular (DALI only) (default: bilinear)")
     group.add_argument("-j", "--workers", default=5, type=int, metavar="N",
                        help="data loading workers (DALI: threads) per process (default: 5)")
+    group.add_argument("--loader-priority", default="auto", choices=PRIORITIES, metavar="PRIORITY",
+                       help="CPU priority of the loader's workers/threads: auto | normal | idle; idle runs them "
+                            "only on cycles the model leaves free (auto: idle when the model trains on the CPU, "
+                            "normal on a GPU) (default: auto)")
     group.add_argument("--prefetch", default=2, type=positive_int, metavar="N",
                        help="batches each worker loads ahead (pytorch); pipeline queue depth (DALI) (default: 2)")
     group.add_argument("--image-size", default=None, type=positive_int, metavar="PX",

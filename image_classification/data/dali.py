@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from image_classification import signals
+from image_classification.data import priority
 from image_classification.data.checks import scan_split
 from image_classification.data.registry import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, Backend, LoaderConfig
 from image_classification.data.sampling import ShardSampler, require_full_batch
@@ -301,6 +302,7 @@ class DaliLoader:
         self.dali = import_dali(f"dali-{kind}")
         self.train = train
         self.device = _check_device(config.device, kind)
+        self.idle_priority = config.idle_priority
         scan = scan_split(config.data_dir, "train" if train else "val")
         self.num_classes = scan.num_classes
         self.class_names = list(scan.class_names)
@@ -351,7 +353,7 @@ class DaliLoader:
         self._running = True
         while True:
             try:
-                with signals.held():  # DALI may start threads here; they must not take a SIGTERM
+                with self._starting_threads():  # DALI may start threads here
                     outputs = pipe.run()
             except StopIteration:
                 break
@@ -369,12 +371,20 @@ class DaliLoader:
     # -- internals
 
     def _build(self):
-        with _quiet_deprecations(), signals.held():  # the pipeline's threads leave signals to the main thread
+        with _quiet_deprecations(), self._starting_threads():
             pipe = self.dali.pipeline_def(_graph)(self.dali, self.spec, self.feeder,
                                                    enable_conditionals=self.spec.augmentation != "none",
                                                    **self.pipeline_args)
             pipe.build()
         return pipe
+
+    def _starting_threads(self):
+        """Around anything that may start DALI threads: they leave the shutdown signals to the main
+        thread, and they run at idle priority when the model shares the CPU (``data.priority``)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(signals.held())
+        stack.enter_context(priority.new_threads(self.idle_priority))
+        return stack
 
     def _discard(self) -> None:
         self._pipe, self._running = None, False
@@ -386,7 +396,7 @@ class DaliLoader:
         elif self._running:
             self.feeder.stop()
             try:
-                with signals.held():
+                with self._starting_threads():
                     while True:
                         self._pipe.run()  # at most prefetch_queue_depth batches already scheduled
             except StopIteration:

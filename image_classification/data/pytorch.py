@@ -28,6 +28,7 @@ from image_classification import signals
 from image_classification.data.checks import scan_split
 from image_classification.data.decode import split_crop
 from image_classification.data.device import DeviceLoader
+from image_classification.data.priority import WorkerInit
 from image_classification.data.registry import Backend, LoaderConfig
 from image_classification.data.sampling import ShardSampler, require_full_batch
 from image_classification.data.transforms import Transform, open_rgb, train_transform, val_transform
@@ -202,7 +203,7 @@ def _worker_options(config: LoaderConfig) -> dict:
     if config.prefetch < 1:
         raise UserError(f"--prefetch must be >= 1 with --workers > 0, got {config.prefetch}")
     return {"num_workers": config.workers, "prefetch_factor": config.prefetch, "persistent_workers": True,
-            "worker_init_fn": signals.ignore_in_worker}
+            "worker_init_fn": WorkerInit(idle=config.idle_priority)}
 
 
 BACKEND = Backend("pytorch", train_loader=train_loader, val_loader=val_loader,

@@ -43,6 +43,7 @@ class LoaderConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # training random-resized-crop area range
     randaugment_num_ops: int = 2  # augmentation "randaugment": operations per image
     randaugment_magnitude: int = 9  # augmentation "randaugment": strength, 0..30 (torchvision's and DALI's bins)
+    idle_priority: bool = False   # loader workers/threads run only on CPU cycles the model leaves (data.priority)
 
 
 class Loader(Protocol):
