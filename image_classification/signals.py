@@ -6,9 +6,9 @@ thread of each training process owns the shutdown (:class:`image_classification.
 finish the optimizer step, checkpoint, exit 0); its helpers must live through the signal until
 the main process retires them:
 
-* DataLoader worker processes ignore both signals (:func:`ignore_in_worker`, their
-  ``worker_init_fn``). Without it a worker dies first and the main process ends with
-  "DataLoader worker ... is killed by signal" before it can checkpoint.
+* DataLoader worker processes ignore SIGINT, and SIGTERM unless their parent sent it
+  (:func:`ignore_in_worker`, their ``worker_init_fn``). Without it a worker dies first and the
+  main process ends with "DataLoader worker ... is killed by signal" before it can checkpoint.
 * Threads (DALI's, the DataLoader's pin-memory thread) and worker processes are started with the
   signals blocked (:func:`held`): the threads inherit the mask, so the kernel delivers the signal
   to the main thread and never interrupts a helper's system call; a process forked in that window
@@ -17,6 +17,7 @@ the main process retires them:
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -38,7 +39,24 @@ def held():
 
 
 def ignore_in_worker(worker_id: int | None = None) -> None:
-    """``worker_init_fn``: this helper process ignores SIGTERM/SIGINT (the main process stops it)."""
-    for signum in SHUTDOWN:
-        signal.signal(signum, signal.SIG_IGN)  # also discards one pending from the held() window
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN)
+    """``worker_init_fn``: this helper process ignores SIGINT and every SIGTERM but its parent's.
+
+    The main process stops it: by the DataLoader's shutdown protocol, or, for a worker still running
+    when the interpreter exits, by ``Process.terminate()`` (a SIGTERM from the parent) in
+    multiprocessing's exit hook, which then waits for it. A worker deaf to that SIGTERM made a
+    process whose loader outlived its last reference hang at exit forever. So SIGTERM stays blocked
+    in every thread of the worker, and one thread takes each one with its sender's pid
+    (``sigwaitinfo``): the parent's ends the worker, anyone else's (a signal to the whole process
+    group) is dropped.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # also discards one pending from the held() window
+    signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN)  # this thread's mask; new threads inherit it
+    threading.Thread(target=_obey_parent_only, args=(os.getppid(),), name="sigterm-from-parent",
+                     daemon=True).start()
+
+
+def _obey_parent_only(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(128 + signal.SIGTERM)  # what the default action reports as a status to a shell

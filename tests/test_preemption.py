@@ -177,17 +177,83 @@ def _loader_config(data: Path, workers: int):
                         memory_format=torch.contiguous_format, device=torch.device("cpu"))
 
 
-def test_pytorch_workers_ignore_the_shutdown_signals(tmp_path):
+def _started_workers(tmp_path):
     from image_classification.data import pytorch
     loader = pytorch.train_loader(_loader_config(_tiny_folder(tmp_path), workers=2))
     batches = iter(loader)
     next(batches), next(batches)  # batch k comes from worker k % 2: both workers have started
     workers = loader.source._iterator._workers
     assert len(workers) == 2
+    return loader, batches, workers
+
+
+def test_pytorch_workers_ignore_sigint_and_hold_sigterm(tmp_path):
+    _, _, workers = _started_workers(tmp_path)
     for worker in workers:
-        assert _signal_set(f"/proc/{worker.pid}/status", "SigIgn") == {signal.SIGTERM, signal.SIGINT}
+        assert _signal_set(f"/proc/{worker.pid}/status", "SigIgn") == {signal.SIGINT}
+        # blocked in every thread but the one waiting for it in sigwaitinfo (which unblocks it meanwhile)
+        threads = os.listdir(f"/proc/{worker.pid}/task")
+        open_to_sigterm = [thread for thread in threads
+                           if signal.SIGTERM not in _signal_set(f"/proc/{worker.pid}/task/{thread}/status", "SigBlk")]
+        assert len(threads) > 1 and len(open_to_sigterm) == 1
     # and the main process still handles them
     assert _signal_set("/proc/self/status", "SigIgn") == set()
+
+
+def _worker_body(ready):
+    from image_classification import signals
+    signals.ignore_in_worker(0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_worker_survives_a_foreign_sigterm_and_obeys_its_parents():
+    from image_classification import signals
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    with signals.held():  # as the DataLoader starts its workers
+        worker = context.Process(target=_worker_body, args=(ready,), daemon=True)
+        worker.start()
+    assert ready.wait(30)
+    # from another process, as a signal to the whole process group arrives
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+    time.sleep(1.0)
+    assert worker.is_alive()
+    worker.terminate()  # from the parent: what multiprocessing's exit hook does
+    worker.join(timeout=10)
+    assert worker.exitcode == 128 + signal.SIGTERM
+
+
+_LEAKED_LOADER = """
+import sys, torch
+from image_classification.data import pytorch
+from image_classification.data.registry import LoaderConfig
+config = LoaderConfig(data_dir=sys.argv[1], image_size=16, val_resize_size=16, batch_size=2, workers=2,
+                      prefetch=2, interpolation="bilinear", augmentation="none",
+                      memory_format=torch.contiguous_format, device=torch.device("cpu"))
+loader = pytorch.train_loader(config)
+batches = iter(loader)
+next(batches)
+LEAKED = (loader, batches)  # still referenced when the interpreter exits
+print("done", flush=True)
+"""
+
+
+def test_a_process_whose_loader_outlives_it_exits_cleanly(tmp_path):
+    # quant_main.py hung here forever: multiprocessing's exit hook terminated the workers (ignored)
+    # and waited for them
+    data = _tiny_folder(tmp_path)
+    process = subprocess.Popen([sys.executable, "-c", _LEAKED_LOADER, str(data)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the process did not exit: its loader's workers were never stopped")
+    assert process.returncode == 0, err
+    assert out == "done\n"
+    assert err == ""  # no "DataLoader worker exited unexpectedly" traceback from the exit hooks
 
 
 def test_dali_threads_leave_the_shutdown_signals_to_the_main_thread(tmp_path):

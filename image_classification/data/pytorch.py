@@ -16,8 +16,10 @@ Three things differ from a plain ``ImageFolder`` + ``DataLoader``:
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import weakref
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -188,11 +190,30 @@ def _loader(config: LoaderConfig, split: str, transform: Transform,
 
 class HeldStartLoader(DataLoader):
     """A DataLoader whose worker processes (and pin-memory thread) start with the shutdown signals
-    held, so they never act on a SIGTERM/SIGINT meant for the main process (see ``signals``)."""
+    held, so they never act on a SIGTERM/SIGINT meant for the main process (see ``signals``), and
+    are stopped before the interpreter exits.
+
+    A loader still referenced at exit (a global, a reference cycle, a library's closure) would
+    otherwise meet multiprocessing's exit hook, which terminates and waits for its workers while
+    PyTorch still watches them: a "worker exited unexpectedly" traceback on a good run. An exit hook
+    registered after multiprocessing's runs before it and stops them the way the iterator's own
+    finaliser does; it holds only a weak reference, so a loader let go earlier is freed as usual.
+    """
 
     def __iter__(self):
         with signals.held():
-            return super().__iter__()
+            iterator = super().__iter__()
+        hooked = getattr(self, "_exit_hooked", None)
+        if self.num_workers > 0 and (hooked is None or hooked() is not iterator):  # persistent: once
+            self._exit_hooked = weakref.ref(iterator)
+            atexit.register(_stop_workers, self._exit_hooked)
+        return iterator
+
+
+def _stop_workers(iterator_ref: weakref.ref) -> None:
+    iterator = iterator_ref()
+    if iterator is not None:
+        iterator._shutdown_workers()  # what the iterator's __del__ does; idempotent
 
 
 def _worker_options(config: LoaderConfig) -> dict:
