@@ -516,3 +516,36 @@ def test_pretrained_downloads_are_hash_checked(tmp_path, monkeypatch, capsys):
         file.write(b"\x00\x01\x02")
     with pytest.raises(UserError, match="are corrupt"):
         published.download_weights("resnet50")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet-b0"])
+def test_cpu_fast_path_folds_every_batchnorm_and_predicts_as_fp32(arch):
+    from image_classification import inference, models
+    torch.manual_seed(0)
+    model = models.get(arch).build(num_classes=10)
+    for module in model.modules():  # non-trivial BN statistics, so a wrong fold would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    fast = inference.cpu_fast_path(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    images = torch.randn(16, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = fast(images.contiguous(memory_format=torch.channels_last)).float()
+    assert (logits.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
+    assert (logits - reference).abs().max() <= 0.1 * reference.abs().max() + 0.05
+
+
+def test_cpu_fast_path_keeps_fp32_weights_when_a_norm_layer_cannot_be_folded():
+    from image_classification import inference
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten()).eval()
+    fast = inference.cpu_fast_path(model)
+    assert {p.dtype for p in fast.parameters()} == {torch.float32}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(torch.randn(2, 3, 8, 8)).shape == (2, 4 * 6 * 6)
