@@ -333,7 +333,7 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     # Throughput of the last epoch (what the benchmark modes report) and the best accuracy.
     summary = {k: v for k, v in state.last_metrics.items() if k.endswith("_ips")}
     summary["epochs_completed"] = state.epoch
-    if not args.training_only:
+    if not args.training_only and state.best_top1 != loop.NO_BEST:
         summary["val.top1"] = state.best_top1
     reporter.log([], summary)
     return 0
@@ -352,7 +352,7 @@ def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> 
     if rng and len(rng) == context.world_size:
         runtime.set_rng_state(rng[context.rank], context.local_rank)
     return loop.RunState(epoch=int(resume["epoch"]), step_in_epoch=int(resume.get("step_in_epoch", 0)),
-                         best_top1=float(resume.get("best_prec1", 0.0)),
+                         best_top1=float(resume.get("best_prec1", loop.NO_BEST)),
                          epochs_since_best=int(resume.get("epochs_since_best", 0)))
 
 

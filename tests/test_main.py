@@ -407,3 +407,16 @@ def test_resume_with_use_ema_from_a_checkpoint_without_ema_starts_the_average_at
     for name, weight in final["state_dict"].items():  # one update: decay min(0.99, 1/10) = 0.1
         torch.testing.assert_close(final["state_dict_ema"][name], 0.1 * loaded["state_dict"][name] + 0.9 * weight)
     assert not torch.equal(final["state_dict_ema"]["0.weight"], final["state_dict"]["0.weight"])
+
+
+def test_a_first_epoch_at_0_percent_is_still_the_best_so_far(small_digits_dir, tmp_path, monkeypatch):
+    # best_top1 started at 0.0 and `top1 > best` never held: no model_best.pth.tar for a poor first epoch
+    from image_classification.engine import loop
+    monkeypatch.setattr(loop, "_validate_all", lambda *args, **kwargs: {"val.top1": 0.0, "val.top5": 0.0,
+                                                                        "val.loss": 9.0})
+    args = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "24", "--val-resize-size", "24",
+            "-b", "8", "--epochs", "1", "--prof", "2", "--workers", "0", "--seed", "1", "--device", "cpu"]
+    assert run_main(args, tmp_path, small_digits_dir) == 0
+    best = checkpoint.load(tmp_path / "model_best.pth.tar")
+    assert best["best_prec1"] == 0.0 and best["epoch"] == 1
+    assert summary(tmp_path / "experiment_raport.json")["val.top1"] == 0.0

@@ -13,11 +13,15 @@ from image_classification.engine.stages import EpochPlan
 from image_classification.engine.trainer import TrainComponents
 
 
+#: ``RunState.best_top1`` before any validation: below every top-1, so the first one is a new best.
+NO_BEST = -1.0
+
+
 @dataclass
 class RunState:
     epoch: int = 0             # the epoch to run next (= epochs completed)
     step_in_epoch: int = 0     # batches of `epoch` already trained (after an interruption)
-    best_top1: float = 0.0
+    best_top1: float = NO_BEST
     epochs_since_best: int = 0
     last_metrics: dict = field(default_factory=dict)  # the last epoch's record (not checkpointed)
 
