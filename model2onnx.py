@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from image_classification import config, export, quantization, runtime, triton
+from image_classification import config, export, ptq, quantization, runtime, triton
 from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD
 from image_classification.errors import UserError, exit_status
 
@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require a QAT checkpoint (quant_main.py) and export it with INT8 QuantizeLinear/"
                              "DequantizeLinear nodes (a QAT checkpoint is always exported so; this makes a "
                              "non-QAT file an error)")
+    parser.add_argument("--int8-calibration", default=None, metavar="DIR",
+                        help="post-training INT8 for ONNX Runtime on the CPU: calibrate on images of DIR/train "
+                             "(an ImageFolder root, or one split folder) and write QLinearConv ONNX; exit 1 when "
+                             "its top-1 agrees with fp32 on fewer than --min-agreement of them")
+    parser.add_argument("--min-agreement", default=ptq.MIN_AGREEMENT, type=float, metavar="F",
+                        help=f"--int8-calibration: least accepted top-1 agreement with fp32 (default: {ptq.MIN_AGREEMENT:g})")
+    parser.add_argument("--calibration-images", default=256, type=int, metavar="N",
+                        help="--int8-calibration: images used (default: 256)")
     parser.add_argument("--triton-repository", default=None, metavar="DIR",
                         help="write the export as a Triton model repository entry: DIR/NAME/config.pbtxt, "
                              "DIR/NAME/labels.txt and DIR/NAME/1/model.onnx (or model.pt)")
@@ -87,12 +95,21 @@ def run(args: argparse.Namespace) -> int:
     if quantized and args.format == "onnx" and args.exporter == "dynamo":
         raise UserError("a QAT checkpoint exports with --exporter legacy (the dynamo exporter does not "
                         "translate the fake quantizers into QuantizeLinear/DequantizeLinear)")
+    if args.int8_calibration is not None:
+        if quantized:
+            raise UserError("--int8-calibration quantizes an fp32 model; a QAT checkpoint exports its own INT8 "
+                            "quantizers (leave the flag out, or use --int8)")
+        if args.format != "onnx":
+            raise UserError("--int8-calibration writes ONNX for ONNX Runtime; drop --format torchscript")
     model = loaded.model.to(device).eval()
     image_size = args.image_size or loaded.trained_image_size or loaded.spec.default_image_size
     tolerance = args.tolerance if args.tolerance is not None else INT8_TOLERANCE if quantized else 1e-4
-    output, folder = _output_path(args, loaded, quantized)
+    int8 = quantized or args.int8_calibration is not None
+    output, folder = _output_path(args, loaded, int8)
     example = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
 
+    if args.int8_calibration is not None:
+        return _post_training_int8(args, loaded, model.cpu(), image_size, output, folder)
     if args.format == "onnx":
         used = export.export_onnx(model, example, output, opset=args.opset,
                                   exporter="legacy" if quantized else args.exporter)
@@ -102,12 +119,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         used = export.export_torchscript(model, example, output)
         print(f"=> wrote {output} (TorchScript via torch.jit.{used}, input [batch, 3, {image_size}, {image_size}])")
-    if folder is not None:
-        entry = triton.Entry(name=folder.name, platform=triton.PLATFORMS[args.format], image_size=image_size, num_classes=loaded.num_classes,
-                             max_batch_size=args.max_batch_size, preprocessing=_preprocessing(loaded, image_size))
-        triton.write(folder, entry, export.default_class_names(loaded))
-        print(f"=> wrote Triton model {folder} (config.pbtxt, {triton.LABELS_FILE}, 1/{entry.platform.filename}; "
-              f"max_batch_size {args.max_batch_size}, dynamic batching)")
+    _write_triton_entry(args, loaded, image_size, folder)
     if not args.check:
         return 0
 
@@ -123,6 +135,43 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: the {args.format} export differs from PyTorch by {worst.max_abs_diff:.3g} at batch {worst.batch} "
               f"(scaled {worst.scaled():.3g} > --tolerance {tolerance:g}); {output} was written but is "
               "not faithful", file=sys.stderr)
+        return 1
+    print("=> check passed")
+    return 0
+
+
+def _write_triton_entry(args: argparse.Namespace, loaded: export.LoadedModel, image_size: int, folder) -> None:
+    if folder is None:
+        return
+    entry = triton.Entry(name=folder.name, platform=triton.PLATFORMS[args.format], image_size=image_size,
+                         num_classes=loaded.num_classes, max_batch_size=args.max_batch_size,
+                         preprocessing=_preprocessing(loaded, image_size))
+    triton.write(folder, entry, export.default_class_names(loaded))
+    print(f"=> wrote Triton model {folder} (config.pbtxt, {triton.LABELS_FILE}, 1/{entry.platform.filename}; "
+          f"max_batch_size {args.max_batch_size}, dynamic batching)")
+
+
+def _post_training_int8(args: argparse.Namespace, loaded: export.LoadedModel, model: torch.nn.Module,
+                        image_size: int, output: str, folder) -> int:
+    """``--int8-calibration``: ONNX Runtime static INT8 (see ``image_classification.ptq``), checked on
+    the calibration images against the fp32 model."""
+    resize = loaded.trained_resize_size or image_size + 32
+    interpolation = loaded.trained_interpolation if loaded.trained_interpolation in ("bilinear", "bicubic") else "bilinear"
+    images = ptq.calibration_images(args.int8_calibration, args.calibration_images, image_size, resize, interpolation)
+    ptq.quantize(model, images, output, opset=args.opset)
+    export.write_onnx_metadata(output, loaded, image_size)
+    print(f"=> wrote {output} (ONNX Runtime INT8: QLinearConv, U8S8 per-channel, BatchNorm folded; calibrated on "
+          f"{len(images)} images of {args.int8_calibration})")
+    _write_triton_entry(args, loaded, image_size, folder)
+    if not args.check:
+        return 0
+    result = ptq.agreement(model, output, images)
+    print(f"=> check on the calibration images: top-1 agreement with fp32 {100 * result.top1_agreement:.1f}%, "
+          f"max abs diff {result.max_abs_diff:.3g} (max |logit| {result.max_abs_output:.3g})")
+    if result.top1_agreement < args.min_agreement:
+        print(f"error: the INT8 model agrees with fp32 on only {100 * result.top1_agreement:.1f}% of the calibration "
+              f"images (< --min-agreement {args.min_agreement:g}); {output} was written but is not faithful",
+              file=sys.stderr)
         return 1
     print("=> check passed")
     return 0

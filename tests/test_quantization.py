@@ -205,3 +205,42 @@ def test_quantization_recipes_run_quant_main_with_the_reference_hyperparameters(
     assert {key: getattr(args, key) for key in expected} == expected
     missing = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "usage:" in missing.stderr
+
+
+def test_post_training_int8_for_onnx_runtime_scores_like_fp32(fp32, digits_dir, tmp_path, capsys):
+    weights = str(fp32 / "model_best.pth.tar")
+    repository = tmp_path / "models"
+    # This 3-layer CNN is far more sensitive to INT8 rounding than the zoo's deep models (ResNet18
+    # on the digits agrees on 100 %), hence the lower bar.
+    assert model2onnx.main(["--weights", weights, "--int8-calibration", str(digits_dir), "--calibration-images",
+                            "128", "--min-agreement", "0.95", "--triton-repository", str(repository),
+                            "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrated on 128 images" in printed and "check passed" in printed
+    output = repository / f"{ARCH}-int8" / "1" / "model.onnx"
+    ops = [node.op_type for node in onnx.load(str(output)).graph.node]
+    assert ops.count("QLinearConv") == 3 and "BatchNormalization" not in ops and "Conv" not in ops
+    # The deployed file scores the val set within two points of the fp32 model.
+    pytorch_ws, onnx_ws = tmp_path / "pt", tmp_path / "onnx"
+    assert cli.main([*COMMON, "--evaluate", "--pretrained-from-file", weights, "--workspace", str(pytorch_ws),
+                     str(digits_dir)]) == 0
+    assert cli.main(["--evaluate", "--onnx", str(output), "--data-backend", "pytorch", "-b", "64", "--workers", "0",
+                     "--device", "cpu", "--workspace", str(onnx_ws), str(digits_dir)]) == 0
+    assert abs(summary(onnx_ws)["val.top1"] - summary(pytorch_ws)["val.top1"]) <= 2.0
+
+
+def test_post_training_int8_bad_input_is_one_line(fp32, qat, digits_dir, tmp_path, capsys):
+    weights = str(fp32 / "model_best.pth.tar")
+    output = str(tmp_path / "x.onnx")
+    status = model2onnx.main(["--weights", weights, "--int8-calibration", str(tmp_path / "none"), "--output", output])
+    assert "no such directory" in one_line_error(capsys, status)
+    status = model2onnx.main(["--weights", str(qat / "checkpoint.pth.tar"), "--int8-calibration", str(digits_dir),
+                              "--output", output])
+    assert "QAT checkpoint" in one_line_error(capsys, status)
+    status = model2onnx.main(["--weights", weights, "--int8-calibration", str(digits_dir), "--format", "torchscript",
+                              "--output", output])
+    assert "drop --format torchscript" in one_line_error(capsys, status)
+    status = model2onnx.main(["--weights", weights, "--int8-calibration", str(digits_dir), "--calibration-images",
+                              "0", "--output", output])
+    assert "--calibration-images" in one_line_error(capsys, status)
+    assert not (tmp_path / "x.onnx").exists()
