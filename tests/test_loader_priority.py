@@ -3,26 +3,23 @@ threads keep the normal policy; on a GPU (or with ``normal``) nothing changes.""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from image_classification.data import priority
 from image_classification.data.registry import LoaderConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+from tiny_data import write_imagefolder  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 
 
 def _folder(root: Path) -> Path:
-    for split in ("train", "val"):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(root / split / label / f"{i}.jpg")
-    return root
+    return write_imagefolder(root, classes=("a", "b"), train_per_class=4, val_per_class=4, size=20)
 
 
 def _config(data: Path, idle: bool) -> LoaderConfig:
