@@ -38,8 +38,10 @@ def held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def ignore_in_worker(worker_id: int | None = None) -> None:
-    """``worker_init_fn``: this helper process ignores SIGINT and every SIGTERM but its parent's.
+def ignore_in_worker(worker_id: int | None = None, owner: int | None = None) -> None:
+    """``worker_init_fn``: this helper process ignores SIGINT and every SIGTERM but its owner's
+    (the process that started the loader; the parent unless given: under the forkserver start
+    method, Python 3.14's default, the parent is the fork server).
 
     The main process stops it: by the DataLoader's shutdown protocol, or, for a worker still running
     when the interpreter exits, by ``Process.terminate()`` (a SIGTERM from the parent) in
@@ -51,12 +53,12 @@ def ignore_in_worker(worker_id: int | None = None) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # also discards one pending from the held() window
     signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN)  # this thread's mask; new threads inherit it
-    threading.Thread(target=_obey_parent_only, args=(os.getppid(),), name="sigterm-from-parent",
+    threading.Thread(target=_obey_owner_only, args=(owner or os.getppid(),), name="sigterm-from-owner",
                      daemon=True).start()
 
 
-def _obey_parent_only(parent: int) -> None:
+def _obey_owner_only(owner: int) -> None:
     while True:
         info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == parent:
+        if info.si_pid == owner:
             os._exit(128 + signal.SIGTERM)  # what the default action reports as a status to a shell

@@ -200,19 +200,23 @@ def test_pytorch_workers_ignore_sigint_and_hold_sigterm(tmp_path):
     assert _signal_set("/proc/self/status", "SigIgn") == set()
 
 
-def _worker_body(ready):
+def _worker_body(ready, owner):
     from image_classification import signals
-    signals.ignore_in_worker(0)
+    signals.ignore_in_worker(0, owner=owner)
     ready.set()
     time.sleep(60)
 
 
-def test_a_worker_survives_a_foreign_sigterm_and_obeys_its_parents():
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_a_worker_survives_a_foreign_sigterm_and_obeys_its_owners(start_method):
+    # under forkserver (Python 3.14's default) the worker's parent is the fork server, not the
+    # training process: the owner's pid is passed in, as the DataLoader's WorkerInit does
     from image_classification import signals
-    context = multiprocessing.get_context("fork")
+    from image_classification.data.priority import WorkerInit
+    context = multiprocessing.get_context(start_method)
     ready = context.Event()
     with signals.held():  # as the DataLoader starts its workers
-        worker = context.Process(target=_worker_body, args=(ready,), daemon=True)
+        worker = context.Process(target=_worker_body, args=(ready, WorkerInit(idle=False).owner), daemon=True)
         worker.start()
     assert ready.wait(30)
     # from another process, as a signal to the whole process group arrives

@@ -52,9 +52,10 @@ class WorkerInit:
 
     def __init__(self, idle: bool):
         self.idle = idle
+        self.owner = os.getpid()  # the training process, which alone may stop the worker
 
     def __call__(self, worker_id: int) -> None:
-        signals.ignore_in_worker(worker_id)
+        signals.ignore_in_worker(worker_id, owner=self.owner)
         if self.idle:
             lower()
 
