@@ -3,11 +3,14 @@
 
     python model2onnx.py --arch resnet50 --pretrained-from-file model.pth            # -> model.onnx
     python model2onnx.py --arch resnet50 --weights model.pth --format torchscript    # -> model.torchscript.pt
+    python model2onnx.py --weights checkpoint.pth.tar --int8-calibration DATA      # INT8 for ONNX Runtime (CPU)
 
 After writing the file, the export is run (onnxruntime, or the reloaded TorchScript module) next
 to the eager PyTorch model on random images at batch 1 and 4, and the largest difference of the
 logits is printed. Above ``--tolerance`` (relative to the output magnitude when outputs exceed
-1) the command exits with status 1; ``--no-check`` skips the check.
+1) the command exits with status 1; ``--no-check`` skips the check. A QAT checkpoint exports with
+Q/DQ nodes (TensorRT's INT8 form); ``--int8-calibration`` quantizes an fp32 model for ONNX Runtime
+and checks it on the calibration images instead (``image_classification.ptq``).
 """
 from __future__ import annotations
 
