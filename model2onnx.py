@@ -158,8 +158,7 @@ def _post_training_int8(args: argparse.Namespace, loaded: export.LoadedModel, mo
                         image_size: int, output: str, folder) -> int:
     """``--int8-calibration``: ONNX Runtime static INT8 (see ``image_classification.ptq``), checked on
     the calibration images against the fp32 model."""
-    resize = loaded.trained_resize_size or image_size + 32
-    interpolation = loaded.trained_interpolation if loaded.trained_interpolation in ("bilinear", "bicubic") else "bilinear"
+    resize, interpolation = export.eval_preprocessing(loaded, image_size)
     images = ptq.calibration_images(args.int8_calibration, args.calibration_images, image_size, resize, interpolation)
     ptq.quantize(model, images, output, opset=args.opset)
     export.write_onnx_metadata(output, loaded, image_size)
@@ -194,8 +193,7 @@ def _output_path(args: argparse.Namespace, loaded: export.LoadedModel, quantized
 
 
 def _preprocessing(loaded: export.LoadedModel, image_size: int) -> str:
-    resize = loaded.trained_resize_size or image_size + 32
-    interpolation = loaded.trained_interpolation if loaded.trained_interpolation in ("bilinear", "bicubic") else "bilinear"
+    resize, interpolation = export.eval_preprocessing(loaded, image_size)
     return (f"{loaded.arch}, {loaded.num_classes} classes, exported by convnets model2onnx.py.\n"
             f"Input: RGB image, shorter side resized to {resize} px ({interpolation}), center crop "
             f"{image_size}x{image_size},\n"

@@ -83,9 +83,8 @@ def compare_paths(args) -> list[dict]:
     import numpy as np
     import onnxruntime as ort
     import torch
-    from onnxruntime import quantization as ortq
 
-    from image_classification import export, inference, models, quantization
+    from image_classification import export, inference, models, ptq, quantization
 
     torch.manual_seed(0)
     model = models.get(args.arch).build(num_classes=1000).eval()
@@ -111,26 +110,16 @@ def compare_paths(args) -> list[dict]:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         return lambda x: session.run(None, {export.INPUT_NAME: x.numpy()})[0]
 
-    class Reader(ortq.CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{export.INPUT_NAME: b.numpy()} for b in calibration])
-
-        def get_next(self):
-            return next(self.items, None)
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_onnx, folded_onnx, ptq_qdq_onnx, ptq_qop_onnx, qdq_onnx = (
-            str(Path(tmp) / n) for n in ("fp32.onnx", "folded.onnx", "ptq_qdq.onnx", "ptq_qop.onnx", "qdq.onnx"))
+        fp32_onnx, ptq_qdq_onnx, ptq_qop_onnx, qdq_onnx = (
+            str(Path(tmp) / n) for n in ("fp32.onnx", "ptq_qdq.onnx", "ptq_qop.onnx", "qdq.onnx"))
         export.export_onnx(model, batches[0], fp32_onnx, exporter="legacy")
-        # ONNX Runtime's recommended preparation: BatchNorm folded, then its pre-processing (shape
-        # inference, graph fusions), unsigned activations and signed per-channel weights (U8S8, the
-        # x86 VNNI kernels' form). A plain export quantized as QDQ ran slower than fp32 here.
-        export.export_onnx(inference.fold_batchnorm(model), batches[0], folded_onnx, exporter="legacy")
-        ortq.quant_pre_process(folded_onnx, folded_onnx)
-        for path, quant_format in ((ptq_qdq_onnx, ortq.QuantFormat.QDQ), (ptq_qop_onnx, ortq.QuantFormat.QOperator)):
-            ortq.quantize_static(folded_onnx, path, Reader(), quant_format=quant_format, per_channel=True,
-                                 activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8)
+        # model2onnx.py --int8-calibration's quantization (image_classification.ptq), in both forms
+        calibration_images = torch.cat(calibration)
+        for path, qdq in ((ptq_qdq_onnx, True), (ptq_qop_onnx, False)):
+            ptq.quantize(model, calibration_images, path, opset=export.DEFAULT_ONNX_OPSET,
+                         batch_size=args.batch_size, qdq=qdq)
         import copy
         quantized = quantization.calibrate(copy.deepcopy(model), calibration, len(calibration)).eval()
         export.export_onnx(quantized, batches[0], qdq_onnx, exporter="legacy")

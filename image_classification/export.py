@@ -336,6 +336,14 @@ def onnx_runner(path: str, device: torch.device, session=None) -> Runner:
 METADATA_PREFIX = "convnets."
 
 
+def eval_preprocessing(loaded: LoadedModel, image_size: int) -> tuple[int, str]:
+    """(resize size, PIL interpolation) the model was evaluated with at crop ``image_size``: the
+    checkpoint's, else image size + 32 and bilinear (DALI's "triangular" has no PIL twin)."""
+    resize = loaded.trained_resize_size or image_size + 32
+    interpolation = loaded.trained_interpolation if loaded.trained_interpolation in ("bilinear", "bicubic") else "bilinear"
+    return resize, interpolation
+
+
 def write_onnx_metadata(path: str, loaded: LoadedModel, image_size: int) -> None:
     """Record the evaluation preprocessing and class names in the ONNX file's metadata_props, so
     whoever runs the file (``--onnx``) preprocesses as the model was trained."""
@@ -345,7 +353,7 @@ def write_onnx_metadata(path: str, loaded: LoadedModel, image_size: int) -> None
 
     model = onnx.load(path)
     values = {"arch": loaded.arch, "image_size": image_size,
-              "resize_size": loaded.trained_resize_size or image_size + 32,
+              "resize_size": eval_preprocessing(loaded, image_size)[0],
               "interpolation": loaded.trained_interpolation or "bilinear",
               "class_names": json.dumps(default_class_names(loaded))}
     for key, value in values.items():

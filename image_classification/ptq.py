@@ -23,7 +23,7 @@ from torch import nn
 
 from image_classification import export, inference
 from image_classification.data.checks import scan_split
-from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD
+from image_classification.data.device import Normalize
 from image_classification.data.transforms import open_rgb, val_transform
 from image_classification.errors import UserError
 
@@ -47,13 +47,14 @@ def calibration_images(data_dir: str, count: int, image_size: int, resize_size: 
     step = max(1, len(samples) // count)
     chosen = samples[::step][:count]
     transform = val_transform(image_size, resize_size, interpolation)
-    pixels = torch.stack([transform(open_rgb(path)) for path, _ in chosen]).float() / 255.0
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return (pixels - mean) / std
+    pixels = torch.stack([transform(open_rgb(path)) for path, _ in chosen])
+    return Normalize(torch.device("cpu"), torch.contiguous_format)(pixels)
 
 
-def quantize(model: nn.Module, images: torch.Tensor, output: str, *, opset: int, batch_size: int = 32) -> None:
-    """Write ``model`` (fp32, eval) to ``output`` as an INT8 QOperator ONNX model calibrated on ``images``."""
+def quantize(model: nn.Module, images: torch.Tensor, output: str, *, opset: int, batch_size: int = 32,
+             qdq: bool = False) -> None:
+    """Write ``model`` (fp32, eval) to ``output`` as an INT8 ONNX model calibrated on ``images``:
+    QOperator nodes (``QLinearConv``), or QuantizeLinear/DequantizeLinear pairs with ``qdq``."""
     from onnxruntime import quantization as ortq
 
     batches = [images[i:i + batch_size].numpy() for i in range(0, len(images), batch_size)]
@@ -69,7 +70,8 @@ def quantize(model: nn.Module, images: torch.Tensor, output: str, *, opset: int,
         fp32, prepared = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "prepared.onnx")
         export.export_onnx(inference.fold_batchnorm(model), images[:1], fp32, opset=opset, exporter="legacy")
         ortq.quant_pre_process(fp32, prepared)
-        ortq.quantize_static(prepared, output, Reader(), quant_format=ortq.QuantFormat.QOperator, per_channel=True,
+        quant_format = ortq.QuantFormat.QDQ if qdq else ortq.QuantFormat.QOperator
+        ortq.quantize_static(prepared, output, Reader(), quant_format=quant_format, per_channel=True,
                              activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8)
 
 

@@ -6,7 +6,7 @@ thread of each training process owns the shutdown (:class:`image_classification.
 finish the optimizer step, checkpoint, exit 0); its helpers must live through the signal until
 the main process retires them:
 
-* DataLoader worker processes ignore SIGINT, and SIGTERM unless their parent sent it
+* DataLoader worker processes ignore SIGINT, and SIGTERM unless the training process sent it
   (:func:`ignore_in_worker`, their ``worker_init_fn``). Without it a worker dies first and the
   main process ends with "DataLoader worker ... is killed by signal" before it can checkpoint.
 * Threads (DALI's, the DataLoader's pin-memory thread) and worker processes are started with the
@@ -44,11 +44,11 @@ def ignore_in_worker(worker_id: int | None = None, owner: int | None = None) -> 
     method, Python 3.14's default, the parent is the fork server).
 
     The main process stops it: by the DataLoader's shutdown protocol, or, for a worker still running
-    when the interpreter exits, by ``Process.terminate()`` (a SIGTERM from the parent) in
+    when the interpreter exits, by ``Process.terminate()`` (a SIGTERM from the owner) in
     multiprocessing's exit hook, which then waits for it. A worker deaf to that SIGTERM made a
     process whose loader outlived its last reference hang at exit forever. So SIGTERM stays blocked
     in every thread of the worker, and one thread takes each one with its sender's pid
-    (``sigwaitinfo``): the parent's ends the worker, anyone else's (a signal to the whole process
+    (``sigwaitinfo``): the owner's ends the worker, anyone else's (a signal to the whole process
     group) is dropped.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # also discards one pending from the held() window

@@ -378,13 +378,12 @@ class DaliLoader:
             pipe.build()
         return pipe
 
+    @contextlib.contextmanager
     def _starting_threads(self):
         """Around anything that may start DALI threads: they leave the shutdown signals to the main
         thread, and they run at idle priority when the model shares the CPU (``data.priority``)."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(signals.held())
-        stack.enter_context(priority.new_threads(self.idle_priority))
-        return stack
+        with signals.held(), priority.new_threads(self.idle_priority):
+            yield
 
     def _discard(self) -> None:
         self._pipe, self._running = None, False
