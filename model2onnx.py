@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
                             "quantizers (leave the flag out, or use --int8)")
         if args.format != "onnx":
             raise UserError("--int8-calibration writes ONNX for ONNX Runtime; drop --format torchscript")
+        if not 0.0 <= args.min_agreement <= 1.0:
+            raise UserError(f"--min-agreement is a share of images, 0..1, got {args.min_agreement:g}")
     model = loaded.model.to(device).eval()
     image_size = args.image_size or loaded.trained_image_size or loaded.spec.default_image_size
     tolerance = args.tolerance if args.tolerance is not None else INT8_TOLERANCE if quantized else 1e-4

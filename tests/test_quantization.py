@@ -243,4 +243,7 @@ def test_post_training_int8_bad_input_is_one_line(fp32, qat, digits_dir, tmp_pat
     status = model2onnx.main(["--weights", weights, "--int8-calibration", str(digits_dir), "--calibration-images",
                               "0", "--output", output])
     assert "--calibration-images" in one_line_error(capsys, status)
+    status = model2onnx.main(["--weights", weights, "--int8-calibration", str(digits_dir), "--min-agreement", "99",
+                              "--output", output])
+    assert "--min-agreement is a share" in one_line_error(capsys, status)
     assert not (tmp_path / "x.onnx").exists()
