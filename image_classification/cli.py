@@ -386,8 +386,10 @@ def _gather_rng_states() -> list[dict]:
 
 
 def _checkpoint_state(parts: TrainComponents, state: loop.RunState, args, class_names, rng, seed) -> dict:
+    # best_prec1 keeps the reference's meaning and range (0 before any validation, e.g. --training-only);
+    # the sentinel below 0 lives only in memory.
     saved = {
-        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "best_prec1": state.best_top1,
+        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "best_prec1": max(state.best_top1, 0.0),
         "epochs_since_best": state.epochs_since_best, "arch": args.arch, "num_classes": len(class_names),
         "class_names": class_names, "state_dict": parts.module.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,

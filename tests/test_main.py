@@ -420,3 +420,11 @@ def test_a_first_epoch_at_0_percent_is_still_the_best_so_far(small_digits_dir, t
     best = checkpoint.load(tmp_path / "model_best.pth.tar")
     assert best["best_prec1"] == 0.0 and best["epoch"] == 1
     assert summary(tmp_path / "experiment_raport.json")["val.top1"] == 0.0
+
+
+def test_a_training_only_checkpoint_keeps_best_prec1_at_0(small_digits_dir, tmp_path):
+    args = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "24", "-b", "8", "--epochs", "1",
+            "--prof", "2", "--workers", "0", "--seed", "1", "--device", "cpu", "--training-only"]
+    assert run_main(args, tmp_path, small_digits_dir) == 0
+    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["best_prec1"] == 0.0
+    assert "val.top1" not in summary(tmp_path / "experiment_raport.json")
