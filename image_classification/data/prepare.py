@@ -30,13 +30,12 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from PIL import Image
 from tqdm import tqdm
 
 from image_classification.data.checks import is_image_file
+from image_classification.data.resize import load_capped, save_image
 from image_classification.errors import UserError, exit_status
 
-_JPEG_MODES = ("L", "RGB", "CMYK")
 _SHOWN = 5
 
 
@@ -115,16 +114,6 @@ def list_images(root: str) -> list[str]:
     return found
 
 
-def target_size(width: int, height: int, max_size: int) -> tuple[int, int]:
-    """``(width, height)`` with the shorter side ``max_size`` (aspect kept, rounded), or unchanged."""
-    short = min(width, height)
-    if short <= max_size:
-        return width, height
-    if width <= height:
-        return max_size, max(1, round(height * max_size / width))
-    return max(1, round(width * max_size / height)), max_size
-
-
 class _Job:
     """One file: SRC/rel → DST/rel (a picklable callable for the pool)."""
 
@@ -139,11 +128,11 @@ class _Job:
         part = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.part")
         try:
             try:
-                image, image_format, resized = self._load(source)
+                image, image_format, resized = load_capped(source, self.max_size)
             except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
                 return Outcome(rel, "unreadable", str(error) or type(error).__name__)
             if resized:
-                self._save(image, image_format, part)
+                save_image(image, image_format, part, self.quality)
             else:
                 shutil.copyfile(source, part)
             os.replace(part, target)
@@ -152,33 +141,6 @@ class _Job:
                 os.remove(part)
             raise
         return Outcome(rel, "resized" if resized else "copied")
-
-    def _load(self, path: str) -> tuple[Image.Image, str, bool]:
-        """The image decoded (resized when its shorter side is over the cap), its format, whether resized."""
-        with open(path, "rb") as file:
-            image = Image.open(file)
-            image_format = image.format
-            size = target_size(*image.size, self.max_size)
-            if size == image.size:
-                image.load()  # only to find unreadable files
-                return image, image_format, False
-            # Decode at the smallest JPEG scale that is still at least the target size (no-op otherwise).
-            image.draft(image.mode, size)
-            image.load()
-        if image.mode in ("1", "P"):  # palette images must be resampled in full colour
-            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        return image.resize(size, Image.Resampling.LANCZOS), image_format, True
-
-    def _save(self, image: Image.Image, image_format: str, path: str) -> None:
-        options = {}
-        if image_format in ("JPEG", "WEBP"):
-            options["quality"] = self.quality
-        if image_format == "JPEG" and image.mode not in _JPEG_MODES:
-            image = image.convert("RGB")
-        for key in ("exif", "icc_profile"):
-            if key in image.info:
-                options[key] = image.info[key]
-        image.save(path, format=image_format, **options)
 
 
 if __name__ == "__main__":
