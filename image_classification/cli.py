@@ -96,6 +96,9 @@ def run(args) -> int:
     reporter = Reporter(str(Path(args.workspace) / args.raport_file), enabled=context.is_main, topk=args.topk,
                         tensorboard_dir=str(Path(args.workspace) / args.tensorboard) if args.tensorboard else None,
                         steps_per_epoch=len(train_loader) if train_loader is not None else None)
+    for loader in (train_loader, val_loader):  # the run's first lines say what data was found
+        if loader is not None and loader.description:
+            reporter.message(loader.description)
     try:
         reporter.log("PARAMETER", {**vars(args), "seed": seed, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
@@ -198,10 +201,13 @@ def _loader_config(args, rt: runtime.Runtime, context, seed: int) -> LoaderConfi
         data_dir=args.data, image_size=args.eval_image_size, val_resize_size=args.val_resize_size,
         batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch, interpolation=args.interpolation,
         augmentation=args.augmentation, memory_format=rt.memory_format, device=rt.device, rank=context.rank,
-        world_size=context.world_size, seed=seed, num_classes=args.num_classes or 1000,
+        world_size=context.world_size, seed=seed, num_classes=args.num_classes,
         synthetic_epoch_size=args.synthetic_epoch_size, crop_scale=tuple(args.crop_scale),
         randaugment_num_ops=args.randaugment_num_ops, randaugment_magnitude=args.randaugment_magnitude,
-        idle_priority=priority.background(args.loader_priority, rt.device))
+        idle_priority=priority.background(args.loader_priority, rt.device),
+        data_format=args.data_format, train_shards=args.train_shards, val_shards=args.val_shards,
+        index_dir=args.data_idx_dir, cache_dir=args.shard_cache, tfrecord_label_base=args.tfrecord_label_base,
+        shard_window=args.shard_shuffle_window)
 
 
 def _stage_loader_config(config: LoaderConfig, stage: Stage) -> LoaderConfig:

@@ -11,7 +11,8 @@ import argparse
 from typing import Any, Sequence
 
 from image_classification.data.priority import PRIORITIES
-from image_classification.data.registry import AUGMENTATIONS, INTERPOLATIONS
+from image_classification.data.sampling import STREAMED_WINDOW
+from image_classification.data.registry import AUGMENTATIONS, DATA_FORMATS, INTERPOLATIONS
 from image_classification.errors import UserError
 
 DATA_BACKENDS = ("pytorch", "synthetic", "dali-cpu", "dali-gpu")
@@ -76,7 +77,8 @@ def _choice_with_none(choices: Sequence[str]):
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("data", metavar="DIR", nargs="?", default=None,
-                       help="dataset root with train/ and val/ in ImageFolder layout "
+                       help="dataset root: train/ and val/ in ImageFolder layout, TFRecord files (train-*, "
+                            "validation-*) or WebDataset shards (train-*.tar, val-*.tar); see --data-format "
                             "(not needed with --data-backend synthetic)")
     group.add_argument("--data-backend", "--data-backends", metavar="BACKEND", default="dali-cpu",
                        choices=DATA_BACKENDS,
@@ -111,6 +113,33 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                             "keeps its ratio to the crop (default: the final training --image-size)")
     group.add_argument("--synthetic-epoch-size", default=0, type=int, metavar="N",
                        help="synthetic backend: images per epoch (default: 64 batches per process)")
+    _add_shard_flags(parser)
+
+
+def _add_shard_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sharded data (TFRecord, WebDataset)")
+    group.add_argument("--data-format", default="auto", choices=DATA_FORMATS, metavar="FORMAT",
+                       help=f"what DIR holds: {' | '.join(DATA_FORMATS)}; auto detects DIR/train/ (folder), "
+                            "DIR/train-*.tar (webdataset), DIR/train-* (tfrecord) (default: auto)")
+    group.add_argument("--train-shards", default=None, metavar="PATTERN",
+                       help="training shards instead of DIR's: a glob or brace range, e.g. "
+                            "/data/train-{000000..000127}.tar (default: found in DIR)")
+    group.add_argument("--val-shards", default=None, metavar="PATTERN",
+                       help="validation shards instead of DIR's (default: found in DIR)")
+    group.add_argument("--data-idx-dir", "--data_idx_dir", dest="data_idx_dir", default=None, metavar="DIR",
+                       help="shard index files (<shard>.samples.tsv): looked up here first, then beside the "
+                            "shards, then in the shard cache; missing ones are built here if writable "
+                            "(default: built in the shard cache)")
+    group.add_argument("--shard-cache", default=None, metavar="DIR",
+                       help="cache folder for built index files and remote shard copies "
+                            "(default: $XDG_CACHE_HOME or ~/.cache, then convnets/)")
+    group.add_argument("--tfrecord-label-base", default=1, type=int, metavar="N",
+                       help="subtracted from TFRecord labels: 1 for TF-slim files (1-based, 0 = background); "
+                            "0 with --num-classes 1001 keeps TF-slim's background class (default: 1)")
+    group.add_argument("--shard-shuffle-window", default=None, type=int, metavar="W",
+                       help="shuffle shards, then samples within groups of W shards, so each rank reads "
+                            "a few shards at a time; 0 shuffles all samples globally "
+                            f"(default: 0 for local shards, {STREAMED_WINDOW} for remote ones)")
 
 
 def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:

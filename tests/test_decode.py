@@ -10,10 +10,17 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from image_classification.data.decode import CropDecoder, reduction, split_crop
-from image_classification.data.pytorch import FolderDataset, sample_seed
+from image_classification.data.checks import SplitScan
+from image_classification.data.pytorch import SourceDataset, sample_seed
+from image_classification.data.sources import FolderSource
 from image_classification.data.transforms import open_rgb, train_transform
 
 WIDTH, HEIGHT = 400, 300
+
+
+def _source(samples: list[tuple[str, int]]) -> FolderSource:
+    names = [str(k) for k in range(max(label for _, label in samples) + 1)]
+    return FolderSource(SplitScan(root="", class_names=names, samples=samples))
 
 
 def structured_image(seed: int = 0) -> np.ndarray:
@@ -103,7 +110,7 @@ def test_dataset_samples_keep_their_per_sample_seeds(jpeg, tmp_path, monkeypatch
     samples = [(jpeg, 0), (str(png), 1)]
     chain = train_transform(32)
     decode, rest = split_crop(chain)
-    dataset = FolderDataset(samples, rest, seed=5, decode=decode)
+    dataset = SourceDataset(_source(samples), rest, seed=5, decode=decode)
     generator_before = torch.get_rng_state()
     for epoch in range(3):
         for index, (path, label) in enumerate(samples):
@@ -122,5 +129,5 @@ def test_unreadable_file_is_skipped_by_the_crop_decoder(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     decode, rest = split_crop(train_transform(16))
-    sample = FolderDataset([(str(bad), 3)], rest, seed=0, decode=decode)[0]
+    sample = SourceDataset(_source([(str(bad), 3)]), rest, seed=0, decode=decode)[0]
     assert sample.image is None and sample.label == 3 and sample.path == str(bad)

@@ -15,10 +15,12 @@ decodes with the "mixed" (nvJPEG) decoder and runs every later stage on the GPU.
 Why the pipeline is fed from Python (``fn.external_source``) rather than by ``fn.readers.file``:
 the reader shards a dataset into contiguous blocks and shuffles with its own generator, so its
 per-rank sample sets, padding and epoch length would differ from the pytorch backend's, and a
-mid-epoch resume would have to decode the batches it skips. Here the sample order is
+mid-epoch resume would have to decode the batches it skips. (``fn.readers.tfrecord`` and
+``fn.readers.webdataset`` have the same limits.) Here the sample order is
 :class:`~image_classification.data.sampling.ShardSampler`'s -- the one definition every backend
-uses -- and the source hands DALI the encoded bytes (``numpy.fromfile``) of exactly the batches
-this rank gets in this epoch, from ``start_batch`` on. Both backends therefore see the same samples
+uses -- and the source hands DALI the encoded bytes (``SampleSource.read``: a file, a tar member,
+a TFRecord's ``image/encoded``) of exactly the batches this rank gets in this epoch, from
+``start_batch`` on. Both backends therefore see the same samples
 in the same batches; reading a batch of files in the main thread costs a few milliseconds, against
 the tens spent decoding it on the pipeline's threads.
 
@@ -35,8 +37,12 @@ pipeline's generator runs on across epochs, so a resumed run sees the same sampl
 batches but different random crops.
 
 Undecodable files: DALI aborts the whole pipeline on one. The loader catches that, decodes each
-file of the batches in flight on its own to find the culprits, and raises a one-line
+sample of the batches in flight on its own to find the culprits, and raises a one-line
 :class:`UserError` naming them. (Zero-byte files never get here: ``scan_split`` drops them.)
+Damaged shards stop the run the same way, with one line naming the shard: a record whose CRC does
+not match when it is read, and anything indexing had to leave out (a truncated tail, a member
+without a label) -- DALI cannot leave a sample out of a batch, and a silently smaller dataset is
+not what the user asked for.
 
 Signals: the pipeline is built and run with SIGTERM/SIGINT blocked (``signals.held``), so DALI's
 threads inherit the block and a signal sent to the whole process group reaches only the main
@@ -60,9 +66,9 @@ import torch
 
 from image_classification import signals
 from image_classification.data import priority
-from image_classification.data.checks import scan_split
 from image_classification.data.registry import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, Backend, LoaderConfig
-from image_classification.data.sampling import ShardSampler, require_full_batch
+from image_classification.data.sampling import source_sampler
+from image_classification.data.sources import SampleSource, ShardError, open_split
 from image_classification.errors import UserError
 
 INSTALL_HINT = "pip install nvidia-dali-cuda120"
@@ -253,30 +259,36 @@ def pipeline_seed(seed: int, rank: int, train: bool) -> int:
 
 # ---------------------------------------------------------------- feeding the pipeline
 
-def read_encoded(path: str) -> np.ndarray:
+def read_encoded(source: SampleSource, index: int) -> np.ndarray:
+    """Sample ``index``'s encoded bytes; a damaged or unreadable one is a one-line UserError."""
     try:
-        return np.fromfile(path, dtype=np.uint8)
+        return np.frombuffer(source.read(index), dtype=np.uint8)
+    except ShardError as error:
+        raise UserError(f"{error}; DALI cannot leave a sample out: repair or re-create the shard, "
+                        "or use --data-backend pytorch, which skips damaged samples") from None
     except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+        raise UserError(f"cannot read {source.name(index)}: {error.strerror or error}") from None
 
 
 class Feeder:
     """The ``external_source``: one call, one batch of the planned epoch (encoded bytes, labels).
 
-    ``in_flight`` holds the paths of the batches handed to DALI and not yet delivered, so a failed
-    batch can be examined file by file.
+    ``in_flight`` holds the sample indices of the batches handed to DALI and not yet delivered, so a
+    failed batch can be examined sample by sample. ``error`` is a sample that could not be read
+    (DALI reports the callback's exception as its own RuntimeError).
     """
 
-    def __init__(self, paths: list[str], labels: np.ndarray):
-        self.paths = paths
-        self.labels = labels
+    def __init__(self, source: SampleSource):
+        self.source = source
+        self.labels = np.asarray(source.labels, dtype=np.int64)
         self.plan: list[list[int]] = []
         self.position = 0
         self.stopped = False
-        self.in_flight: collections.deque[list[str]] = collections.deque()
+        self.error: UserError | None = None
+        self.in_flight: collections.deque[list[int]] = collections.deque()
 
     def start(self, plan: list[list[int]]) -> None:
-        self.plan, self.position, self.stopped = plan, 0, False
+        self.plan, self.position, self.stopped, self.error = plan, 0, False, None
         self.in_flight.clear()
 
     def stop(self) -> None:
@@ -288,9 +300,13 @@ class Feeder:
             raise StopIteration
         indices = self.plan[self.position]
         self.position += 1
-        paths = [self.paths[i] for i in indices]
-        self.in_flight.append(paths)
-        return [read_encoded(path) for path in paths], self.labels[indices]
+        self.in_flight.append(indices)
+        try:
+            encoded = [read_encoded(self.source, i) for i in indices]
+        except UserError as error:
+            self.error = error
+            raise
+        return encoded, self.labels[indices]
 
 
 # ---------------------------------------------------------------- the loader
@@ -303,15 +319,16 @@ class DaliLoader:
         self.train = train
         self.device = _check_device(config.device, kind)
         self.idle_priority = config.idle_priority
-        scan = scan_split(config.data_dir, "train" if train else "val")
-        self.num_classes = scan.num_classes
-        self.class_names = list(scan.class_names)
+        self.source = open_split(config, "train" if train else "val")
+        if self.source.kind != "folder" and self.source.skipped:
+            raise UserError(f"{self.source.skipped[0]} ({len(self.source.skipped)} sample(s) left out while indexing "
+                            f"{self.source.location}); DALI cannot skip samples: repair or re-create the shard, "
+                            "or use --data-backend pytorch, which skips them")
+        self.num_classes = self.source.num_classes
+        self.class_names = list(self.source.class_names)
+        self.description = self.source.describe()
         self.batch_size = config.batch_size
-        self.sampler = ShardSampler(len(scan.samples), batch_size=config.batch_size, rank=config.rank,
-                                    world_size=config.world_size, seed=config.seed, train=train)
-        if train:
-            require_full_batch(len(scan.samples), batch_size=config.batch_size, world_size=config.world_size,
-                               source=str(scan.root))
+        self.sampler = source_sampler(self.source, config, train=train)
         if config.workers < 0:
             raise UserError(f"--workers must be >= 0, got {config.workers}")
         self.channels_last = config.memory_format == torch.channels_last
@@ -329,8 +346,7 @@ class DaliLoader:
             "seed": pipeline_seed(config.seed, config.rank, train), "prefetch_queue_depth": max(1, config.prefetch),
             "exec_dynamic": True,  # reference-counted outputs: safe to hand to torch without a copy
         }
-        self.feeder = Feeder([path for path, _ in scan.samples],
-                             np.array([label for _, label in scan.samples], dtype=np.int64))
+        self.feeder = Feeder(self.source)
         self._pipe = None
         self._running = False  # an epoch was started and not run to its end
         self._pipe = self._build()  # bad options fail now, not at the first batch
@@ -412,15 +428,17 @@ class DaliLoader:
         # Both are on self.device already (spec.on_gpu), so no asynchronous copy reads DALI's buffers.
         return images.to(self.device), labels.to(self.device)
 
-    def _failure(self, error: RuntimeError) -> UserError:
-        candidates = [path for batch in self.feeder.in_flight for path in batch]
-        bad = undecodable(candidates, self.dali, decoder=self.spec.decoder,
+    def _failure(self, error: BaseException) -> UserError:
+        if self.feeder.error is not None:
+            return self.feeder.error
+        candidates = [i for batch in self.feeder.in_flight for i in batch]
+        bad = undecodable(self.source, candidates, self.dali, decoder=self.spec.decoder,
                           device_id=self.pipeline_args["device_id"])
         if bad:
             shown = ", ".join(bad[:_SHOWN]) + (", ..." if len(bad) > _SHOWN else "")
             return UserError(f"DALI cannot decode {len(bad)} image(s): {shown}; remove or re-encode them, "
                              "or use --data-backend pytorch, which skips unreadable files")
-        first = candidates[0] if candidates else "?"
+        first = self.source.name(candidates[0]) if candidates else "?"
         return UserError(f"the DALI pipeline failed on a batch starting with {first}: {dali_reason(error)}")
 
 
@@ -451,14 +469,15 @@ def _check_device(device: torch.device, kind: str) -> torch.device:
 
 # ---------------------------------------------------------------- finding undecodable files
 
-def undecodable(paths: list[str], dali, *, decoder: str = "cpu", device_id: int | None = None) -> list[str]:
-    """The files among ``paths`` that DALI's decoder rejects, each decoded on its own."""
+def undecodable(source: SampleSource, indices: list[int], dali, *, decoder: str = "cpu",
+                device_id: int | None = None) -> list[str]:
+    """The names of the samples among ``indices`` that DALI's decoder rejects, each decoded on its own."""
     bad: list[str] = []
     pipe = None
-    for path in paths:
-        data = read_encoded(path)
+    for index in indices:
+        data = read_encoded(source, index)
         if data.size == 0:
-            bad.append(path)
+            bad.append(source.name(index))
             continue
         if pipe is None:  # a failure leaves a pipeline unusable, so build another
             pipe = dali.pipeline_def(_decode_graph)(dali, decoder, batch_size=1, num_threads=1, device_id=device_id,
@@ -469,7 +488,7 @@ def undecodable(paths: list[str], dali, *, decoder: str = "cpu", device_id: int 
             with signals.held():
                 pipe.run(encoded=[data])
         except RuntimeError:
-            bad.append(path)
+            bad.append(source.name(index))
             pipe = None
     return bad
 

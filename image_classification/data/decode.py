@@ -22,7 +22,7 @@ differs from a full decode only by resampling (a few grey levels), not by geomet
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from PIL import Image
 from torchvision.transforms import v2
@@ -43,7 +43,7 @@ def reduction(crop_height: int, crop_width: int, out_height: int, out_width: int
 
 
 class CropDecoder:
-    """``path`` → the RGB crop of ``crop`` (a ``v2.RandomResizedCrop``), decoded as small as it may be.
+    """``source`` (a path or a binary file) → the RGB crop of ``crop`` (a ``v2.RandomResizedCrop``), decoded as small as it may be.
 
     Draws from torch's global generator exactly as ``crop(full_image)`` would; ``reduce=False``
     decodes every file in full (same crop, same draws), for comparison.
@@ -55,25 +55,27 @@ class CropDecoder:
         self.out_height, self.out_width = crop.size
         self.resample = Image.Resampling[v2.InterpolationMode(crop.interpolation).name]
 
-    def __call__(self, path: str) -> Image.Image:
-        image, (left, top, right, bottom), _ = self.decode(path)
+    def __call__(self, source: str | BinaryIO) -> Image.Image:
+        image, (left, top, right, bottom), _ = self.decode(source)
         # Crop the whole pixels the window touches, then resample the (fractional) window inside
         # them: with no reduction this is exactly v2's crop-then-resize, bit for bit.
         region = (math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom))
         inner = (left - region[0], top - region[1], right - region[0], bottom - region[1])
         return image.crop(region).resize((self.out_width, self.out_height), self.resample, box=inner)
 
-    def decode(self, path: str) -> tuple[Image.Image, Box, int]:
+    def decode(self, source: str | BinaryIO) -> tuple[Image.Image, Box, int]:
         """The decoded RGB image, the crop window in its pixels, and the reduction used."""
-        with open(path, "rb") as file:
-            image = Image.open(file)
-            params = self.crop.make_params([image])  # needs only the header's size
-            top, left, height, width = (params[key] for key in ("top", "left", "height", "width"))
-            factor = 1
-            if self.reduce:
-                factor = reduction(height, width, self.out_height, self.out_width)
-                factor = _draft(image, factor) if factor > 1 else 1
-            image.load()  # decode now, while the file is open: truncated data fails here
+        if isinstance(source, str):
+            with open(source, "rb") as file:
+                return self.decode(file)
+        image = Image.open(source)
+        params = self.crop.make_params([image])  # needs only the header's size
+        top, left, height, width = (params[key] for key in ("top", "left", "height", "width"))
+        factor = 1
+        if self.reduce:
+            factor = reduction(height, width, self.out_height, self.out_width)
+            factor = _draft(image, factor) if factor > 1 else 1
+        image.load()  # decode now, while the file is open: truncated data fails here
         box = (left / factor, top / factor, (left + width) / factor, (top + height) / factor)
         return to_rgb(image), box, factor
 
@@ -88,7 +90,7 @@ def _draft(image: Image.Image, factor: int) -> int:
     return round(width / scaled_width)
 
 
-def split_crop(transform: v2.Compose, reduce: bool = True) -> tuple[Callable[[str], Image.Image], v2.Compose]:
+def split_crop(transform: v2.Compose, reduce: bool = True) -> tuple[Callable[[str | BinaryIO], Image.Image], v2.Compose]:
     """``(decoder, the rest of the chain)``: a :class:`CropDecoder` taking over ``transform``'s
     leading RandomResizedCrop, or a full decode (:func:`open_rgb`) and ``transform`` unchanged."""
     steps = transform.transforms

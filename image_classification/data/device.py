@@ -37,8 +37,9 @@ class DeviceLoader:
     """
 
     def __init__(self, source: Iterable, *, device: torch.device, memory_format: torch.memory_format,
-                 length: int, num_classes: int, class_names: list[str], sampler=None):
+                 length: int, num_classes: int, class_names: list[str], sampler=None, description: str = ""):
         self.source = source
+        self.description = description  # where the batches come from, for the run's first lines
         self.device = device
         self.normalize = Normalize(device, memory_format)
         self.length = length

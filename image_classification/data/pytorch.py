@@ -1,9 +1,10 @@
-"""The "pytorch" backend: an ImageFolder-layout dataset decoded by PIL in DataLoader workers.
+"""The "pytorch" backend: samples of a :mod:`~image_classification.data.sources` source (an ImageFolder,
+TFRecord or WebDataset shards) decoded by PIL in DataLoader workers.
 
 Three things differ from a plain ``ImageFolder`` + ``DataLoader``:
 
-* **Unreadable files do not end the run.** A file that fails to decode (corrupt, truncated, text
-  with an image name) is reported: each batch carries the skipped paths as a third element, which
+* **Unreadable samples do not end the run.** A sample that fails to read or decode (a corrupt,
+  truncated or non-image file; a shard record with a CRC mismatch) is reported: each batch carries the skipped paths as a third element, which
   :class:`DeviceLoader` collects for the engine (``loader.take_skipped()``). In training its place
   is taken by the next readable file of the split (with the slot's own augmentation seed), so
   every batch stays full: ranks keep the same number of steps (a rank left with an empty batch
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import io
 import logging
 import weakref
 from typing import Callable, Iterator, NamedTuple
@@ -27,12 +29,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from image_classification import signals
-from image_classification.data.checks import scan_split
 from image_classification.data.decode import split_crop
 from image_classification.data.device import DeviceLoader
 from image_classification.data.priority import WorkerInit
 from image_classification.data.registry import Backend, LoaderConfig
-from image_classification.data.sampling import ShardSampler, require_full_batch
+from image_classification.data.sampling import ShardSampler, source_sampler
+from image_classification.data.sources import SampleSource, open_split
 from image_classification.data.transforms import Transform, open_rgb, train_transform, val_transform
 from image_classification.errors import UserError
 
@@ -40,10 +42,10 @@ log = logging.getLogger(__name__)
 
 
 class Sample(NamedTuple):
-    image: torch.Tensor | None  # uint8 [3,H,W]; None when the file could not be decoded
+    image: torch.Tensor | None  # uint8 [3,H,W]; None when the sample could not be read or decoded
     label: int
-    path: str
-    replaces: str | None = None  # the unreadable file whose place this sample took (training)
+    path: str                   # the sample's name (source.name): a path, or a shard and record
+    replaces: str | None = None  # the unreadable sample whose place this one took (training)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -52,30 +54,29 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-class FolderDataset(Dataset):
-    """Samples from :func:`scan_split`, indexed by ``(epoch, index)`` (or a plain index: epoch 0).
+class SourceDataset(Dataset):
+    """Samples of a :class:`SampleSource`, indexed by ``(epoch, index)`` (or a plain index: epoch 0).
 
-    ``decode`` turns a path into a PIL image; for training it is a
+    ``decode`` turns a binary file (the sample's bytes) into a PIL image; for training it is a
     :class:`~image_classification.data.decode.CropDecoder`, which draws the random crop itself and
     decodes no more pixels than the crop needs, so it runs under the sample's seed too.
-    With ``refill`` an unreadable file's slot is filled by the next readable file (wrapping around),
+    With ``refill`` an unreadable sample's slot is filled by the next readable one (wrapping around),
     decoded and augmented under the slot's own seed, so every rank's batches stay full.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Transform, seed: int,
-                 decode: Callable[[str], Image.Image] = open_rgb, refill: bool = False):
-        self.samples = samples
+    def __init__(self, source: SampleSource, transform: Transform, seed: int,
+                 decode: Callable[[io.BytesIO], Image.Image] = open_rgb, refill: bool = False):
+        self.source = source
         self.transform = transform
         self.seed = seed
         self.decode = decode
         self.refill = refill
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.source)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[index]
         # The decoder and the transforms draw from torch's global CPU generator. With --workers 0 this
         # runs in the training process, whose generator (dropout, mixup) must not be reset by every
         # sample, so its state is put back afterwards. (Not torch.random.fork_rng: it probes the
@@ -85,27 +86,28 @@ class FolderDataset(Dataset):
         seed = sample_seed(self.seed, epoch, index)
         state = torch.get_rng_state()
         try:
-            image, replaces = self._decode(path, seed), None
+            found, image, replaces = index, self._decode(index, seed), None
             if image is None and self.refill:
-                for offset in range(1, len(self.samples)):
-                    candidate, candidate_label = self.samples[(index + offset) % len(self.samples)]
+                for offset in range(1, len(self.source)):
+                    candidate = (index + offset) % len(self.source)
                     image = self._decode(candidate, seed)
                     if image is not None:
-                        path, label, replaces = candidate, candidate_label, path
+                        found, replaces = candidate, self.source.name(index)
                         break
+            label, name = int(self.source.labels[found]), self.source.name(found)
             if image is None:
-                return Sample(None, label, path)
-            return Sample(self.transform(image), label, path, replaces)
+                return Sample(None, label, name)
+            return Sample(self.transform(image), label, name, replaces)
         finally:
             torch.set_rng_state(state)
 
-    def _decode(self, path: str, seed: int) -> Image.Image | None:
-        """The decoded image (drawn from a generator seeded with ``seed``), or None when unreadable."""
+    def _decode(self, index: int, seed: int) -> Image.Image | None:
+        """Sample ``index`` decoded (drawing from a generator seeded with ``seed``), or None when unreadable."""
         torch.default_generator.manual_seed(seed)
         try:
-            return self.decode(path)
+            return self.decode(io.BytesIO(self.source.read(index)))
         except Exception as error:  # noqa: BLE001 -- PIL plugins raise many types on malformed data
-            log.debug("skipping unreadable image %s: %s", path, error)
+            log.debug("skipping unreadable sample %s: %s", self.source.name(index), error)
             return None
 
 
@@ -163,16 +165,12 @@ def val_loader(config: LoaderConfig) -> DeviceLoader:
 
 
 def _loader(config: LoaderConfig, split: str, transform: Transform,
-            decode: Callable[[str], Image.Image] = open_rgb) -> DeviceLoader:
+            decode: Callable[[io.BytesIO], Image.Image] = open_rgb) -> DeviceLoader:
     train = split == "train"
-    scan = scan_split(config.data_dir, split)
-    sampler = ShardSampler(len(scan.samples), batch_size=config.batch_size, rank=config.rank,
-                           world_size=config.world_size, seed=config.seed, train=train)
-    if train:
-        require_full_batch(len(scan.samples), batch_size=config.batch_size, world_size=config.world_size,
-                           source=str(scan.root))
+    source = open_split(config, split)
+    sampler = source_sampler(source, config, train=train)
     batches = HeldStartLoader(
-        FolderDataset(scan.samples, transform, config.seed, decode, refill=train),
+        SourceDataset(source, transform, config.seed, decode, refill=train),
         batch_size=config.batch_size,
         sampler=EpochKeys(sampler),
         collate_fn=Collate(config.image_size, config.memory_format),
@@ -184,8 +182,8 @@ def _loader(config: LoaderConfig, split: str, transform: Transform,
         **_worker_options(config),
     )
     return DeviceLoader(batches, device=config.device, memory_format=config.memory_format,
-                        length=len(batches), num_classes=scan.num_classes,
-                        class_names=list(scan.class_names), sampler=sampler)
+                        length=len(batches), num_classes=source.num_classes,
+                        class_names=list(source.class_names), sampler=sampler, description=source.describe())
 
 
 class HeldStartLoader(DataLoader):

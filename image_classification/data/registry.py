@@ -21,11 +21,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
 AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment")
+DATA_FORMATS = ("auto", "folder", "tfrecord", "webdataset")  # what DIR holds (data.sources)
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    data_dir: str | None          # ImageFolder root holding train/ and val/ (None for synthetic)
+    data_dir: str | None          # DIR: an ImageFolder root (train/, val/) or a folder of shards (None for synthetic)
     image_size: int               # training crop / validation crop (stage-wise training: one loader per size)
     val_resize_size: int          # validation: resize the shorter side to this, then center crop
     batch_size: int               # per process
@@ -38,12 +39,21 @@ class LoaderConfig:
     rank: int = 0
     world_size: int = 1
     seed: int = 0                 # always set: main draws one when --seed is not given
-    num_classes: int = 1000       # synthetic only; folders decide it otherwise
+    num_classes: int | None = None  # --num-classes as given: synthetic (default 1000) and shard sources (default:
+                                    # from the data) use it; a folder's class folders decide
     synthetic_epoch_size: int = 0  # synthetic only: samples per epoch (0 = backend default)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # training random-resized-crop area range
     randaugment_num_ops: int = 2  # augmentation "randaugment": operations per image
     randaugment_magnitude: int = 9  # augmentation "randaugment": strength, 0..30 (torchvision's and DALI's bins)
     idle_priority: bool = False   # loader workers/threads run only on CPU cycles the model leaves (data.priority)
+    # where the samples are (data.sources): DIR's format is detected unless data_format says it
+    data_format: str = "auto"     # one of DATA_FORMATS
+    train_shards: str | None = None  # a shard pattern (glob, brace range, URL) replacing DIR for train
+    val_shards: str | None = None    # ... and for val
+    index_dir: str | None = None  # --data-idx-dir: shard index files (looked up first, built here if writable)
+    cache_dir: str | None = None  # --shard-cache: remote shard copies and built index files
+    tfrecord_label_base: int = 1  # subtracted from TFRecord labels (TF-slim stores 1-based labels)
+    shard_window: int | None = None  # --shard-shuffle-window; None: data.sampling's default for the source
 
 
 class Loader(Protocol):
@@ -51,6 +61,7 @@ class Loader(Protocol):
 
     num_classes: int
     class_names: list[str]
+    description: str  # where the samples come from (format, shards, samples), for the run's first lines
 
     def __len__(self) -> int:
         """Batches this process yields per epoch."""

@@ -20,6 +20,7 @@ from image_classification.data.sampling import num_batches
 from image_classification.errors import UserError
 
 DEFAULT_BATCHES = 64
+DEFAULT_CLASSES = 1000  # without --num-classes
 
 
 class SyntheticLoader:
@@ -33,6 +34,7 @@ class SyntheticLoader:
         self.last_batch = last_batch  # size of the final batch (smaller only when validating)
         self.num_classes = len(class_names)
         self.class_names = class_names
+        self.description = ""  # nothing worth a line of its own
         self.start_batch = 0
 
     def __len__(self) -> int:
@@ -59,8 +61,9 @@ def val_loader(config: LoaderConfig) -> SyntheticLoader:
 
 
 def _loader(config: LoaderConfig, *, train: bool) -> SyntheticLoader:
-    if config.num_classes < 1:
-        raise UserError(f"the synthetic backend needs --num_classes >= 1, got {config.num_classes}")
+    num_classes = DEFAULT_CLASSES if config.num_classes is None else config.num_classes
+    if num_classes < 1:
+        raise UserError(f"the synthetic backend needs --num_classes >= 1, got {num_classes}")
     global_batch = config.batch_size * config.world_size
     epoch_size = config.synthetic_epoch_size or DEFAULT_BATCHES * global_batch
     length = num_batches(epoch_size, world_size=config.world_size, batch_size=config.batch_size,
@@ -70,17 +73,17 @@ def _loader(config: LoaderConfig, *, train: bool) -> SyntheticLoader:
                         f"({config.batch_size} x {config.world_size} processes)")
     shard = len(range(config.rank, epoch_size, config.world_size))
     last_batch = config.batch_size if train else shard - (length - 1) * config.batch_size
-    images, labels = _fixed_batch(config)
+    images, labels = _fixed_batch(config, num_classes)
     return SyntheticLoader(images, labels, length=length, last_batch=last_batch,
-                           class_names=[str(i) for i in range(config.num_classes)])
+                           class_names=[str(i) for i in range(num_classes)])
 
 
-def _fixed_batch(config: LoaderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _fixed_batch(config: LoaderConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator(device=config.device)
     generator.manual_seed(config.seed)
     shape = (config.batch_size, 3, config.image_size, config.image_size)
     images = torch.randn(shape, generator=generator, device=config.device)
-    labels = torch.randint(0, config.num_classes, (config.batch_size,), generator=generator,
+    labels = torch.randint(0, num_classes, (config.batch_size,), generator=generator,
                            device=config.device, dtype=torch.int64)
     return images.contiguous(memory_format=config.memory_format), labels
 

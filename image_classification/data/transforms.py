@@ -12,7 +12,7 @@ reproducible.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -84,16 +84,18 @@ def val_transform(image_size: int, resize_size: int, interpolation: str = "bilin
     ])
 
 
-def open_rgb(path: str) -> Image.Image:
-    """Decode ``path`` fully into an 8-bit RGB PIL image.
+def open_rgb(source: str | BinaryIO) -> Image.Image:
+    """Decode ``source`` (a path, or a binary file such as ``BytesIO``) fully into an 8-bit RGB PIL image.
 
     Raises whatever PIL raises for unreadable files (the caller decides whether to skip them).
     Transparent images are composited over white rather than having their alpha dropped, which
     would expose whatever colour the transparent pixels happen to store (often black).
     """
-    with open(path, "rb") as file:
-        image = Image.open(file)
-        image.load()  # decode now, while the file is open: truncated data fails here, not later
+    if isinstance(source, str):
+        with open(source, "rb") as file:
+            return open_rgb(file)
+    image = Image.open(source)
+    image.load()  # decode now, while the file is open: truncated data fails here, not later
     return to_rgb(image)
 
 
