@@ -1,6 +1,12 @@
-"""Write a copy of an image tree with every image's shorter side capped.
+"""Write a copy of an image tree with every image's shorter side capped, or shards of it.
 
     python -m image_classification.data.prepare --max-size 256 SRC DST
+    python -m image_classification.data.prepare --to webdataset|tfrecord [--shard-size MB | --shard-samples N]
+                                                [--max-size PX] SRC DST
+
+With ``--to``, the ImageFolder SRC becomes WebDataset tar or TF-slim TFRecord shards in DST, with
+index files and ``classes.txt``; see :mod:`image_classification.data.convert`. The rest of this
+docstring is about the copy.
 
 Every image file under SRC (the files the loaders read: image extensions, hidden entries ignored)
 is written to the same relative path under DST. An image whose shorter side is larger than
@@ -32,6 +38,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from image_classification.data import convert
 from image_classification.data.checks import is_image_file
 from image_classification.data.resize import load_capped, save_image
 from image_classification.errors import UserError, exit_status
@@ -51,12 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("src", metavar="SRC", help="image tree to read (e.g. an ImageFolder root with train/ and val/)")
     parser.add_argument("dst", metavar="DST", help="where to write the copy (created; files already there are kept)")
-    parser.add_argument("--max-size", type=int, required=True, metavar="PX",
-                        help="largest shorter side, in pixels, of an image in DST")
+    parser.add_argument("--max-size", type=int, default=None, metavar="PX",
+                        help="largest shorter side, in pixels, of an image in DST (required without --to)")
     parser.add_argument("--quality", type=int, default=90, metavar="Q",
                         help="JPEG/WebP quality of resized images, 1-100 (default: 90)")
     parser.add_argument("-j", "--workers", type=int, default=len(os.sched_getaffinity(0)), metavar="N",
                         help="parallel processes (default: the CPUs this process may use)")
+    shards = parser.add_argument_group("shards (--to)")
+    shards.add_argument("--to", choices=convert.FORMATS, default=None,
+                        help="write shards instead of a copy: webdataset (train-000000.tar ..., val-...) or "
+                             "tfrecord (TF-slim: train-00000-of-NNNNN ..., validation-...)")
+    shards.add_argument("--shard-size", type=float, default=None, metavar="MB",
+                        help=f"largest shard, in MB (10^6 bytes) (default: {convert.DEFAULT_SHARD_MB} unless "
+                             "--shard-samples is given)")
+    shards.add_argument("--shard-samples", type=int, default=None, metavar="N", help="most samples in a shard")
     return parser
 
 
@@ -66,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     src, dst = _check(args)
+    if args.to:
+        return _run_shards(src, dst, args)
     files = list_images(src)
     if not files:
         raise UserError(f"no image files under {src}")
@@ -87,8 +104,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_shards(src: str, dst: str, args: argparse.Namespace) -> int:
+    shard_bytes = None if args.shard_size is None else int(args.shard_size * 1e6)
+    if shard_bytes is None and args.shard_samples is None:
+        shard_bytes = convert.DEFAULT_SHARD_MB * 10**6
+    settings = convert.Settings(args.to, shard_bytes, args.shard_samples, args.max_size, args.quality)
+    for result in convert.write_shards(src, dst, settings, args.workers):
+        kept = f" ({result.kept} kept from an earlier run)" if result.kept else ""
+        print(f"{result.split}: {result.samples} images in {len(result.shards)} shard(s){kept}: "
+              f"{os.path.basename(result.shards[0])} ... {os.path.basename(result.shards[-1])}")
+        if result.bad:
+            shown = ", ".join(sorted(result.bad)[:_SHOWN]) + (", ..." if len(result.bad) > _SHOWN else "")
+            print(f"warning: {len(result.bad)} unreadable {result.split} image(s) left out: {shown}", file=sys.stderr)
+    print(f"train from them:\n  {convert.train_command(args.dst, args.to)}")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> tuple[str, str]:
-    if args.max_size < 1:
+    if args.to is None:
+        if args.max_size is None:
+            raise UserError("--max-size is required (or --to webdataset|tfrecord to write shards)")
+        if args.shard_size is not None or args.shard_samples is not None:
+            raise UserError("--shard-size and --shard-samples need --to webdataset|tfrecord")
+    if args.shard_size is not None and not args.shard_size > 0:
+        raise UserError(f"--shard-size must be > 0 MB, got {args.shard_size:g}")
+    if args.shard_samples is not None and args.shard_samples < 1:
+        raise UserError(f"--shard-samples must be >= 1, got {args.shard_samples}")
+    if args.max_size is not None and args.max_size < 1:
         raise UserError(f"--max-size must be >= 1, got {args.max_size}")
     if not 1 <= args.quality <= 100:
         raise UserError(f"--quality must be in 1..100, got {args.quality}")
