@@ -298,18 +298,21 @@ class _OpenShard:
         self.count += 1
 
     def discard(self) -> None:
-        self.file.close()
+        self._close_file()
         os.remove(self.path)
 
     def close(self) -> int:
-        if self.settings.format == "webdataset":
-            self.writer.close()  # also closes the file
-        else:
-            self.file.close()
+        self._close_file()
         size = os.path.getsize(self.path)
         if size != self._closed_size(self.size):
             raise AssertionError(f"{self.path}: {size} bytes, expected {self._closed_size(self.size)}")
         return size
+
+    def _close_file(self) -> None:
+        if self.settings.format == "webdataset":
+            self.writer.close()  # ends the archive, then closes the file
+        else:
+            self.file.close()
 
     def _cost(self, record) -> int:
         if self.settings.format == "tfrecord":
