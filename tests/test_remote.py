@@ -163,3 +163,32 @@ def test_s3_globs_listing_and_reading(tmp_path):
             remote.local_copy("s3://shards/data/nope.tar", str(tmp_path / "cache"))
         with pytest.raises(UserError, match="not found"):
             remote.list_dir("s3://no-such-bucket/data")
+
+
+def test_converted_shards_stream_over_http_and_s3(tmp_path):
+    """prepare --to webdataset, then the shard layer reads them from a URL: index files first, each shard once."""
+    from image_classification.data import prepare, sources
+    from tests.helpers.tiny_data import write_imagefolder
+
+    src = write_imagefolder(tmp_path / "src", train_per_class=10, val_per_class=2, size=16)
+    dst = tmp_path / "served" / "wds"
+    assert prepare.main(["-j", "1", "--to", "webdataset", "--shard-samples", "8", str(src), str(dst)]) == 0
+    local = sources.open_source(str(dst), "train")
+    expected = [(local.read(i), int(local.labels[i])) for i in range(len(local))]
+    cache = tmp_path / "cache"
+    with serve_http(tmp_path / "served") as server:
+        pattern = server.url + "/wds/train-{000000..000002}.tar"
+        streamed = sources.open_source(None, "train", shards=pattern, cache_dir=str(cache))
+        assert streamed.kind == "webdataset" and streamed.class_names == ["cat", "dog"]
+        tars = {path: count for path, count in server.gets.items() if path.endswith(".tar")}
+        assert tars == {}  # opening read the index files beside the shards, not the shards
+        assert [(streamed.read(i), int(streamed.labels[i])) for i in range(len(streamed))] == expected
+        assert {path: count for path, count in server.gets.items() if path.endswith(".tar")} == {
+            f"/wds/train-00000{k}.tar": 1 for k in range(3)}
+        with pytest.raises(UserError, match=r"cannot be listed; name the shards with a brace range"):
+            sources.open_source(server.url + "/wds", "train", cache_dir=str(cache))
+    objects = {f"wds/{name}": (dst / name).read_bytes() for name in os.listdir(dst) if not name.startswith(".")}
+    with serve_s3({"shards": objects}):
+        from_s3 = sources.open_source("s3://shards/wds", "train", cache_dir=str(tmp_path / "s3-cache"))
+        assert from_s3.describe().startswith("webdataset s3://shards/wds: 3 shard(s), 20 samples, 2 classes")
+        assert [(from_s3.read(i), int(from_s3.labels[i])) for i in range(len(from_s3))] == expected

@@ -265,7 +265,7 @@ def _transfer_errors() -> tuple[type[BaseException], ...]:
 def _require_listable(fs, location: str) -> None:
     if any(protocol in _UNLISTABLE for protocol in _protocols(fs)):
         raise UserError(f"{location}: an HTTP server cannot be listed; name the shards with a brace range, "
-                        "e.g. https://host/data/train-{000000..000127}.tar")
+                        "e.g. --train-shards 'https://host/data/train-{000000..000127}.tar'")
 
 
 def _protocols(fs) -> tuple[str, ...]:
