@@ -10,12 +10,23 @@ delivered to the training loop (normalised float tensors on the device), after a
 batches that absorbs worker start-up. Backends are measured in turns, ``--repeats`` times each,
 and the best turn counts, which damps the noise of a shared machine. ``dali-gpu`` is included
 when a GPU is present.
+
+``--http`` adds a streaming row per backend: the same images as WebDataset shards
+(``prepare --to webdataset``, ``--shard-mb`` MB each, written once under the temp folder), served by
+a local HTTP server on 127.0.0.1 and read through ``train_shards`` with an empty shard cache at
+the start of every turn, so the first epoch of a turn includes the downloads. It also prints the
+bare download rate (every shard fetched by ``data.remote.local_copy`` into an empty cache).
+Loopback has no network latency or bandwidth limit: the row measures the streaming code path, not
+a real network.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -27,7 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from image_classification.data import registry  # noqa: E402
+from image_classification.data import convert, registry, remote  # noqa: E402
 from image_classification.data.registry import LoaderConfig  # noqa: E402
 from image_classification.errors import UserError  # noqa: E402
 
@@ -79,6 +90,34 @@ def measure(backend: str, config: LoaderConfig, warmup: int, epochs: int) -> flo
     return images / (time.perf_counter() - start)
 
 
+def make_shards(data: Path, shard_mb: float) -> Path:
+    """WebDataset shards of ``data``'s ImageFolder (written once; a finished conversion is kept)."""
+    root = Path(tempfile.gettempdir()) / f"convnets-bench-shards-{data.name}-{shard_mb:g}mb"
+    settings = convert.Settings("webdataset", int(shard_mb * 1e6), None, None, 90)
+    convert.write_shards(str(data), str(root / "shards"), settings, workers=os.cpu_count() or 1)
+    return root
+
+
+def download_rate(urls: list[str]) -> tuple[float, int]:
+    """MB/s of fetching every URL once into an empty shard cache, and the bytes fetched."""
+    cache = tempfile.mkdtemp(prefix="convnets-bench-cache-")
+    try:
+        start = time.perf_counter()
+        fetched = sum(os.path.getsize(remote.local_copy(url, cache)) for url in urls)
+        return fetched / 1e6 / (time.perf_counter() - start), fetched
+    finally:
+        shutil.rmtree(cache)  # the temporary cache this function made
+
+
+def measure_http(backend: str, config: LoaderConfig, warmup: int, epochs: int) -> float:
+    """:func:`measure` with a fresh, empty shard cache (removed afterwards)."""
+    cache = tempfile.mkdtemp(prefix="convnets-bench-cache-")
+    try:
+        return measure(backend, dataclasses.replace(config, cache_dir=cache), warmup, epochs)
+    finally:
+        shutil.rmtree(cache)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None,
@@ -96,6 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="turns per backend; the best counts (default: 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--channels-last", action="store_true", help="--memory-format nhwc")
+    parser.add_argument("--http", action="store_true",
+                        help="add rows streaming WebDataset shards of the images from a local HTTP server")
+    parser.add_argument("--shard-mb", type=float, default=64, help="shard size for --http, in MB (default: 64)")
     args = parser.parse_args(argv)
 
     backends = args.backends or ["pytorch", "dali-cpu"] + (["dali-gpu"] if torch.cuda.is_available() else [])
@@ -108,21 +150,34 @@ def main(argv=None) -> int:
     print(f"data {data}/train, {args.image_size} px train transform, augmentation {args.augmentation}, "
           f"batch {args.batch_size}, {args.workers} workers/threads, device {args.device}, "
           f"{os.cpu_count()} CPUs visible, best of {args.repeats} turn(s) of {args.epochs} epoch(s)", flush=True)
-    best = {name: 0.0 for name in backends}
-    try:
-        for turn in range(args.repeats):
-            for name in backends:
-                rate = measure(name, config, args.warmup, args.epochs)
-                print(f"  turn {turn + 1}: {name:<9} {rate:8.1f} images/s", flush=True)
-                best[name] = max(best[name], rate)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as stack:
+        runs = {name: (measure, config) for name in backends}
+        if args.http:
+            from tests.helpers.shard_servers import serve_http
+            shards = make_shards(Path(data), args.shard_mb)
+            server = stack.enter_context(serve_http(shards))
+            count = len(remote.expand(str(shards / "shards" / "train-*.tar")))
+            pattern = f"{server.url}/shards/train-{{000000..{count - 1:06d}}}.tar"
+            rate, fetched = download_rate(remote.expand(pattern))
+            print(f"http: {count} shard(s), {fetched / 1e6:.1f} MB, download into an empty cache {rate:.0f} MB/s "
+                  f"({pattern})", flush=True)
+            http_config = dataclasses.replace(config, data_dir=None, train_shards=pattern)
+            runs.update({f"{name} http": (measure_http, http_config) for name in backends})
+        best = {name: 0.0 for name in runs}
+        try:
+            for turn in range(args.repeats):
+                for name, (timer, run_config) in runs.items():
+                    rate = timer(name.split()[0], run_config, args.warmup, args.epochs)
+                    print(f"  turn {turn + 1}: {name:<14} {rate:8.1f} images/s", flush=True)
+                    best[name] = max(best[name], rate)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     baseline = best.get("pytorch")
-    print(f"\n{'backend':<10} {'images/s':>9} {'vs pytorch':>11}")
+    print(f"\n{'backend':<14} {'images/s':>9} {'vs pytorch':>11}")
     for name, rate in best.items():
         ratio = f"{rate / baseline:10.2f}x" if baseline else "          -"
-        print(f"{name:<10} {rate:9.1f} {ratio}")
+        print(f"{name:<14} {rate:9.1f} {ratio}")
     return 0
 
 
