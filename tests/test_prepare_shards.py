@@ -185,3 +185,8 @@ def test_bad_shard_options_are_one_line(folder, tmp_path, capsys, argv, message)
     assert prepare.main([a.format(src=folder, dst=dst) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_webdataset_keys_end_at_no_dot_and_stay_unique():
+    assert convert._keys(["cat/0.jpg", "cat/0.png", "cat/x.v2.jpg", "dog/sub/0.jpg"]) == {
+        "cat/0.jpg": "cat/0_jpg", "cat/0.png": "cat/0_png", "cat/x.v2.jpg": "cat/x_v2", "dog/sub/0.jpg": "dog/sub/0"}

@@ -104,7 +104,8 @@ def write_shards(src: str, dst: str, settings: Settings, workers: int) -> list[S
     """Convert every split of the ImageFolder ``src`` into shards in ``dst`` (see the module docstring)."""
     splits = [split for split in SPLITS if os.path.isdir(os.path.join(src, split))]
     if not splits:
-        raise UserError(f"SRC {src} has neither train/ nor val/: expected an ImageFolder root (SRC/train/<class>/<image>)")
+        raise UserError(f"SRC {src} has neither train/ nor val/: "
+                        "expected an ImageFolder root (SRC/train/<class>/<image>)")
     scans = {split: scan_split(src, split) for split in splits}  # checks the class folders of both
     class_names = scans[splits[0]].class_names
     os.makedirs(dst, exist_ok=True)
@@ -375,7 +376,8 @@ def _keys(rels: list[str]) -> dict[str, str]:
     first dot of a member name); where two files differ only by extension, their extensions are kept too."""
     stems = {rel: os.path.splitext(rel)[0].replace(os.sep, "/").replace(".", "_") for rel in rels}
     taken = Counter(stems.values())
-    return {rel: stem if taken[stem] == 1 else rel.replace(os.sep, "/").replace(".", "_") for rel, stem in stems.items()}
+    return {rel: stem if taken[stem] == 1 else rel.replace(os.sep, "/").replace(".", "_")
+            for rel, stem in stems.items()}
 
 
 def _blocks(size: int) -> int:

@@ -69,10 +69,15 @@ def is_remote(location: str) -> bool:
     return bool(_URL.match(location)) and not location.startswith("file://")
 
 
-def default_cache_dir() -> str:
-    """``$XDG_CACHE_HOME/convnets/shards``, i.e. ``~/.cache/convnets/shards`` by default."""
+def cache_root() -> str:
+    """This toolkit's cache folder: ``$XDG_CACHE_HOME/convnets``, i.e. ``~/.cache/convnets`` by default."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "convnets", "shards")
+    return os.path.join(base, "convnets")
+
+
+def default_cache_dir() -> str:
+    """Where shard copies go when no cache folder is named: ``<cache_root()>/shards``."""
+    return os.path.join(cache_root(), "shards")
 
 
 def expand(pattern: str) -> list[str]:
