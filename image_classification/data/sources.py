@@ -517,9 +517,11 @@ def _index_tar(path: str) -> ShardIndex:
     images: dict[str, tarfile.TarInfo] = {}
     labels: dict[str, tarfile.TarInfo] = {}
     order: list[str] = []
+    end = 0  # where the last member's data ends
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
+                end = member.offset_data + member.size
                 if not member.isfile():
                     continue
                 key, _, extension = _split_key(member.name)
@@ -530,7 +532,8 @@ def _index_tar(path: str) -> ShardIndex:
                 elif extension == "cls":
                     labels[key] = member
     except tarfile.ReadError as error:
-        index.skipped.append(f"unreadable tar data after {len(order)} key(s) ({error}); the rest ignored")
+        if end <= size:  # (a member cut short is reported below, as its sample)
+            index.skipped.append(f"unreadable tar data after byte {end} ({error}); the rest ignored")
     with open(path, "rb") as file:
         for key in order:
             image, label = images.get(key), labels.get(key)
