@@ -34,6 +34,12 @@ the same bytes (fixed shuffle seed, fixed tar metadata). The shards get their re
 when the whole split is written (TFRecord names hold the shard count), so an interrupted
 conversion never looks like a dataset. DST files this tool did not record are never overwritten:
 a DST with unrecorded shards of a split is an error.
+
+The libraries write the bytes: ``webdataset.TarWriter`` the tar members (with fixed metadata), and
+``tfrecord``'s ``TFRecordWriter.serialize_tf_example``/``masked_crc`` the Example and its frame.
+Not ``webdataset.ShardWriter``: it names shards itself, writes them under their final names, and
+closes a shard only once it has passed the size limit; nor ``TFRecordWriter.write``: it opens a path
+of its own and cannot say a record's size before writing it, which the size limit needs.
 """
 from __future__ import annotations
 
@@ -364,7 +370,7 @@ class _Encode:
 
 
 def _tfrecord_frame(record: bytes) -> bytes:
-    """One TFRecord frame; tfrecord's writer takes a path, not our ``.part`` file object, so its CRC is used."""
+    """One TFRecord frame (length, masked CRC of the length, record, masked CRC of the record)."""
     import struct
     from tfrecord.writer import TFRecordWriter
     length = struct.pack("<Q", len(record))
