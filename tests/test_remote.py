@@ -192,3 +192,27 @@ def test_converted_shards_stream_over_http_and_s3(tmp_path):
         from_s3 = sources.open_source("s3://shards/wds", "train", cache_dir=str(tmp_path / "s3-cache"))
         assert from_s3.describe().startswith("webdataset s3://shards/wds: 3 shard(s), 20 samples, 2 classes")
         assert [(from_s3.read(i), int(from_s3.labels[i])) for i in range(len(from_s3))] == expected
+
+
+def test_pytorch_loader_workers_stream_each_shard_once(tmp_path):
+    """Two DataLoader workers read HTTP shards through one shard cache: every shard crosses the wire once."""
+    import torch
+
+    from image_classification.data import prepare, registry
+    from tests.helpers.tiny_data import write_imagefolder
+
+    src = write_imagefolder(tmp_path / "src", train_per_class=12, val_per_class=2, size=16)
+    dst = tmp_path / "served" / "wds"
+    assert prepare.main(["-j", "1", "--to", "webdataset", "--shard-samples", "6", str(src), str(dst)]) == 0
+    with serve_http(tmp_path / "served") as server:
+        config = registry.LoaderConfig(
+            data_dir=None, image_size=16, val_resize_size=16, batch_size=4, workers=2, prefetch=2,
+            interpolation="bilinear", augmentation="none", memory_format=torch.contiguous_format,
+            device=torch.device("cpu"), train_shards=server.url + "/wds/train-{000000..000003}.tar",
+            cache_dir=str(tmp_path / "cache"))
+        loader = registry.get("pytorch").train_loader(config)
+        loader.set_epoch(0)
+        labels = torch.cat([batch_labels for _, batch_labels in loader])
+        assert sorted(labels.tolist()) == [0] * 12 + [1] * 12
+        assert {path: count for path, count in server.gets.items() if path.endswith(".tar")} == {
+            f"/wds/train-00000{k}.tar": 1 for k in range(4)}
