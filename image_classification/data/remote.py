@@ -185,8 +185,9 @@ def evict(cache_dir: str, max_bytes: int, keep: str | None = None) -> list[str]:
         with _locked(shard, wait=False) as held:
             if not held:
                 continue
-            os.remove(shard)
-            os.remove(_mark_path(shard))
+            for path in (shard, _mark_path(shard)):
+                with contextlib.suppress(FileNotFoundError):  # another process evicted it meanwhile
+                    os.remove(path)
         total -= size
         deleted.append(shard)
     return deleted
