@@ -372,3 +372,28 @@ def test_recipes_run_a_few_steps_on_the_cpu(recipe, small_digits_dir, tmp_path):
     losses = _iterations(raport, "train.loss")
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert "val.top1" in _epochs(raport)[1]  # eval offset 2: the first validation after epoch 2 (the last)
+
+
+def test_lars_under_ddp_with_accumulation_matches_one_process_with_the_same_global_batch(small_digits_dir, tmp_path):
+    """Two gloo processes x -b 4 x 2 accumulation steps = one process x -b 8 x 2: the same global batch,
+    hence the same scaled LR, averaged gradients, trust ratios and weights."""
+    import os
+    import subprocess
+    driver = ROOT / "tests" / "helpers" / "run_main.py"
+    common = ["--arch", "tiny-cnn", "--data-backend", "pytorch", "--image-size", "16", "--val-resize-size", "16",
+              "--optimizer", "lars", "--lr", "2.0", "--lr-base-batch", "64", "--optimizer-batch-size", "16",
+              "--epochs", "1", "--workers", "0", "--seed", "3", "--device", "cpu", "--training-only"]
+    runs = {}
+    for nproc, batch, port in ((2, "4", 29621), (1, "8", 29622)):
+        workspace = tmp_path / str(nproc)
+        env = {**os.environ, "DUMP_WEIGHTS": str(workspace / "weights"), "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                 "--master_port", str(port), str(driver), *common, "-b", batch, "--workspace",
+                                 str(workspace), str(small_digits_dir)], env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "global batch 16" in result.stdout and "LR 0.5 " in result.stdout
+        runs[nproc] = [torch.load(workspace / f"weights.rank{r}", weights_only=True) for r in range(nproc)]
+    for name, tensor in runs[2][0].items():
+        assert torch.equal(tensor, runs[2][1][name]), name
+        torch.testing.assert_close(tensor, runs[1][0][name], rtol=1e-4, atol=1e-5)

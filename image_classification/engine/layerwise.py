@@ -38,6 +38,14 @@ def _trust(numerator: torch.Tensor, w_norm: torch.Tensor, d_norm: torch.Tensor) 
     return torch.where((w_norm > 0) & (d_norm > 0), numerator, one)
 
 
+def _loss_of(closure):
+    """``Optimizer.step``'s optional closure re-evaluates the loss with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Lars(torch.optim.Optimizer):
     """LARS with momentum in the MLPerf reference's form (see the module docstring)."""
 
@@ -50,10 +58,7 @@ class Lars(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _loss_of(closure)
         for group in self.param_groups:
             lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -105,10 +110,7 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _loss_of(closure)
         divisor = self._clip_divisor()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
