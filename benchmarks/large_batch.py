@@ -5,7 +5,7 @@
 One machine, the bundled handwritten digits (scikit-learn's, 32 px JPEGs: 1437 train, 360 val),
 ResNet18 at 32 px, bf16 + channels_last, seed 1. Every run uses the same recipe except the
 optimizer and the global batch: ``-b 32``, the LR given per 256 images and scaled linearly to the
-global batch (``--lr-base-batch 256``, the rule of Goyal et al.), one warmup epoch, poly decay of
+global batch (``--lr-base-batch 256``, the rule of Goyal et al.), two warmup epochs, poly decay of
 power 2 per iteration (the MLPerf schedule), label smoothing 0.1, weight decay 5e-5, validation
 after the last epoch only. Runs:
 
@@ -21,7 +21,8 @@ after the last epoch only. Runs:
 Printed side by side: optimizer, global batch, optimizer steps, effective LR, final val top-1,
 wall time. A larger batch means fewer optimizer steps for the same epochs, so it is expected to
 lose some accuracy; the question is how much each optimizer loses. Whatever the figures say is the
-result (nothing is tuned per run beyond the LRs printed). Full run: about 5 minutes on 2 cores.
+result (nothing is tuned per run beyond the LRs printed). Full run: about 3 minutes (4 with
+``--lamb``) on 2 otherwise idle cores, estimated from the quickstart's speed; not yet measured.
 ``--smoke`` runs one epoch of 4 batches per run, only to check that the script works.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ def run(name: str, optimizer: str, lr_per_256: float, global_batch: int, scaling
     args = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "32", "--val-resize-size", "32",
             "--crop-scale", "0.7", "1", "-b", str(MICRO_BATCH), "--optimizer-batch-size", str(global_batch),
             "--optimizer", optimizer, "--lr", str(lr_per_256), "--lr-base-batch", "256", "--lr-scaling", scaling,
-            "--lr-schedule", "poly", "--warmup", "1", "--lr-granularity", "iteration", "--end-lr", "0",
+            "--lr-schedule", "poly", "--warmup", "2", "--lr-granularity", "iteration", "--end-lr", "0",
             "--label-smoothing", "0.1", "--weight-decay", "5e-5", "--epochs", str(epochs),
             "--eval-every", str(epochs), "--amp", "--memory-format", "nhwc", "--workers", str(workers),
             "--seed", "1", "--device", "cpu", "--print-freq", "1000", "--no-checkpoints",
