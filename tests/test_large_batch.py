@@ -243,10 +243,18 @@ def test_lr_scaling_rule_uses_the_global_batch(processes, accumulation):
     assert plain.lr == 0.1 and plain.record() == {"global_batch": global_batch, "effective_lr": 0.1}
 
 
-def test_lr_scaling_without_a_base_batch_is_an_error():
-    args = config.parse_args(["--data-backend", "synthetic", "--lr-scaling", "sqrt"])
-    with pytest.raises(UserError, match="--lr-base-batch"):
+@pytest.mark.parametrize("argv, message", [
+    (["--lr-scaling", "sqrt"], "give --lr-base-batch B with it"),
+    (["--target-top1", "101"], "in (0, 100]"),
+    (["--target-top1", "75.9", "--training-only"], "--target-top1 needs validation"),
+    (["--eval-offset", "-1"], "--eval-offset must be >= 0"),
+    (["--adam-betas", "0.9", "1.0"], "--adam-betas must be in [0, 1)"),
+])
+def test_bad_large_batch_flags_are_one_line_errors(argv, message):
+    args = config.parse_args(["--data-backend", "synthetic", *argv])
+    with pytest.raises(UserError) as error:
         config.validate(args)
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_eval_cadence_follows_mlperf_offsets_and_always_ends_with_a_validation():
