@@ -405,3 +405,12 @@ def test_lars_under_ddp_with_accumulation_matches_one_process_with_the_same_glob
     for name, tensor in runs[2][0].items():
         assert torch.equal(tensor, runs[2][1][name]), name
         torch.testing.assert_close(tensor, runs[1][0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_resuming_an_sgd_checkpoint_with_lars_is_a_one_line_error():
+    from image_classification.engine.optim import load_optimizer_state
+    model = ConvBn()
+    sgd = build_optimizer(model, name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    lars = build_optimizer(model, name="lars", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    with pytest.raises(UserError, match="does not fit --optimizer lars"):
+        load_optimizer_state(lars, sgd.state_dict())  # the biases sit in the other group

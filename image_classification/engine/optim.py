@@ -86,6 +86,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     written on the CPU would switch fused SGD off on CUDA (and one from CUDA would switch it on).
     """
     kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError:  # parameter groups of another optimizer (e.g. biases excluded by lars, not by sgd)
+        raise UserError(f"the checkpoint's optimizer state does not fit --optimizer "
+                        f"{type(optimizer).__name__.lower()}; resume with the optimizer it was trained with") from None
     for group, kept in zip(optimizer.param_groups, kernels):
         group.update(kept)
