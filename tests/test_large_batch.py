@@ -414,3 +414,29 @@ def test_resuming_an_sgd_checkpoint_with_lars_is_a_one_line_error():
     lars = build_optimizer(model, name="lars", lr=0.1, momentum=0.9, weight_decay=1e-4)
     with pytest.raises(UserError, match="does not fit --optimizer lars"):
         load_optimizer_state(lars, sgd.state_dict())  # the biases sit in the other group
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["lars", "lamb", "adamw"])
+def test_on_cuda_the_step_matches_the_cpu_step_and_fp16_training_runs(name, small_digits_dir, tmp_path):
+    """On a GPU machine: ``python -m pytest -m gpu tests/test_large_batch.py``. AdamW is fused on CUDA."""
+    after = []
+    for device in ("cpu", "cuda"):
+        model = ConvBn().to(device)
+        optimizer = build_optimizer(model, name=name, lr=0.1, momentum=MOMENTUM, weight_decay=WD,
+                                    device=torch.device(device))
+        for step in range(2):
+            for (_, p), g in zip(model.named_parameters(), _with_grads(ConvBn(), seed=step).values()):
+                p.grad = g.to(device)
+            optimizer.step()
+        after.append([p.detach().cpu() for p in model.parameters()])
+    for cpu, cuda in zip(*after):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-6)
+    argv = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "32", "--val-resize-size", "32",
+            "-b", "8", "--optimizer-batch-size", "16", "--optimizer", name, "--lr", "0.01", "--lr-schedule", "poly",
+            "--lr-granularity", "iteration", "--amp", "--amp-dtype", "float16", "--epochs", "1", "--prof", "4",
+            "--print-freq", "1", "--seed", "1", "--workers", "2", "--device", "cuda"]
+    assert _run(argv, tmp_path, small_digits_dir) == 0
+    losses = _iterations(tmp_path / "experiment_raport.json", "train.loss")
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
