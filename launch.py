@@ -2,10 +2,11 @@
 """Run main.py with presets from configs.yml.
 
     python launch.py --model resnet50 --precision AMP --platform DGXA100 --mode convergence \\
-        /imagenet [main.py flags...]
+        [--recipe R] /imagenet [main.py flags...]
 
 The presets are merged in this order, later wins: ``precision[P]``, ``platform[PL]``,
-``models[M][PL][P]``, ``mode[MODE]``. ``arch`` defaults to the model name. The result becomes the
+``models[M][PL][P]``, ``recipe[R]`` (optional: a published recipe's hyperparameters, e.g. MLPerf's
+large-batch LARS runs), ``mode[MODE]``. ``arch`` defaults to the model name. The result becomes the
 defaults of main.py's parser, so every flag given on the command line beats the presets.
 ``--dry-run`` prints the resolved main.py arguments as YAML and exits without training.
 """
@@ -42,20 +43,22 @@ def _cfg_file_parser() -> argparse.ArgumentParser:
 def build_parser(cfg: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """launch.py's own flags; all other arguments go to main.py unchanged."""
     def listed(section: str) -> str:
-        return ", ".join(cfg[section]) if cfg else "see configs.yml"
+        return ", ".join(cfg.get(section) or {}) if cfg else "see configs.yml"
 
     parser = _Parser(
         prog="launch.py", allow_abbrev=False, parents=[_cfg_file_parser()],
-        usage="%(prog)s --model M --precision P --platform PL --mode MODE [--cfg_file FILE] [--dry-run] "
-              "DATA [main.py flags...]",
+        usage="%(prog)s --model M --precision P --platform PL --mode MODE [--recipe R] [--cfg_file FILE] "
+              "[--dry-run] DATA [main.py flags...]",
         description=__doc__.split("\n\n")[0].strip() + " Presets are merged precision -> platform -> "
-                    "model -> mode (later wins); flags given on the command line win over all presets.",
+                    "model -> recipe -> mode (later wins); flags given on the command line win over all presets.",
         epilog="Any other argument (the dataset DIR, -b, --epochs, --workspace, ...) is passed to main.py; "
                "see `python main.py --help`.")
     parser.add_argument("--model", required=True, metavar="M", help=f"one of: {listed('models')}")
     parser.add_argument("--precision", required=True, metavar="P", help=f"one of: {listed('precision')}")
     parser.add_argument("--platform", required=True, metavar="PL", help=f"one of: {listed('platform')}")
     parser.add_argument("--mode", required=True, metavar="MODE", help=f"one of: {listed('mode')}")
+    parser.add_argument("--recipe", default=None, metavar="R",
+                        help=f"optional published recipe merged over the model's preset: {listed('recipe')}")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the resolved main.py arguments (YAML) and exit without training")
     return parser
@@ -82,8 +85,8 @@ def _pick(table: dict, key: str, what: str, context: str = "") -> dict:
 
 
 def resolve_presets(cfg: dict[str, Any], *, model: str, precision: str, platform: str,
-                    mode: str) -> dict[str, Any]:
-    """Merge the four preset layers (later wins); ``arch`` defaults to the model name."""
+                    mode: str, recipe: str | None = None) -> dict[str, Any]:
+    """Merge the preset layers (later wins); ``arch`` defaults to the model name."""
     precision_layer = _pick(cfg["precision"], precision, "--precision")
     platform_layer = _pick(cfg["platform"], platform, "--platform")
     mode_layer = _pick(cfg["mode"], mode, "--mode")
@@ -95,8 +98,9 @@ def resolve_presets(cfg: dict[str, Any], *, model: str, precision: str, platform
     if precision not in precisions:
         raise UserError(f"--model {model} on --platform {platform} has no preset for --precision {precision}; "
                         f"choose from: {', '.join(precisions)}")
+    recipe_layer = _pick(cfg.get("recipe") or {}, recipe, "--recipe") if recipe else {}
     merged: dict[str, Any] = {"arch": model}
-    for layer in (precision_layer, platform_layer, precisions[precision] or {}, mode_layer):
+    for layer in (precision_layer, platform_layer, precisions[precision] or {}, recipe_layer, mode_layer):
         merged.update(layer)
     return merged
 
@@ -114,15 +118,16 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], dict
         cfg = None
     options, rest = build_parser(cfg).parse_known_args(argv)
     presets = resolve_presets(cfg, model=options.model, precision=options.precision,
-                              platform=options.platform, mode=options.mode)
+                              platform=options.platform, mode=options.mode, recipe=options.recipe)
     return options, rest, presets
 
 
 def dry_run(options: argparse.Namespace, rest: Sequence[str], presets: dict[str, Any]) -> int:
     args = config.parse_args(rest, presets)
     config.validate(args)
+    recipe = f" --recipe {options.recipe}" if options.recipe else ""
     print(f"# launch.py --model {options.model} --precision {options.precision} --platform {options.platform} "
-          f"--mode {options.mode}: resolved main.py arguments")
+          f"--mode {options.mode}{recipe}: resolved main.py arguments")
     print(yaml.safe_dump(vars(args), sort_keys=True, default_flow_style=None), end="")
     return 0
 

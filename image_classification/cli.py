@@ -19,7 +19,7 @@ from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma
 from image_classification.engine.losses import SmoothedCrossEntropy
 from image_classification.engine.optim import build_optimizer, load_optimizer_state
-from image_classification.engine.schedules import build_scheduler
+from image_classification.engine.schedules import Batching, build_scheduler, scaled_lr
 from image_classification.engine.stages import Stage, StagedTraining, StageSchedule
 from image_classification.engine.trainer import TrainComponents
 from image_classification.errors import UserError, exit_status
@@ -99,10 +99,12 @@ def run(args) -> int:
     for loader in (train_loader, val_loader):  # the run's first lines say what data was found
         if loader is not None and loader.description:
             reporter.message(loader.description)
+    batching = None if args.evaluate else _batching(args, context.world_size)
     try:
         reporter.log("PARAMETER", {**vars(args), "seed": seed, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
-                                   "precision": rt.precision_name, **_resume_marker(args, resume)})
+                                   "precision": rt.precision_name, **_resume_marker(args, resume),
+                                   **(batching.record() if batching else {})})
         if args.evaluate:
             return _evaluate(args, model, val_loader, rt, resume, reporter)
         staged = StagedTraining(
@@ -111,7 +113,8 @@ def run(args) -> int:
                 _stage_loader_config(loader_config, stage)),
             build_mixer=lambda stage: _batch_transform(stage.mixup, stage.cutmix, num_classes))
         del train_loader  # `staged` owns it now and lets it go (its workers too) when stage 0 ends
-        return _train(args, model, staged, val_loader, rt, context, resume, reporter,
+        reporter.message(batching.describe())
+        return _train(args, model, staged, val_loader, rt, context, resume, reporter, batching,
                       class_names=class_names, seed=seed)
     finally:
         reporter.close()
@@ -284,13 +287,25 @@ def _ema_from_checkpoint(model: nn.Module, resume: dict) -> nn.Module:
     return ema_model
 
 
-def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume, reporter, *, class_names,
-           seed) -> int:
-    steps = config.accumulation_steps(args.optimizer_batch_size, args.batch_size, context.world_size)
-    optimizer = build_optimizer(model, name=args.optimizer, lr=args.lr, momentum=args.momentum,
+def _batching(args, world_size: int) -> Batching:
+    """The global batch and the LR it gets (``--lr-base-batch``), decided once for the run."""
+    steps = config.accumulation_steps(args.optimizer_batch_size, args.batch_size, world_size)
+    global_batch = args.batch_size * world_size * steps
+    lr = scaled_lr(args.lr, global_batch=global_batch, base_batch=args.lr_base_batch, rule=args.lr_scaling)
+    return Batching(batch_size=args.batch_size, processes=world_size, accumulation_steps=steps,
+                    global_batch=global_batch, lr=lr, given_lr=args.lr, base_batch=args.lr_base_batch,
+                    rule=args.lr_scaling or "linear")
+
+
+def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume, reporter, batching: Batching, *,
+           class_names, seed) -> int:
+    steps = batching.accumulation_steps
+    optimizer = build_optimizer(model, name=args.optimizer, lr=batching.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.nesterov,
                                 bn_weight_decay=args.bn_weight_decay, rmsprop_alpha=args.rmsprop_alpha,
-                                rmsprop_eps=args.rmsprop_eps, device=rt.device)
+                                rmsprop_eps=args.rmsprop_eps, trust_coefficient=args.trust_coefficient,
+                                trust_clip=args.trust_clip, betas=args.adam_betas, eps=args.optimizer_eps,
+                                max_grad_norm=args.max_grad_norm, device=rt.device)
     steps_per_epoch = -(-len(staged(0).loader) // steps)  # every stage has the same batches per epoch
     scaler = rt.grad_scaler(args.static_loss_scale, args.dynamic_loss_scale)
     state = loop.RunState()
@@ -307,9 +322,9 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     # another batch size still lands on the right epoch.
     start_step = state.epoch * steps_per_epoch + -(-state.step_in_epoch // steps)
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, granularity=args.lr_granularity,
-                                base=args.lr, start_step=start_step, policy=args.lr_schedule, epochs=args.epochs,
-                                warmup=args.warmup, end_lr=args.end_lr, milestones=args.lr_milestones,
-                                gamma=args.lr_gamma)
+                                base=batching.lr, start_step=start_step, policy=args.lr_schedule,
+                                epochs=args.epochs, warmup=args.warmup, end_lr=args.end_lr,
+                                milestones=args.lr_milestones, gamma=args.lr_gamma, power=args.lr_poly_power)
     if state.epoch >= args.epochs:
         reporter.message(f"{args.resume} has already completed {state.epoch} of --epochs {args.epochs}; "
                          "nothing to train")
@@ -332,6 +347,7 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
         state = loop.fit(parts, staged, val_loader, state, epochs=args.epochs, run_epochs=args.run_epochs,
                          patience=args.early_stopping_patience, print_freq=args.print_freq, prof=args.prof,
                          topk=args.topk, training_only=args.training_only, ema_best=args.ema_best,
+                         evals=loop.EvalPlan(args.eval_every, args.eval_offset, args.target_top1),
                          criterion_val=SmoothedCrossEntropy(args.label_smoothing), reporter=reporter, save=save,
                          stop=stop)
     finally:
@@ -341,6 +357,8 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     summary["epochs_completed"] = state.epoch
     if not args.training_only and state.best_top1 != loop.NO_BEST:
         summary["val.top1"] = state.best_top1
+    if state.target_epoch is not None:
+        summary["target_top1_epoch"] = state.target_epoch
     reporter.log([], summary)
     return 0
 

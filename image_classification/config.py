@@ -11,12 +11,14 @@ import argparse
 from typing import Any, Sequence
 
 from image_classification.data.priority import PRIORITIES
-from image_classification.data.sampling import STREAMED_WINDOW
 from image_classification.data.registry import AUGMENTATIONS, DATA_FORMATS, INTERPOLATIONS
+from image_classification.data.sampling import STREAMED_WINDOW
+from image_classification.engine.optim import OPTIMIZERS
+from image_classification.engine.schedules import LR_SCALINGS, POLICIES
 from image_classification.errors import UserError
 
 DATA_BACKENDS = ("pytorch", "synthetic", "dali-cpu", "dali-gpu")
-LR_SCHEDULES = ("step", "linear", "cosine")
+LR_SCHEDULES = tuple(POLICIES)
 # -c/--model-config presets of the ResNet model flags, as the reference's config table had them
 # (all four use ReLU; none zero-inits the last BN of a block).
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
@@ -159,7 +161,16 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-schedule", default="step", choices=LR_SCHEDULES, metavar="SCHEDULE",
                        help=f"learning rate policy: {' | '.join(LR_SCHEDULES)} (default: step)")
     group.add_argument("--end-lr", default=0.0, type=non_negative_float, metavar="LR",
-                       help="cosine schedule floor (default: 0)")
+                       help="cosine and poly schedules: the LR they decay to, never scaled by --lr-base-batch "
+                            "(default: 0)")
+    group.add_argument("--lr-poly-power", default=2.0, type=non_negative_float, metavar="P",
+                       help="poly schedule: end + (base - end) x (1 - progress)^P after the warmup (default: 2)")
+    group.add_argument("--lr-base-batch", default=None, type=positive_int, metavar="B",
+                       help="--lr is per B images: scale it to the global batch (-b x processes x accumulation) "
+                            "by --lr-scaling (default: none, --lr is the LR used, as in the reference)")
+    group.add_argument("--lr-scaling", default=None, choices=LR_SCALINGS, metavar="RULE",
+                       help="with --lr-base-batch: LR x global/B (linear) or x sqrt(global/B) (sqrt) "
+                            "(default: linear)")
     group.add_argument("--warmup", default=0, type=int, metavar="E", help="linear warmup epochs (default: 0)")
     group.add_argument("--lr-milestones", default=[30, 60, 80], type=int, nargs="+", metavar="E",
                        help="step schedule: epochs at which the LR is multiplied by --lr-gamma (default: 30 60 80)")
@@ -183,17 +194,32 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cutmix", default=0.0, type=non_negative_float, metavar="ALPHA",
                        help="CutMix alpha, 0 = off; with --mixup too, each batch gets one of the two at random "
                             "(default: 0.0)")
-    group.add_argument("--optimizer", default="sgd", choices=("sgd", "rmsprop"), help="optimizer (default: sgd)")
+    group.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                       help=f"optimizer: {' | '.join(OPTIMIZERS)}; lars, lamb and adamw exclude BatchNorm and bias "
+                            "parameters from weight decay and the trust ratio (default: sgd)")
     group.add_argument("--momentum", default=0.9, type=non_negative_float, metavar="M", help="momentum (default: 0.9)")
     group.add_argument("--weight-decay", "--wd", default=1e-4, type=non_negative_float, metavar="W",
                        dest="weight_decay", help="weight decay (default: 1e-4)")
     group.add_argument("--bn-weight-decay", action="store_true",
-                       help="also apply weight decay to BatchNorm weights and biases (default: off)")
+                       help="also apply weight decay to BatchNorm weights and biases (with lars, lamb, adamw: "
+                            "to every bias, and with lars, lamb: the trust ratio too) (default: off)")
     group.add_argument("--rmsprop-alpha", default=0.9, type=non_negative_float, metavar="A",
                        help="RMSprop smoothing constant (default: 0.9)")
     group.add_argument("--rmsprop-eps", default=1e-3, type=non_negative_float, metavar="EPS",
                        help="RMSprop epsilon, added outside the square root as in PyTorch (default: 1e-3)")
-    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum for SGD (default: off)")
+    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum for SGD or LARS (default: off)")
+    group.add_argument("--trust-coefficient", default=0.001, type=non_negative_float, metavar="ETA",
+                       help="LARS: eta of the trust ratio eta x ||w|| / (||g|| + wd x ||w|| + eps) (default: 0.001)")
+    group.add_argument("--trust-clip", action="store_true",
+                       help="LARS: LARC clipping (a layer's LR never exceeds the LR); LAMB: trust ratio <= 1 "
+                            "(LAMBC) (default: off)")
+    group.add_argument("--adam-betas", default=[0.9, 0.999], type=float, nargs=2, metavar=("B1", "B2"),
+                       help="LAMB and AdamW: moment decay rates (default: 0.9 0.999)")
+    group.add_argument("--optimizer-eps", default=None, type=non_negative_float, metavar="EPS",
+                       help="LARS, LAMB, AdamW epsilon (default: 1e-7 LARS, as MLPerf's reference; 1e-6 LAMB; "
+                            "1e-8 AdamW)")
+    group.add_argument("--max-grad-norm", default=0.0, type=non_negative_float, metavar="N",
+                       help="LAMB: clip the global gradient norm to N before the step, 0 = off (default: 0)")
     group.add_argument("--use-ema", default=None, type=non_negative_float, metavar="DECAY",
                        help="keep an exponential moving average of the weights with this decay and "
                             "validate it each epoch as val_ema.* (default: off)")
@@ -259,6 +285,14 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                             "(default DIR: tensorboard)")
     group.add_argument("--evaluate", action="store_true", help="only evaluate the model on the validation set")
     group.add_argument("--training-only", action="store_true", help="skip validation")
+    group.add_argument("--eval-every", default=1, type=positive_int, metavar="N",
+                       help="validate every N epochs (and after the last); MLPerf evaluates every 4 (default: 1)")
+    group.add_argument("--eval-offset", default=0, type=int, metavar="K",
+                       help="with --eval-every N: validate after epochs K, K+N, K+2N, ... counted from 1 "
+                            "(default: 0, i.e. N, 2N, ...)")
+    group.add_argument("--target-top1", default=None, type=float, metavar="X",
+                       help="end the run at the first validation with val.top1 >= X %% and record the epoch in the "
+                            "raport (MLPerf's ResNet-50 target is 75.9) (default: off)")
     group.add_argument("--no-checkpoints", action="store_false", dest="save_checkpoints",
                        help="do not write checkpoints")
     group.add_argument("--checkpoint-filename", default="checkpoint.pth.tar", metavar="CHECKPOINT_FILENAME",
@@ -387,8 +421,22 @@ def validate(args: argparse.Namespace) -> None:
     if args.base_image_size is not None and args.n_stages == 1:
         raise UserError("--base-image-size needs --n-stages 2 or more")
     model_options(args)  # a -c preset that contradicts an explicit model flag
+    _validate_large_batch(args)
     if sorted(args.lr_milestones) != args.lr_milestones:
         raise UserError(f"--lr-milestones must be increasing, got {args.lr_milestones}")
+
+
+def _validate_large_batch(args: argparse.Namespace) -> None:
+    if args.lr_scaling is not None and args.lr_base_batch is None:
+        raise UserError(f"--lr-scaling {args.lr_scaling} scales a per-batch LR; give --lr-base-batch B with it")
+    if not all(0 <= beta < 1 for beta in args.adam_betas):
+        raise UserError(f"--adam-betas must be in [0, 1), got {args.adam_betas[0]} {args.adam_betas[1]}")
+    if args.eval_offset < 0:
+        raise UserError(f"--eval-offset must be >= 0, got {args.eval_offset}")
+    if args.target_top1 is not None and not 0 < args.target_top1 <= 100:
+        raise UserError(f"--target-top1 is a top-1 accuracy in (0, 100] %, got {args.target_top1}")
+    if args.target_top1 is not None and args.training_only:
+        raise UserError("--target-top1 needs validation; drop --training-only")
 
 
 def topk_for(requested: int | None, num_classes: int, owner: str) -> int:

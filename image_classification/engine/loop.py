@@ -24,6 +24,21 @@ class RunState:
     best_top1: float = NO_BEST
     epochs_since_best: int = 0
     last_metrics: dict = field(default_factory=dict)  # the last epoch's record (not checkpointed)
+    target_epoch: int | None = None  # the epoch whose validation reached --target-top1 (not checkpointed)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """When to validate (``--eval-every N --eval-offset K``, as MLPerf's ``epochs_between_evals`` and
+    ``eval_offset_epochs``) and when to stop (``--target-top1``). After epoch ``c`` (counted from
+    1): validate when ``c >= K`` and ``c - K`` is a multiple of N, and always after the last epoch."""
+    every: int = 1
+    offset: int = 0
+    target_top1: float | None = None
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        completed = epoch + 1
+        return completed == epochs or (completed >= self.offset and (completed - self.offset) % self.every == 0)
 
 
 class GracefulStop:
@@ -95,10 +110,11 @@ class GracefulStop:
 def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_loader, state: RunState, *, epochs: int,
         run_epochs: int,
         patience: int, print_freq: int, prof: int, topk: int, training_only: bool, criterion_val,
-        ema_best: bool = False,
+        ema_best: bool = False, evals: EvalPlan = EvalPlan(),
         reporter, save: Callable[[RunState, int | None, bool], None], stop: GracefulStop) -> RunState:
-    """Run epochs from ``state`` until ``epochs`` (or ``run_epochs`` more, early stop, signal).
-    ``plan_epoch(epoch)`` gives the epoch's training loader and batch transform (stage-wise training)."""
+    """Run epochs from ``state`` until ``epochs`` (or ``run_epochs`` more, early stop, target, signal).
+    ``plan_epoch(epoch)`` gives the epoch's training loader and batch transform (stage-wise training).
+    Early-stopping patience counts validations (one per epoch unless ``evals`` spaces them)."""
     last = epochs if run_epochs < 0 else min(epochs, state.epoch + run_epochs)
     while state.epoch < last:
         epoch = state.epoch
@@ -116,7 +132,7 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
             return state
         metrics = {**outcome.metrics, **plan.record}
         is_best = False
-        if not training_only:
+        if not training_only and evals.due(epoch, epochs):
             metrics.update(_validate_all(parts, val_loader, epoch, prof, topk, criterion_val, reporter, print_freq))
             top1 = metrics["val.top1"]
             if ema_best and "val_ema.top1" in metrics:
@@ -130,6 +146,11 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
         save(state, epoch, is_best)
         if 0 < patience <= state.epochs_since_best:
             reporter.message(f"early stopping: no better val.top1 for {patience} epochs")
+            break
+        if evals.target_top1 is not None and "val.top1" in metrics and top1 >= evals.target_top1:
+            state.target_epoch = epoch
+            reporter.message(f"target val.top1 {evals.target_top1:g} % reached after epoch {epoch} "
+                             f"({epoch + 1} epochs): {top1:.2f} %")
             break
         if stop.agreed():
             break

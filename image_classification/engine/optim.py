@@ -1,9 +1,13 @@
-"""Optimizers with the reference's no-weight-decay rule for normalisation layers."""
+"""Optimizers with the reference's no-weight-decay rule for normalisation layers (and biases, for
+the large-batch optimizers)."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from image_classification.engine.layerwise import Lamb, Lars
 from image_classification.errors import UserError
 
 # Decided by module type, not by parameter name: the reference matched the substring "bn", which
@@ -11,37 +15,68 @@ from image_classification.errors import UserError
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool) -> list[dict]:
-    """Two groups: normalisation-layer parameters (decay 0 unless ``bn_weight_decay``) and the rest."""
-    norm_params, other_params = [], []
+def parameter_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool,
+                     exclude_biases: bool = False) -> list[dict]:
+    """Two groups: the excluded parameters (normalisation layers, and with ``exclude_biases`` every
+    other module's ``bias``; decay 0 unless ``bn_weight_decay``) and the rest."""
+    excluded, other_params = [], []
     for module in model.modules():
-        target = norm_params if isinstance(module, NORM_LAYERS) else other_params
-        target.extend(p for p in module.parameters(recurse=False) if p.requires_grad)
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.requires_grad:
+                skip = isinstance(module, NORM_LAYERS) or (exclude_biases and name == "bias")
+                (excluded if skip else other_params).append(parameter)
     norm_decay = weight_decay if bn_weight_decay else 0.0
     return [{"params": other_params, "weight_decay": weight_decay},
-            {"params": norm_params, "weight_decay": norm_decay}]
+            {"params": excluded, "weight_decay": norm_decay}]
+
+
+#: The optimizers for large batches: BatchNorm *and bias* parameters are excluded from weight decay
+#: and (LARS, LAMB) from the trust ratio, as the MLPerf reference's skip list and the LAMB paper do.
+LARGE_BATCH_OPTIMIZERS = ("lars", "lamb", "adamw")
+OPTIMIZERS = ("sgd", "rmsprop", *LARGE_BATCH_OPTIMIZERS)
+#: --optimizer-eps when not given: MLPerf's TF2 LARS passes 0, which Keras replaces by its 1e-7;
+#: the LAMB paper / NVLAMB 1e-6; PyTorch's AdamW 1e-8.
+DEFAULT_EPS = {"lars": 1e-7, "lamb": 1e-6, "adamw": 1e-8}
 
 
 def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, weight_decay: float,
                     nesterov: bool = False, bn_weight_decay: bool = False, rmsprop_alpha: float = 0.9,
-                    rmsprop_eps: float = 1e-3, device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+                    rmsprop_eps: float = 1e-3, trust_coefficient: float = 0.001, trust_clip: bool = False,
+                    betas: Sequence[float] = (0.9, 0.999), eps: float | None = None, max_grad_norm: float = 0.0,
+                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
     """The optimizer for ``model``, whose parameters are on ``device``.
 
-    On CUDA, SGD uses PyTorch's fused kernel: a fused optimizer unscales and skips inf/NaN steps
-    itself, so ``GradScaler.step`` does not read ``found_inf`` back to the host every step (it does
-    for any other optimizer). PyTorch 2.14 has no fused RMSprop, so fp16 AMP with RMSprop keeps
-    that one sync per optimizer step (bf16 AMP needs no GradScaler, hence no sync).
+    On CUDA, SGD and AdamW use PyTorch's fused kernels: a fused optimizer unscales and skips
+    inf/NaN steps itself, so ``GradScaler.step`` does not read ``found_inf`` back to the host every
+    step (it does for any other optimizer). PyTorch 2.14 has no fused RMSprop, so fp16 AMP with
+    RMSprop, LARS or LAMB keeps that one sync per optimizer step (bf16 AMP needs no GradScaler,
+    hence no sync).
     """
-    groups = parameter_groups(model, weight_decay, bn_weight_decay)
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    if nesterov and (momentum <= 0 or name not in ("sgd", "lars")):
+        raise UserError("--nesterov needs --optimizer sgd or lars and --momentum > 0")
+    if max_grad_norm and name != "lamb":
+        raise UserError("--max-grad-norm clips LAMB's gradients; it needs --optimizer lamb")
+    if trust_clip and name not in ("lars", "lamb"):
+        raise UserError("--trust-clip clips the trust ratio of --optimizer lars or lamb")
+    layerwise = name in LARGE_BATCH_OPTIMIZERS
+    groups = parameter_groups(model, weight_decay, bn_weight_decay, exclude_biases=layerwise)
+    eps = DEFAULT_EPS.get(name) if eps is None else eps
+    fused = device.type == "cuda"
     if name == "sgd":
-        if nesterov and momentum <= 0:
-            raise UserError("--nesterov needs --momentum > 0")
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=device.type == "cuda")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=fused)
     if name == "rmsprop":
         # PyTorch adds eps outside the square root (v / (sqrt(s) + eps)); TensorFlow adds it inside
         # (sqrt(s + eps)). The reference recipes' eps 0.01 was tuned for the PyTorch form.
         return torch.optim.RMSprop(groups, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, momentum=momentum)
-    raise UserError(f"unknown --optimizer {name!r}; choose sgd or rmsprop")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    groups[1]["adapt"] = bn_weight_decay  # excluded from decay = excluded from the trust ratio
+    if name == "lars":
+        return Lars(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient, eps=eps,
+                    nesterov=nesterov, trust_clip=trust_clip)
+    return Lamb(groups, lr=lr, betas=tuple(betas), eps=eps, max_grad_norm=max_grad_norm, trust_clip=trust_clip)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -51,6 +86,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     written on the CPU would switch fused SGD off on CUDA (and one from CUDA would switch it on).
     """
     kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError:  # parameter groups of another optimizer (e.g. biases excluded by lars, not by sgd)
+        raise UserError(f"the checkpoint's optimizer state does not fit --optimizer "
+                        f"{type(optimizer).__name__.lower()}; resume with the optimizer it was trained with") from None
     for group, kept in zip(optimizer.param_groups, kernels):
         group.update(kept)
