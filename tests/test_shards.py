@@ -225,6 +225,18 @@ def test_the_old_wrap_around_padding_duplicated_a_sample():
     assert not set(per_rank[0]) & set(per_rank[1])
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_global_shuffle_gives_the_same_global_batches_at_any_world_size(world_size):
+    # step k of -b 2 on N ranks trains on the samples of step k of -b 2N on one rank
+    single = sampling.epoch_indices(16, rank=0, world_size=1, epoch=1, seed=7, train=True)
+    per_rank = [sampling.epoch_indices(16, rank=r, world_size=world_size, epoch=1, seed=7, train=True)
+                for r in range(world_size)]
+    batch = 2
+    for step in range(len(per_rank[0]) // batch):
+        together = {i for indices in per_rank for i in indices[step * batch:(step + 1) * batch]}
+        assert together == set(single[step * batch * world_size:(step + 1) * batch * world_size])
+
+
 def test_shards_fewer_than_ranks_and_workers_cover_every_sample_once(tmp_path):
     # one shard, 3 ranks, 2 workers each: the label is the sample's number, so batches tell which
     # samples each rank and worker read
