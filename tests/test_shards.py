@@ -131,8 +131,12 @@ def test_an_existing_index_is_used_and_a_stale_one_rebuilt(tmp_path):
     # ... and rebuilt when the shard changed size (records appended)
     shard = data / "validation-00000-of-00001"
     shard.write_bytes(shard.read_bytes() + (data / "train-00000-of-00002").read_bytes())
-    source = sources.open_source(str(data), "val", index_dir=str(idx))
+    edited = index_file.read_text()
+    source = sources.open_source(str(data), "val", index_dir=str(idx), cache_dir=str(tmp_path / "cache"))
     assert len(source) == 70 and source.labels[0] == 4  # record 0's own label again
+    # the stale file is left as it was (not this run's); the new index went to the cache
+    assert index_file.read_text() == edited
+    assert [p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "index").iterdir()] == [index_file.name]
 
 
 def test_label_base_and_num_classes(tmp_path):

@@ -20,12 +20,17 @@ skip the batches already trained on without decoding them, and DALI needs the sa
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import Sampler
 
 from image_classification.data.registry import LoaderConfig
 
 from image_classification.errors import UserError
+
+if TYPE_CHECKING:
+    from image_classification.data.sources import SampleSource
 
 #: ``--shard-shuffle-window`` when not given: a global shuffle for local data (random access is
 #: cheap), 8 shards at a time for streamed shards (each rank then holds ~8 shards in its cache).
@@ -119,7 +124,7 @@ def shuffle_window(requested: int | None, streamed: bool) -> int:
     return requested
 
 
-def source_sampler(source, config: LoaderConfig, *, train: bool) -> ShardSampler:
+def source_sampler(source: SampleSource, config: LoaderConfig, *, train: bool) -> ShardSampler:
     """The sampler over a :class:`~image_classification.data.sources.SampleSource` of one split;
     training refuses a split with less than one batch per process."""
     if train:

@@ -30,6 +30,7 @@ work wherever that module can fetch them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -398,10 +399,34 @@ def shard_index(shard: str, data_format: str, *, index_dir: str | None = None,
         # A remote shard's size is checked when it is first read (ShardSource._local_path).
         if index is not None and index.format == data_format and local_size in (None, index.shard_size):
             return index
-    index = build_index(remote.local_copy(shard, cache_dir), data_format)
-    target = os.path.join(index_dir, name) if index_dir and _writable(index_dir) else cached
-    write_index(target, index)
+    # Into --data-idx-dir unless a (stale) index of someone else's is there: never overwrite it.
+    mine = os.path.join(index_dir, name) if index_dir and _writable(index_dir) else None
+    target = mine if mine and not os.path.exists(mine) else cached
+    with _building(target):  # ranks and workers on one machine build each index once
+        index = read_index(target)
+        if index is None or index.format != data_format or local_size not in (None, index.shard_size):
+            index = build_index(remote.local_copy(shard, cache_dir), data_format)
+            write_index(target, index)
     return index
+
+
+@contextlib.contextmanager
+def _building(target: str):
+    """An exclusive lock on ``target + ".lock"`` (processes of one machine wait for the builder).
+
+    The index is in place before the lock file is removed, so a process arriving later finds it
+    without locking, and one that waited re-reads it under the lock.
+    """
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    lock = target + ".lock"
+    with open(lock, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def index_cache_dir(cache_dir: str | None) -> str:
@@ -505,8 +530,11 @@ def tfrecord_image(frame: bytes, name: str) -> bytes:
     if masked_crc(data) != data_crc:
         raise ShardError(f"{name}: data CRC mismatch (the shard is damaged)")
     example = example_pb2.Example()
-    example.ParseFromString(data)
-    return example.features.feature[_TF_IMAGE].bytes_list.value[0]
+    try:
+        example.ParseFromString(data)
+        return example.features.feature[_TF_IMAGE].bytes_list.value[0]
+    except Exception as error:  # noqa: BLE001 -- protobuf's DecodeError; no image/encoded
+        raise ShardError(f"{name}: not a tf.train.Example with {_TF_IMAGE} ({error})") from None
 
 
 # ---------------------------------------------------------------- WebDataset tar
