@@ -380,11 +380,10 @@ def test_a_1001_class_model_from_tfslim_labels(tmp_path):
                 tmp_path / "ws3", TFSLIM, tmp_path) == 2
 
 
-@pytest.mark.parametrize("window", ["0", "2"])
-def test_sigterm_mid_epoch_on_shards_then_resume_gives_the_same_weights(tmp_path, sigterm_at_step, window):
+def test_sigterm_mid_epoch_on_shards_then_resume_gives_the_same_weights(tmp_path, sigterm_at_step):
     data = wds_from_tfslim(tmp_path / "wds", per_shard=10)
     args = ["--data-backend", "pytorch", "--epochs", "2", "--augmentation", "trivialaugment",
-            "--shard-shuffle-window", window]
+            "--shard-shuffle-window", "2"]  # (the global shuffle is the folder's, tested there)
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _run(args, straight, data, tmp_path) == 0
     sigterm_at_step(13)  # 80 samples / 8 = 10 steps per epoch: 3 steps into epoch 1
