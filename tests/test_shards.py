@@ -201,6 +201,12 @@ def test_format_detection_override_and_the_first_log_line(tmp_path):
     assert source.describe() == f"tfrecord {TFSLIM}: 2 shard(s), 80 samples, 10 classes"
 
 
+def test_a_url_without_shards_asks_for_a_pattern(monkeypatch):
+    monkeypatch.setattr(sources.remote, "expand", lambda pattern: [])  # an HTTP server lists nothing
+    with pytest.raises(UserError, match=r"found no val shards at https://h/d .* --val-shards PATTERN"):
+        sources.detect_format("https://h/d", "val")
+
+
 # ---------------------------------------------------------------- sampling across ranks and workers
 
 @pytest.mark.parametrize("window", [0, 1, 2])

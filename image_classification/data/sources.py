@@ -268,6 +268,9 @@ def detect_format(location: str | None, split: str, *, data_format: str = "auto"
         wanted = " or ".join(f"{p}*{'.tar' if data_format == 'webdataset' else ''}"
                              for p in SPLIT_PREFIXES[data_format][split])
         raise UserError(f"--data-format {data_format}: no {wanted} files in {location}")
+    if remote.is_remote(location):
+        raise UserError(f"found no {split} shards at {location} (a URL that cannot be listed?): name them with "
+                        f"--{split}-shards PATTERN, e.g. {location.rstrip('/')}/{split}-{{000000..000127}}.tar")
     return "folder", []  # neither: scan_split reports the missing folder
 
 
