@@ -135,12 +135,11 @@ class ShardSource(SampleSource):
         self.shards = shards
         self.cache_dir = cache_dir
         self.shard_sizes = [index.shard_size for index in indexes]
-        self.shard_ids = np.concatenate([np.full(len(index.offsets), s, dtype=np.int64)
-                                         for s, index in enumerate(indexes)] or [np.zeros(0, np.int64)])
-        self.offsets = np.concatenate([np.asarray(index.offsets, np.int64) for index in indexes] or [np.zeros(0, np.int64)])
-        self.sizes = np.concatenate([np.asarray(index.sizes, np.int64) for index in indexes] or [np.zeros(0, np.int64)])
+        self.shard_ids = _joined([[s] * len(index.offsets) for s, index in enumerate(indexes)])
+        self.offsets = _joined([index.offsets for index in indexes])
+        self.sizes = _joined([index.sizes for index in indexes])
         self.keys = [key for index in indexes for key in index.keys]
-        stored = np.concatenate([np.asarray(index.labels, np.int64) for index in indexes] or [np.zeros(0, np.int64)])
+        stored = _joined([index.labels for index in indexes])
         self.skipped = [f"{shard}: {what}" for shard, index in zip(shards, indexes) for what in index.skipped]
         if not len(stored):
             raise UserError(f"no samples in the {len(shards)} {kind} shard(s) of {location}"
@@ -205,6 +204,10 @@ class ShardSource(SampleSource):
                 if self.kind == "tfrecord" else " (set --num-classes or list the classes in classes.txt)")
         raise UserError(f"{self.name(i)}: label {stored}{base} is outside 0..{self.num_classes - 1}"
                         f"{f' ({len(bad)} such samples)' if len(bad) > 1 else ''}{hint}")
+
+
+def _joined(parts: list[list[int]]) -> np.ndarray:
+    return np.concatenate([np.asarray(part, dtype=np.int64) for part in parts] or [np.zeros(0, np.int64)])
 
 
 # ---------------------------------------------------------------- opening a split
