@@ -163,7 +163,12 @@ class ShardSource(SampleSource):
         shard = int(self.shard_ids[i])
         path = self._local_path(shard)
         offset, size = int(self.offsets[i]), int(self.sizes[i])
-        with open(path, "rb") as file:
+        try:
+            file = open(path, "rb")
+        except FileNotFoundError:  # a cached copy evicted since: fetch it again
+            self._local.pop(shard, None)
+            file = open(self._local_path(shard), "rb")
+        with file:
             data = os.pread(file.fileno(), size, offset)
         if len(data) != size:
             raise ShardError(f"{self.name(i)}: shard ends at byte {offset + len(data)}, the sample needs {size} bytes")
@@ -345,6 +350,7 @@ def write_index(path: str, index: ShardIndex) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; others (a web server) may serve it
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(f"# convnets-index {INDEX_VERSION} {index.format} {index.shard_size}\n")
             for what in index.skipped:
@@ -433,6 +439,18 @@ def _building(target: str):
             with contextlib.suppress(OSError):
                 os.unlink(lock)
             fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (``os.umask`` would change it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def index_cache_dir(cache_dir: str | None) -> str:
