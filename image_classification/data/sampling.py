@@ -2,15 +2,18 @@
 
 Training: the epoch order is a permutation seeded with ``seed + epoch``; its last
 ``num_samples % world_size`` samples are left out (a different few each epoch), and rank ``r``
-takes the ``r``-th of ``world_size`` equal contiguous blocks; each rank then drops its last
-incomplete batch. So every sample is trained on by at most one rank (and, through the DataLoader's
-batches, one worker) per epoch, none twice; fewer than ``world_size * batch_size`` are left out.
-(``DistributedSampler`` pads by wrapping around instead, so a few samples were seen twice.)
+takes every ``world_size``-th sample from the ``r``-th on (as ``DistributedSampler``), so a run on
+N processes with batch B trains on the same samples per step as one process with batch N*B. Each
+rank then drops its last incomplete batch. So every sample is trained on by at most one rank (and,
+through the DataLoader's batches, one worker) per epoch, none twice; fewer than
+``world_size * batch_size`` are left out. (``DistributedSampler`` pads by wrapping around instead,
+so a few samples were seen twice.)
 
 With ``window`` W > 0 (shard sources, ``--shard-shuffle-window``) the permutation is local: the
 shards are permuted, taken W at a time, and the samples of each group of W shards are permuted
-among themselves. A rank's contiguous block then covers about ``1/world_size`` of the shards, read
-a few at a time -- what streamed shards need -- at the cost of a less global shuffle.
+among themselves; rank ``r`` then takes the ``r``-th of ``world_size`` equal contiguous blocks, so
+it reads about ``1/world_size`` of the shards, a few at a time -- what streamed shards need (each
+node fetches its share, not every shard) -- at the cost of a less global shuffle.
 
 Validation does not shuffle and does not pad: ranks get uneven strided shares and the engine sums
 correct counts across ranks, so every image is scored exactly once.
@@ -47,12 +50,12 @@ def epoch_indices(num_samples: int, *, rank: int, world_size: int, epoch: int, s
         return list(range(rank, num_samples, world_size))
     generator = torch.Generator()
     generator.manual_seed(seed + epoch)
+    per_rank = num_samples // world_size
     if window > 0 and shard_ids is not None:
         order = _windowed_order(torch.as_tensor(shard_ids, dtype=torch.int64), window, generator)
-    else:
-        order = torch.randperm(num_samples, generator=generator)
-    per_rank = num_samples // world_size
-    return order[rank * per_rank:(rank + 1) * per_rank].tolist()
+        return order[rank * per_rank:(rank + 1) * per_rank].tolist()
+    order = torch.randperm(num_samples, generator=generator)
+    return order[rank:per_rank * world_size:world_size].tolist()
 
 
 def _windowed_order(shard_ids: torch.Tensor, window: int, generator: torch.Generator) -> torch.Tensor:
