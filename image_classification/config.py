@@ -386,9 +386,13 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
 def validate(args: argparse.Namespace) -> None:
     """Reject flag combinations that cannot work, with one line each (dataset-dependent checks
     happen once the data is known)."""
-    if args.data is None and args.data_backend != "synthetic":
+    # DIR is not needed for a split read from --train-shards / --val-shards
+    unnamed = [split for split, unused, shards in (("train", args.evaluate, args.train_shards),
+                                                   ("val", args.training_only, args.val_shards))
+               if not unused and not shards]
+    if args.data is None and args.data_backend != "synthetic" and unnamed:
         raise UserError(f"--data-backend {args.data_backend} needs the dataset directory DIR "
-                        "(or use --data-backend synthetic)")
+                        f"(or --{unnamed[0]}-shards; or use --data-backend synthetic)")
     if args.evaluate and args.training_only:
         raise UserError("--evaluate and --training-only exclude each other")
     if args.label_smoothing >= 1:

@@ -113,8 +113,12 @@ def test_tfslim_records_written_by_tensorflow_are_read_as_the_tfslim_layout(tmp_
     # index files went to --data-idx-dir, none next to the (read-only) fixture
     assert sorted(os.listdir(idx)) == sorted(Path(p).name + ".samples.tsv" for p in TF_TRAIN)
     assert sorted(os.listdir(TFSLIM)) == before
-    header = (idx / (Path(TF_TRAIN[0]).name + ".samples.tsv")).read_text().splitlines()[0]
+    index_file = idx / (Path(TF_TRAIN[0]).name + ".samples.tsv")
+    header = index_file.read_text().splitlines()[0]
     assert header == f"# convnets-index 1 tfrecord {os.path.getsize(TF_TRAIN[0])}"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert index_file.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600: others may serve it
 
 
 def test_an_existing_index_is_used_and_a_stale_one_rebuilt(tmp_path):
@@ -131,8 +135,24 @@ def test_an_existing_index_is_used_and_a_stale_one_rebuilt(tmp_path):
     # ... and rebuilt when the shard changed size (records appended)
     shard = data / "validation-00000-of-00001"
     shard.write_bytes(shard.read_bytes() + (data / "train-00000-of-00002").read_bytes())
-    source = sources.open_source(str(data), "val", index_dir=str(idx))
+    edited = index_file.read_text()
+    source = sources.open_source(str(data), "val", index_dir=str(idx), cache_dir=str(tmp_path / "cache"))
     assert len(source) == 70 and source.labels[0] == 4  # record 0's own label again
+    # the stale file is left as it was (not this run's); the new index went to the cache
+    assert index_file.read_text() == edited
+    assert [p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "index").iterdir()] == [index_file.name]
+
+
+def test_an_evicted_shard_copy_is_fetched_again(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(TFSLIM, data)
+    source = sources.open_source(str(data), "val", index_dir=str(tmp_path / "idx"))
+    first = source.read(0)
+    refetched = tmp_path / "refetched"
+    shutil.copy(data / "validation-00000-of-00001", refetched)
+    (data / "validation-00000-of-00001").unlink()  # as a shard cache evicting its copy
+    monkeypatch.setattr(sources.remote, "local_copy", lambda location, cache_dir=None: str(refetched))
+    assert source.read(0) == first
 
 
 def test_label_base_and_num_classes(tmp_path):
@@ -195,6 +215,12 @@ def test_format_detection_override_and_the_first_log_line(tmp_path):
     assert sources.detect_format(None, "train", shards=pattern) == ("tfrecord", TF_TRAIN)
     source = sources.open_source(str(TFSLIM), "train", index_dir=str(tmp_path / "idx"))
     assert source.describe() == f"tfrecord {TFSLIM}: 2 shard(s), 80 samples, 10 classes"
+
+
+def test_a_url_without_shards_asks_for_a_pattern(monkeypatch):
+    monkeypatch.setattr(sources.remote, "expand", lambda pattern: [])  # an HTTP server lists nothing
+    with pytest.raises(UserError, match=r"found no val shards at https://h/d .* --val-shards PATTERN"):
+        sources.detect_format("https://h/d", "val")
 
 
 # ---------------------------------------------------------------- sampling across ranks and workers
@@ -374,6 +400,16 @@ def test_main_trains_and_validates_from_shards(kind, backend, tmp_path, capsys):
     assert _classes(tmp_path / "ws") == 10
 
 
+def test_main_needs_no_dir_when_every_split_names_its_shards(tmp_path, capsys):
+    shards = ["--train-shards", str(TFSLIM / "train-*"), "--val-shards", str(TFSLIM / "validation-*")]
+    assert cli.main([*TINY, "--data-backend", "pytorch", "--epochs", "1", *shards, "--data-idx-dir",
+                     str(tmp_path / "idx"), "--workspace", str(tmp_path / "ws")]) == 0
+    assert capsys.readouterr().out.startswith(f"=> tfrecord {TFSLIM}/train-*: 2 shard(s), 80 samples")
+    assert cli.main([*TINY, "--data-backend", "pytorch", "--epochs", "1", *shards[:2],
+                     "--workspace", str(tmp_path / "ws2")]) == 2
+    assert "needs the dataset directory DIR (or --val-shards;" in capsys.readouterr().err
+
+
 def test_a_1001_class_model_from_tfslim_labels(tmp_path):
     args = ["--data-backend", "pytorch", "--epochs", "1", "--training-only", "--num-classes", "11",
             "--tfrecord-label-base", "0"]
@@ -388,11 +424,10 @@ def test_a_1001_class_model_from_tfslim_labels(tmp_path):
                 tmp_path / "ws3", TFSLIM, tmp_path) == 2
 
 
-@pytest.mark.parametrize("window", ["0", "2"])
-def test_sigterm_mid_epoch_on_shards_then_resume_gives_the_same_weights(tmp_path, sigterm_at_step, window):
+def test_sigterm_mid_epoch_on_shards_then_resume_gives_the_same_weights(tmp_path, sigterm_at_step):
     data = wds_from_tfslim(tmp_path / "wds", per_shard=10)
     args = ["--data-backend", "pytorch", "--epochs", "2", "--augmentation", "trivialaugment",
-            "--shard-shuffle-window", window]
+            "--shard-shuffle-window", "2"]  # (the global shuffle is the folder's, tested there)
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _run(args, straight, data, tmp_path) == 0
     sigterm_at_step(13)  # 80 samples / 8 = 10 steps per epoch: 3 steps into epoch 1

@@ -43,7 +43,8 @@ def reduction(crop_height: int, crop_width: int, out_height: int, out_width: int
 
 
 class CropDecoder:
-    """``source`` (a path or a binary file) → the RGB crop of ``crop`` (a ``v2.RandomResizedCrop``), decoded as small as it may be.
+    """``source`` (a path or a binary file) → the RGB crop of ``crop`` (a ``v2.RandomResizedCrop``),
+    decoded as small as it may be.
 
     Draws from torch's global generator exactly as ``crop(full_image)`` would; ``reduce=False``
     decodes every file in full (same crop, same draws), for comparison.
@@ -90,7 +91,8 @@ def _draft(image: Image.Image, factor: int) -> int:
     return round(width / scaled_width)
 
 
-def split_crop(transform: v2.Compose, reduce: bool = True) -> tuple[Callable[[str | BinaryIO], Image.Image], v2.Compose]:
+def split_crop(transform: v2.Compose, reduce: bool = True
+               ) -> tuple[Callable[[str | BinaryIO], Image.Image], v2.Compose]:
     """``(decoder, the rest of the chain)``: a :class:`CropDecoder` taking over ``transform``'s
     leading RandomResizedCrop, or a full decode (:func:`open_rgb`) and ``transform`` unchanged."""
     steps = transform.transforms

@@ -4,9 +4,10 @@ TFRecord or WebDataset shards) decoded by PIL in DataLoader workers.
 Three things differ from a plain ``ImageFolder`` + ``DataLoader``:
 
 * **Unreadable samples do not end the run.** A sample that fails to read or decode (a corrupt,
-  truncated or non-image file; a shard record with a CRC mismatch) is reported: each batch carries the skipped paths as a third element, which
-  :class:`DeviceLoader` collects for the engine (``loader.take_skipped()``). In training its place
-  is taken by the next readable file of the split (with the slot's own augmentation seed), so
+  truncated or non-image file; a shard record with a CRC mismatch) is reported: each batch
+  carries the skipped sample names as a third element, which :class:`DeviceLoader` collects for
+  the engine (``loader.take_skipped()``). In training its place is taken by the next readable
+  sample of the split (with the slot's own augmentation seed), so
   every batch stays full: ranks keep the same number of steps (a rank left with an empty batch
   would skip a step and desynchronise DDP's collectives) and BatchNorm never trains on one
   sample. In validation it is left out (each image must count once), so a batch may be smaller.

@@ -2,19 +2,18 @@
 
 Training: the epoch order is a permutation seeded with ``seed + epoch``; its last
 ``num_samples % world_size`` samples are left out (a different few each epoch), and rank ``r``
-takes every ``world_size``-th sample from the ``r``-th on, as ``DistributedSampler`` does; each
+takes every ``world_size``-th sample from the ``r``-th on (as ``DistributedSampler``), so a run on
+N processes with batch B trains on the same samples per step as one process with batch N*B. Each
 rank then drops its last incomplete batch. So every sample is trained on by at most one rank (and,
 through the DataLoader's batches, one worker) per epoch, none twice; fewer than
 ``world_size * batch_size`` are left out. (``DistributedSampler`` pads by wrapping around instead,
-so a few samples were seen twice.) Striding makes step ``k``'s global batch the same samples at any
-world size: ``-b 8`` on one process and ``-b 4`` on two train on the same images.
+so a few samples were seen twice.)
 
 With ``window`` W > 0 (shard sources, ``--shard-shuffle-window``) the permutation is local: the
 shards are permuted, taken W at a time, and the samples of each group of W shards are permuted
 among themselves; rank ``r`` then takes the ``r``-th of ``world_size`` equal contiguous blocks, so
-it covers about ``1/world_size`` of the shards, read a few at a time -- what streamed shards need
-(a node downloads its share, not every shard) -- at the cost of a less global shuffle and of
-global batches that depend on the world size.
+it reads about ``1/world_size`` of the shards, a few at a time -- what streamed shards need (each
+node fetches its share, not every shard) -- at the cost of a less global shuffle.
 
 Validation does not shuffle and does not pad: ranks get uneven strided shares and the engine sums
 correct counts across ranks, so every image is scored exactly once.
@@ -24,12 +23,17 @@ skip the batches already trained on without decoding them, and DALI needs the sa
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import Sampler
 
 from image_classification.data.registry import LoaderConfig
 
 from image_classification.errors import UserError
+
+if TYPE_CHECKING:
+    from image_classification.data.sources import SampleSource
 
 #: ``--shard-shuffle-window`` when not given: a global shuffle for local data (random access is
 #: cheap), 8 shards at a time for streamed shards (each rank then holds ~8 shards in its cache).
@@ -123,7 +127,7 @@ def shuffle_window(requested: int | None, streamed: bool) -> int:
     return requested
 
 
-def source_sampler(source, config: LoaderConfig, *, train: bool) -> ShardSampler:
+def source_sampler(source: SampleSource, config: LoaderConfig, *, train: bool) -> ShardSampler:
     """The sampler over a :class:`~image_classification.data.sources.SampleSource` of one split;
     training refuses a split with less than one batch per process."""
     if train:

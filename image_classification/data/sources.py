@@ -30,6 +30,7 @@ work wherever that module can fetch them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -134,12 +135,11 @@ class ShardSource(SampleSource):
         self.shards = shards
         self.cache_dir = cache_dir
         self.shard_sizes = [index.shard_size for index in indexes]
-        self.shard_ids = np.concatenate([np.full(len(index.offsets), s, dtype=np.int64)
-                                         for s, index in enumerate(indexes)] or [np.zeros(0, np.int64)])
-        self.offsets = np.concatenate([np.asarray(index.offsets, np.int64) for index in indexes] or [np.zeros(0, np.int64)])
-        self.sizes = np.concatenate([np.asarray(index.sizes, np.int64) for index in indexes] or [np.zeros(0, np.int64)])
+        self.shard_ids = _joined([[s] * len(index.offsets) for s, index in enumerate(indexes)])
+        self.offsets = _joined([index.offsets for index in indexes])
+        self.sizes = _joined([index.sizes for index in indexes])
         self.keys = [key for index in indexes for key in index.keys]
-        stored = np.concatenate([np.asarray(index.labels, np.int64) for index in indexes] or [np.zeros(0, np.int64)])
+        stored = _joined([index.labels for index in indexes])
         self.skipped = [f"{shard}: {what}" for shard, index in zip(shards, indexes) for what in index.skipped]
         if not len(stored):
             raise UserError(f"no samples in the {len(shards)} {kind} shard(s) of {location}"
@@ -163,7 +163,12 @@ class ShardSource(SampleSource):
         shard = int(self.shard_ids[i])
         path = self._local_path(shard)
         offset, size = int(self.offsets[i]), int(self.sizes[i])
-        with open(path, "rb") as file:
+        try:
+            file = open(path, "rb")
+        except FileNotFoundError:  # a cached copy evicted since: fetch it again
+            self._local.pop(shard, None)
+            file = open(self._local_path(shard), "rb")
+        with file:
             data = os.pread(file.fileno(), size, offset)
         if len(data) != size:
             raise ShardError(f"{self.name(i)}: shard ends at byte {offset + len(data)}, the sample needs {size} bytes")
@@ -204,6 +209,10 @@ class ShardSource(SampleSource):
                 if self.kind == "tfrecord" else " (set --num-classes or list the classes in classes.txt)")
         raise UserError(f"{self.name(i)}: label {stored}{base} is outside 0..{self.num_classes - 1}"
                         f"{f' ({len(bad)} such samples)' if len(bad) > 1 else ''}{hint}")
+
+
+def _joined(parts: list[list[int]]) -> np.ndarray:
+    return np.concatenate([np.asarray(part, dtype=np.int64) for part in parts] or [np.zeros(0, np.int64)])
 
 
 # ---------------------------------------------------------------- opening a split
@@ -267,6 +276,9 @@ def detect_format(location: str | None, split: str, *, data_format: str = "auto"
         wanted = " or ".join(f"{p}*{'.tar' if data_format == 'webdataset' else ''}"
                              for p in SPLIT_PREFIXES[data_format][split])
         raise UserError(f"--data-format {data_format}: no {wanted} files in {location}")
+    if remote.is_remote(location):
+        raise UserError(f"found no {split} shards at {location} (a URL that cannot be listed?): name them with "
+                        f"--{split}-shards PATTERN, e.g. {location.rstrip('/')}/{split}-{{000000..000127}}.tar")
     return "folder", []  # neither: scan_split reports the missing folder
 
 
@@ -338,6 +350,7 @@ def write_index(path: str, index: ShardIndex) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; others (a web server) may serve it
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(f"# convnets-index {INDEX_VERSION} {index.format} {index.shard_size}\n")
             for what in index.skipped:
@@ -398,10 +411,46 @@ def shard_index(shard: str, data_format: str, *, index_dir: str | None = None,
         # A remote shard's size is checked when it is first read (ShardSource._local_path).
         if index is not None and index.format == data_format and local_size in (None, index.shard_size):
             return index
-    index = build_index(remote.local_copy(shard, cache_dir), data_format)
-    target = os.path.join(index_dir, name) if index_dir and _writable(index_dir) else cached
-    write_index(target, index)
+    # Into --data-idx-dir unless a (stale) index of someone else's is there: never overwrite it.
+    mine = os.path.join(index_dir, name) if index_dir and _writable(index_dir) else None
+    target = mine if mine and not os.path.exists(mine) else cached
+    with _building(target):  # ranks and workers on one machine build each index once
+        index = read_index(target)
+        if index is None or index.format != data_format or local_size not in (None, index.shard_size):
+            index = build_index(remote.local_copy(shard, cache_dir), data_format)
+            write_index(target, index)
     return index
+
+
+@contextlib.contextmanager
+def _building(target: str):
+    """An exclusive lock on ``target + ".lock"`` (processes of one machine wait for the builder).
+
+    The index is in place before the lock file is removed, so a process arriving later finds it
+    without locking, and one that waited re-reads it under the lock.
+    """
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    lock = target + ".lock"
+    with open(lock, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (``os.umask`` would change it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def index_cache_dir(cache_dir: str | None) -> str:
@@ -505,8 +554,11 @@ def tfrecord_image(frame: bytes, name: str) -> bytes:
     if masked_crc(data) != data_crc:
         raise ShardError(f"{name}: data CRC mismatch (the shard is damaged)")
     example = example_pb2.Example()
-    example.ParseFromString(data)
-    return example.features.feature[_TF_IMAGE].bytes_list.value[0]
+    try:
+        example.ParseFromString(data)
+        return example.features.feature[_TF_IMAGE].bytes_list.value[0]
+    except Exception as error:  # noqa: BLE001 -- protobuf's DecodeError; no image/encoded
+        raise ShardError(f"{name}: not a tf.train.Example with {_TF_IMAGE} ({error})") from None
 
 
 # ---------------------------------------------------------------- WebDataset tar
