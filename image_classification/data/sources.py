@@ -457,8 +457,7 @@ def index_cache_dir(cache_dir: str | None) -> str:
     """Where built index files go when ``--data-idx-dir`` is not given (or not writable)."""
     if cache_dir:
         return os.path.join(cache_dir, "index")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "convnets", "index")
+    return os.path.join(remote.cache_root(), "index")
 
 
 def _location_hash(location: str) -> str:
