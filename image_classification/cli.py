@@ -51,7 +51,8 @@ def run(args) -> int:
         set_affinity(bus_id, args.gpu_affinity)
     device = runtime.select_device(args.device, context.local_rank)
     rt = runtime.build_runtime(device=device, amp=args.amp, amp_dtype=args.amp_dtype,
-                               memory_format=args.memory_format, tf32=args.tf32)
+                               memory_format=args.memory_format, tf32=args.tf32,
+                               path="infer" if args.evaluate else "train")
     distributed.init(context, device)
     seed = _shared_seed(args.seed, device)
     runtime.seed_everything(seed + context.rank)
@@ -97,6 +98,7 @@ def run(args) -> int:
                         tensorboard_dir=str(Path(args.workspace) / args.tensorboard) if args.tensorboard else None,
                         steps_per_epoch=len(train_loader) if train_loader is not None else None)
     try:
+        _show_runtime_notes(rt, reporter, context.is_main)
         reporter.log("PARAMETER", {**vars(args), "seed": seed, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
                                    "precision": rt.precision_name, **_resume_marker(args, resume)})
@@ -112,6 +114,14 @@ def run(args) -> int:
                       class_names=class_names, seed=seed)
     finally:
         reporter.close()
+
+
+def _show_runtime_notes(rt: runtime.Runtime, reporter: Reporter, is_main: bool) -> None:
+    """Why this precision (one line naming the CPU feature), and forced emulated bf16 (stderr)."""
+    for note in rt.notes:
+        reporter.message(note)
+    for warning in rt.warnings if is_main else ():
+        print(warning, file=sys.stderr)
 
 
 def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
