@@ -8,9 +8,9 @@ as parser defaults, so an explicit flag on the command line always wins.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Sequence
 
+from image_classification import machine
 from image_classification.data.priority import PRIORITIES
 from image_classification.data.registry import AUGMENTATIONS, INTERPOLATIONS
 from image_classification.errors import UserError
@@ -197,6 +197,10 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
                        help="nhwc: channels_last model and inputs; auto: the measured faster one for this "
                             "device and precision (image_classification/precision.py) (default: nchw)")
     group.add_argument("--jit", default="no", choices=("no", "script"), help="torch.jit.script the model (default: no)")
+    group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the model for training and evaluation (static shapes: one compile per "
+                            "image size); BACKEND defaults to inductor; compile time is logged apart from the "
+                            "throughput as train.compile_time / val.compile_time (default: off, eager)")
     group.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                        help="auto: CUDA when available, else CPU (default: auto)")
     group.add_argument("--gpu-affinity", default="none", choices=GPU_AFFINITIES,
@@ -404,8 +408,7 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | Non
 def default_workers() -> int:
     """The reference's 5, or fewer on a machine (or affinity mask) with fewer usable cores: more
     workers than cores only compete with each other and the model (and PyTorch warns every run)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(5, usable)
+    return min(5, machine.usable_cores())
 
 
 def _bare_gather_checkpoints(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

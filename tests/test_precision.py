@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from image_classification import cli, config, precision, runtime
+from image_classification import cli, config, machine, precision, runtime
 from image_classification.models.registry import ModelSpec, register
 from image_classification.reporting.dllogger import read_raport
 
@@ -98,8 +98,8 @@ def test_main_warns_once_when_bf16_is_forced_on_a_cpu_without_it(cpu_features, c
 # ---------------------------------------------------------------- --workers from the usable cores
 
 def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
-    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert config.parse_args(["--device", "cpu"]).workers == 2
-    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     assert config.parse_args([]).workers == 5  # the reference's default where the cores allow
     assert config.parse_args(["-j", "7"]).workers == 7 and config.parse_args(["--workers", "0"]).workers == 0
