@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Iterator, Sequence
 
 import torch
 from PIL import UnidentifiedImageError
 
-from image_classification import config, export, inference, models, quantization, runtime
+from image_classification import compiling, config, export, inference, models, quantization, runtime
 from image_classification.data.checks import is_image_file
 from image_classification.data.device import Normalize
 from image_classification.data.transforms import open_rgb, val_transform
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "CPU has native bf16, fp32 elsewhere: the measured fastest CPU path) | FP32 | TF32 "
                              "(default: AMP)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the model (BACKEND default: inductor); pays off over many batches, "
+                             "the --json output reports the compile time (default: off, eager)")
     parser.add_argument("--topk", default=None, metavar="K",
                         help=f"classes to show per image (default: {config.DEFAULT_TOPK}, or all when the model "
                              "has fewer)")
@@ -96,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
                                path="infer")
     model = (inference.cpu_fast_path(loaded.model, rt.amp_dtype, rt.memory_format) if fast_cpu
              else loaded.model.to(device))
+    compiler = _compiler(args)
+    clock = compiling.CompileClock(compiler)
+    model = compiling.view(compiler)(model)
     image_size, resize_size, interpolation = preprocessing(loaded, args)
     transform = val_transform(image_size, resize_size, interpolation)
     normalize = Normalize(device, rt.memory_format)
@@ -104,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(images), args.batch_size):
         paths = images[start:start + args.batch_size]
         batch = normalize(torch.stack([transform(_open(path)) for path in paths]).to(device))
+        start = time.perf_counter()
         with torch.no_grad(), rt.autocast():
             logits = model(batch)
+        clock.compiled(time.perf_counter() - start)
         probabilities = torch.softmax(logits.float(), dim=1).cpu()
         top = probabilities.topk(topk, dim=1)
         for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
@@ -116,9 +125,20 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print_result(result)
     if args.json:
-        json.dump(_json_document(results, loaded, image_size, resize_size, rt, args.precision), sys.stdout, indent=2)
+        document = _json_document(results, loaded, image_size, resize_size, rt, args.precision)
+        if compiler is not None:
+            document["compile_time"] = clock.seconds
+        json.dump(document, sys.stdout, indent=2)
         print()
     return 0
+
+
+def _compiler(args: argparse.Namespace) -> compiling.Compiler | None:
+    if args.compile is None:
+        return None
+    if args.onnx is not None:
+        raise UserError("--compile compiles a PyTorch model; --onnx runs the file with ONNX Runtime")
+    return compiling.Compiler(args.compile, shapes=2)  # full batches and the last one
 
 
 def _load(args: argparse.Namespace, device: torch.device) -> export.LoadedModel:

@@ -120,3 +120,26 @@ def test_compiled_ddp_on_gloo_trains_and_ranks_agree(small_digits_dir, tmp_path)
     assert all(torch.equal(tensor, rank1[name]) for name, tensor in rank0.items())
     assert not any("_orig_mod" in name for name in checkpoint.load(tmp_path / "checkpoint.pth.tar")["state_dict"])
     assert summary(tmp_path)["compiled_graphs"] > 0
+
+
+def test_classify_compile_gives_the_eager_predictions_and_reports_compile_time(tmp_path, capsys):
+    import json
+
+    import classify
+    from PIL import Image
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(_compile_cnn(num_classes=3).state_dict(), weights)
+    for index in range(3):
+        Image.new("RGB", (40, 36), (60 * index, 90, 200 - 50 * index)).save(tmp_path / f"{index}.png")
+    argv = ["--arch", "compile-cnn", "--weights", str(weights), "--image-size", "32", "--image", str(tmp_path),
+            "-b", "2", "--json", "--precision", "FP32", "--cpu", "--num-classes", "3"]
+    assert classify.main(argv) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert classify.main([*argv, "--compile", "eager"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert compiled["compile_time"] > 0 and "compile_time" not in eager
+    for ours, theirs in zip(compiled["results"], eager["results"]):
+        assert [p["index"] for p in ours["predictions"]] == [p["index"] for p in theirs["predictions"]]
+        assert [p["probability"] for p in ours["predictions"]] == pytest.approx(
+            [p["probability"] for p in theirs["predictions"]], abs=1e-5)
