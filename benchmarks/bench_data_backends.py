@@ -27,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from image_classification import machine  # noqa: E402
 from image_classification.data import registry  # noqa: E402
 from image_classification.data.registry import LoaderConfig  # noqa: E402
 from image_classification.errors import UserError  # noqa: E402
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--channels-last", action="store_true", help="--memory-format nhwc")
     args = parser.parse_args(argv)
+    print(machine.describe(), flush=True)
 
     backends = args.backends or ["pytorch", "dali-cpu"] + (["dali-gpu"] if torch.cuda.is_available() else [])
     data = args.data or make_jpegs(Path(tempfile.gettempdir()) / f"convnets-bench-jpegs-{args.images}", args.images)
