@@ -103,3 +103,36 @@ def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     assert config.parse_args([]).workers == 5  # the reference's default where the cores allow
     assert config.parse_args(["-j", "7"]).workers == 7 and config.parse_args(["--workers", "0"]).workers == 0
+
+
+# ---------------------------------------------------------------- the machine line of every benchmark
+
+def test_machine_line_names_cpu_cores_capabilities_and_versions(cpu_features, monkeypatch):
+    import torch
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(machine, "dali_version", lambda: "2.4.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu_features("avx512_f", "avx512_vnni")
+    line = machine.describe({**precision.cpu_capabilities(), "cpu_name": "Intel Xeon"})
+    assert line == (f"machine: Intel Xeon (x86_64), 2 of 8 cores usable, bf16 emulated (no native bf16), AMX none, "
+                    f"VNNI avx512_vnni, torch {torch.__version__}, DALI 2.4.0, GPU none")
+    cpu_features("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16")
+    assert ", bf16 native (amx_bf16), AMX amx_tile/amx_bf16/amx_int8, VNNI none," in machine.describe()
+
+
+def test_every_benchmark_prints_the_machine_line_first(capsys):
+    from pathlib import Path
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    for script in [*benchmarks.glob("*.py"), benchmarks / "gpu_smoke.sh"]:
+        assert "describe()" in script.read_text(), script.name
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_precision", benchmarks / "bench_precision.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--arch", "precision-cnn", "--tasks", "infer", "train", "--modes", "eager",
+                       "--image-size", "24", "-b", "2", "--iterations", "1", "--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == machine.describe()
+    rows = [line for line in lines if line.startswith("| precision-cnn |")]
+    assert len(rows) == 8 and sum(line.endswith("| <- |") for line in rows) == 2  # --amp's pick per task
