@@ -5,10 +5,10 @@
 
 For each image size, in one invocation and in alternating rounds, ``main.py`` trains one epoch
 (``--training-only --no-checkpoints --print-freq 1``, ResNet18, batch 64, ``--amp --memory-format
-nhwc``, ``-j 2``) on a folder of 2048 JPEGs of 500x375 px (512 generated images, q90, smooth colour
+auto``, ``-j 2``) on a folder of 2048 JPEGs of 500x375 px (512 generated images, q90, smooth colour
 ramps plus sensor noise, each linked four times; written once under the temp folder) with each data
 backend and with the ``synthetic`` backend (main.py without a loader). The reference is a bare loop
--- the same model, optimizer, bf16 autocast and channels_last, one fixed in-memory batch, nothing
+-- the same model, optimizer, precision and memory format (what --amp picks on this CPU), one fixed in-memory batch, nothing
 else, timed the same way: the limit a loader can reach, as ``../shared/bench/bare_loop.py
 --compute`` measures it. Every run is a fresh process.
 

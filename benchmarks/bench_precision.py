@@ -93,9 +93,9 @@ def measure(args) -> list[dict]:
 
 def auto_choice(task: str) -> tuple[str, str]:
     """What --amp (and --memory-format auto) picks on this machine for ``task``."""
-    dtype = precision.choose("cpu", amp=True).amp_dtype
-    fmt = precision.memory_format("auto", "cpu", "train" if task == "train" else "infer", dtype)
-    return ("bf16" if dtype == torch.bfloat16 else "fp32"), ("nhwc" if fmt == torch.channels_last else "nchw")
+    chosen = precision.choose("cpu", amp=True)
+    fmt = precision.memory_format("auto", "cpu", task, chosen.amp_dtype)
+    return chosen.name, next(name for name, value in precision.MEMORY_FORMATS.items() if value == fmt)
 
 
 def report(rows: list[dict], args) -> str:
