@@ -44,7 +44,7 @@ class TrainComponents:
     ema: ModelEma | None = None
     batch_transform: Callable | None = None   # MixUp / CutMix on device batches
     world_size: int = 1
-    compiler: Compiler | None = None          # --compile: `model` is compiled by it (engine/../compiling.py)
+    compiler: Compiler | None = None          # --compile: `model` is compiled by it (image_classification/compiling.py)
 
 
 class IntervalMeter:
