@@ -28,10 +28,10 @@ def _compile_cnn(num_classes: int = 10) -> nn.Module:
 
 register(ModelSpec("compile-cnn", "test", _compile_cnn, default_image_size=16))
 
+COMMON = ["--arch", "compile-cnn", "--data-backend", "synthetic", "--synthetic-epoch-size", "24", "-b", "4",
+          "--lr", "0.05", "--device", "cpu", "--workers", "0", "--seed", "5", "--num-classes", "4", "--print-freq", "3"]
 # 2 stages over 4 epochs: 16 px (epochs 0-1), then 24 px (epochs 2-3); 6 batches of 4 per epoch.
-STAGED = ["--arch", "compile-cnn", "--data-backend", "synthetic", "--synthetic-epoch-size", "24", "-b", "4",
-          "--n-stages", "2", "--base-image-size", "16", "--image-size", "24", "--epochs", "4", "--lr", "0.05",
-          "--device", "cpu", "--workers", "0", "--seed", "5", "--num-classes", "4", "--print-freq", "3"]
+STAGED = [*COMMON, "--n-stages", "2", "--base-image-size", "16", "--image-size", "24", "--epochs", "4"]
 
 
 def records(workspace: Path) -> list[dict]:
@@ -71,9 +71,11 @@ def test_a_stage_change_recompiles_once_not_per_step(tmp_path, monkeypatch):
 
 
 def test_compiled_run_checkpoints_as_eager_and_resumes(tmp_path):
-    """Keys identical to an eager run's (no _orig_mod. prefix), the same losses (the eager
-    backend runs the same operations), EMA and validation compiled, and --resume continues."""
-    common = [*STAGED, "--use-ema", "0.9", "--gather-checkpoints"]
+    """With bf16 AMP, channels_last and EMA: keys identical to an eager run's (no _orig_mod.
+    prefix), the same losses (the eager backend runs the same operations), EMA and validation
+    compiled, and --resume continues."""
+    common = [*COMMON, "--image-size", "24", "--epochs", "4", "--use-ema", "0.9", "--gather-checkpoints",
+              "--amp", "--amp-dtype", "bfloat16", "--memory-format", "nhwc"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert cli.main([*common, "--run-epochs", "1", "--workspace", str(eager)]) == 0
     assert cli.main([*common, "--run-epochs", "1", "--compile", "eager", "--workspace", str(compiled)]) == 0
