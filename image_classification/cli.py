@@ -102,7 +102,9 @@ def run(args) -> int:
         _show_runtime_notes(rt, reporter, context.is_main)
         reporter.log("PARAMETER", {**vars(args), "seed": seed, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
-                                   "precision": rt.precision_name, **_resume_marker(args, resume)})
+                                   "precision": rt.precision_name,
+                                   "memory_format_used": "nhwc" if rt.memory_format == torch.channels_last else "nchw",
+                                   **_resume_marker(args, resume)})
         if args.evaluate:
             return _evaluate(args, model, val_loader, rt, resume, reporter, compiler)
         staged = StagedTraining(

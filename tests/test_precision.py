@@ -84,6 +84,7 @@ def test_main_logs_the_feature_that_decided(cpu_features, capsys, tmp_path, feat
     assert "warning" not in captured.err
     record = next(r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER")
     assert record["precision"] == parameter
+    assert record["memory_format"] == "nchw" and record["memory_format_used"] == "nchw"  # as given
 
 
 def test_main_warns_once_when_bf16_is_forced_on_a_cpu_without_it(cpu_features, capsys, tmp_path):
@@ -93,6 +94,13 @@ def test_main_warns_once_when_bf16_is_forced_on_a_cpu_without_it(cpu_features, c
     assert len(err) == 1 and "forces bf16 on this CPU" in err[0]
     record = next(r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER")
     assert record["precision"] == "AMP-bf16"
+
+
+def test_main_records_the_memory_format_auto_chose(cpu_features, tmp_path):
+    cpu_features("avx512_bf16")
+    assert cli.main([*TINY, "--amp", "--memory-format", "auto", "--workspace", str(tmp_path)]) == 0
+    record = next(r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER")
+    assert (record["memory_format"], record["memory_format_used"]) == ("auto", "nhwc")
 
 
 # ---------------------------------------------------------------- --workers from the usable cores
