@@ -77,7 +77,8 @@ def test_compiled_amp_training_and_evaluation(small_digits_dir, tmp_path):
     once per size, and its checkpoint keys are an eager run's."""
     from image_classification import checkpoint
     records = train(small_digits_dir, tmp_path, "--compile", "--amp", "--memory-format", "nhwc", "--use-ema", "0.9",
-                    "--n-stages", "2", "--base-image-size", "32", "--image-size", "64", "--epochs", "2")
+                    "--n-stages", "2", "--base-image-size", "32", "--image-size", "64", "--val-resize-size", "64",
+                    "--epochs", "2")
     check_learning(records)
     epochs = {r["step"][0]: r["data"] for r in records if isinstance(r["step"], list) and len(r["step"]) == 1}
     assert epochs[0]["train.compile_time"] > 0 and epochs[1]["train.compile_time"] > 0  # one per size
