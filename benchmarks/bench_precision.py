@@ -95,7 +95,7 @@ def auto_choice(task: str) -> tuple[str, str]:
     """What --amp (and --memory-format auto) picks on this machine for ``task``."""
     chosen = precision.choose("cpu", amp=True)
     fmt = precision.memory_format("auto", "cpu", task, chosen.amp_dtype)
-    return chosen.name, next(name for name, value in precision.MEMORY_FORMATS.items() if value == fmt)
+    return chosen.name, precision.format_name(fmt)
 
 
 def report(rows: list[dict], args) -> str:

@@ -136,7 +136,7 @@ def compare_paths(args) -> list[dict]:
         import copy
         quantized = quantization.calibrate(copy.deepcopy(model), calibration, len(calibration)).eval()
         export.export_onnx(quantized, batches[0], qdq_onnx, exporter="legacy")
-        default_name = f"classify.py default: {chosen.name}, {'nhwc' if auto_format == torch.channels_last else 'nchw'}, BN folded"
+        default_name = f"classify.py default: {chosen.name}, {precision.format_name(auto_format)}, BN folded"
         paths = [("PyTorch fp32", torch_runner(model)),
                  (default_name, torch_runner(default, chosen.amp_dtype, auto_format)),
                  ("PyTorch bf16 + channels_last, BN folded (forced)", torch_runner(forced, torch.bfloat16,

@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from image_classification import checkpoint, compiling, config, distributed, export, models, quantization, runtime
+from image_classification import (checkpoint, compiling, config, distributed, export, models, precision,
+                                  quantization, runtime)
 from image_classification.data import priority
 from image_classification.data import registry as data_registry
 from image_classification.data.registry import LoaderConfig
@@ -103,7 +104,7 @@ def run(args) -> int:
         reporter.log("PARAMETER", {**vars(args), "seed": seed, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
                                    "precision": rt.precision_name,
-                                   "memory_format_used": "nhwc" if rt.memory_format == torch.channels_last else "nchw",
+                                   "memory_format_used": precision.format_name(rt.memory_format),
                                    **_resume_marker(args, resume)})
         if args.evaluate:
             return _evaluate(args, model, val_loader, rt, resume, reporter, compiler)

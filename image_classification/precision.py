@@ -88,6 +88,11 @@ def _missing() -> str:
     return "no " + "/".join(NATIVE_BF16_FEATURES)
 
 
+def format_name(memory_format: torch.memory_format) -> str:
+    """``nchw`` or ``nhwc``: the flag value of ``memory_format``."""
+    return next(name for name, value in MEMORY_FORMATS.items() if value == memory_format)
+
+
 def memory_format(choice: str, device_type: str, path: str, amp_dtype: torch.dtype | None) -> torch.memory_format:
     """``nchw``/``nhwc`` as given; ``auto`` from :data:`MEMORY_FORMAT_TABLE` (NCHW where it has no entry)."""
     if choice == "auto":
