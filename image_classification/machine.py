@@ -24,7 +24,8 @@ def describe(capabilities: Mapping[str, object] | None = None) -> str:
     bf16 = precision.native_bf16_feature(caps)
     parts = [f"machine: {caps.get('cpu_name') or 'unknown CPU'} ({caps.get('architecture', '?')})",
              f"{usable_cores()} of {os.cpu_count()} cores usable",
-             f"bf16 native ({bf16})" if bf16 else "bf16 emulated (no native bf16)",
+             f"bf16 native ({bf16})" if bf16 else "bf16 emulated (no native bf16"
+             + (f", oneDNN capped at {caps['onednn_max_cpu_isa']})" if caps.get("onednn_max_cpu_isa") else ")"),
              f"AMX {_present(caps, AMX_FEATURES)}", f"VNNI {_present(caps, VNNI_FEATURES)}",
              f"torch {torch.__version__}", f"DALI {dali_version() or 'not installed'}", f"GPU {_gpus()}"]
     return ", ".join(parts)

@@ -9,13 +9,17 @@ cannot decide this: it says True on any AVX-512 CPU.
 
 The capability names are those of ``torch.cpu.get_capabilities()`` (PyTorch's ``torch/cpu/__init__.py``
 lists them: x86 ``avx512_bf16``, ``amx_bf16``; ARM64 ``bf16`` (NEON BF16) and ``sve_bf16``).
-:func:`cpu_capabilities` is the only place that reads the table, so tests fake it there.
+:func:`cpu_capabilities` is the only place that reads the table, so tests fake it there. It also
+honours oneDNN's own cap, ``ONEDNN_MAX_CPU_ISA`` (PyTorch's CPU convolutions run on oneDNN): capped
+below ``AVX512_CORE_BF16`` the convolutions emulate bf16 as on a CPU without it, so the bf16
+features count as absent -- which also lets one machine measure both kinds of CPU.
 
 The memory format of ``--memory-format auto`` (and of classify.py and the benchmarks) comes from
 :data:`MEMORY_FORMAT_TABLE`, filled from ``benchmarks/bench_precision.py`` measurements.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -36,11 +40,18 @@ MEMORY_FORMAT_TABLE: dict[tuple[str, str, str], str] = {
     ("cpu", "infer", "bf16"): "nhwc",
 }
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+#: ``ONEDNN_MAX_CPU_ISA`` values that leave oneDNN no bf16 instructions (oneDNN's ISA names).
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
-def cpu_capabilities() -> Mapping[str, object]:
-    """torch's table of this CPU's features (cached by torch); the one read of it."""
-    return torch.cpu.get_capabilities()
+def cpu_capabilities(environ: Mapping[str, str] | None = None) -> Mapping[str, object]:
+    """torch's table of this CPU's features (cached by torch), less the bf16 features that
+    ``ONEDNN_MAX_CPU_ISA`` switches off; the one read of it."""
+    capabilities = torch.cpu.get_capabilities()
+    isa = (os.environ if environ is None else environ).get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa not in ONEDNN_ISAS_WITHOUT_BF16:
+        return capabilities
+    return {**capabilities, **{name: False for name in NATIVE_BF16_FEATURES}, "onednn_max_cpu_isa": isa}
 
 
 def native_bf16_feature(capabilities: Mapping[str, object] | None = None) -> str | None:
@@ -71,20 +82,23 @@ def choose(device_type: str, amp: bool, requested: str | None = None) -> Precisi
         return Precision(None)
     if device_type != "cpu":
         return Precision(getattr(torch, requested or "float16"))
-    feature = native_bf16_feature()
+    capabilities = cpu_capabilities()
+    feature = native_bf16_feature(capabilities)
     if requested == "bfloat16":
         warning = None if feature else (f"warning: --amp-dtype bfloat16 forces bf16 on this CPU, which has no native "
-                                        f"bf16 ({_missing()}): it is emulated and usually slower than fp32")
+                                        f"bf16 ({_missing(capabilities)}): it is emulated and usually slower than fp32")
         return Precision(torch.bfloat16, warning=warning)
     if requested is not None:
         return Precision(getattr(torch, requested))
     if feature:
         return Precision(torch.bfloat16, note=f"--amp: bf16 autocast (this CPU has {feature})")
-    return Precision(None, note=f"--amp: fp32 (this CPU has no native bf16: {_missing()}; emulated bf16 is "
-                                "slower than fp32; --amp-dtype bfloat16 forces it)")
+    return Precision(None, note=f"--amp: fp32 (this CPU has no native bf16: {_missing(capabilities)}; emulated "
+                                "bf16 is slower than fp32; --amp-dtype bfloat16 forces it)")
 
 
-def _missing() -> str:
+def _missing(capabilities: Mapping[str, object]) -> str:
+    if capabilities.get("onednn_max_cpu_isa"):
+        return f"ONEDNN_MAX_CPU_ISA={capabilities['onednn_max_cpu_isa']}"
     return "no " + "/".join(NATIVE_BF16_FEATURES)
 
 

@@ -144,3 +144,17 @@ def test_every_benchmark_prints_the_machine_line_first(capsys):
     assert lines[0] == machine.describe()
     rows = [line for line in lines if line.startswith("| precision-cnn |")]
     assert len(rows) == 8 and sum(line.endswith("| <- |") for line in rows) == 2  # --amp's pick per task
+
+
+def test_onednn_isa_cap_below_bf16_counts_as_a_cpu_without_it(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI makes oneDNN emulate bf16 on any CPU (how one machine
+    measures both kinds): --amp then picks fp32 and the machine line says why."""
+    monkeypatch.setattr(precision.torch.cpu, "get_capabilities",
+                        lambda: {"architecture": "x86_64", "avx512_bf16": True, "avx512_vnni": True})
+    assert precision.native_bf16_feature(precision.cpu_capabilities({})) == "avx512_bf16"
+    assert precision.native_bf16_feature(precision.cpu_capabilities({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")
+    assert precision.native_bf16_feature() is None
+    assert precision.choose("cpu", amp=True).note.startswith(
+        "--amp: fp32 (this CPU has no native bf16: ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI;")
+    assert "bf16 emulated (no native bf16, oneDNN capped at AVX512_CORE_VNNI)" in machine.describe()
