@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Iterator, Sequence
 
 import torch
 from PIL import UnidentifiedImageError
 
-from image_classification import config, export, inference, models, quantization, runtime
+from image_classification import compiling, config, export, inference, models, quantization, runtime
 from image_classification.data.checks import is_image_file
 from image_classification.data.device import Normalize
 from image_classification.data.transforms import open_rgb, val_transform
@@ -39,9 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", "-a", default=None, metavar="ARCH",
                         help="model architecture (default: the checkpoint's, else resnet50)")
     parser.add_argument("--precision", default="AMP", type=str.upper, metavar="P",
-                        help="AMP (fp16 on CUDA; on the CPU bf16 with channels_last and BatchNorm folded, the fastest "
-                             "measured CPU path) | FP32 | TF32 (default: AMP)")
+                        help="AMP (fp16 on CUDA; on the CPU BatchNorm folded, and bf16 with channels_last where the "
+                             "CPU has native bf16, fp32 elsewhere: the measured fastest CPU path) | FP32 | TF32 "
+                             "(default: AMP)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the model (BACKEND default: inductor); pays off over many batches, "
+                             "the --json output reports the compile time (default: off, eager)")
     parser.add_argument("--topk", default=None, metavar="K",
                         help=f"classes to show per image (default: {config.DEFAULT_TOPK}, or all when the model "
                              "has fewer)")
@@ -86,12 +91,18 @@ def run(args: argparse.Namespace) -> int:
     topk = config.topk_for(topk, loaded.num_classes, "the model")
     names = class_names(loaded, args.labels)
 
-    # On the CPU the default (AMP) runs the measured fastest path: bf16, channels_last, BatchNorm folded.
+    # On the CPU the default (AMP) runs the measured fastest path: BatchNorm folded, precision and
+    # memory format from what the CPU computes natively (image_classification.precision).
     fast_cpu = (device.type == "cpu" and args.precision == "AMP" and args.onnx is None
                 and not quantization.is_quantized(loaded.model))
     rt = runtime.build_runtime(device=device, amp=args.precision == "AMP", amp_dtype=None,
-                               memory_format="nhwc" if fast_cpu else "nchw", tf32=args.precision != "FP32")
-    model = inference.cpu_fast_path(loaded.model) if fast_cpu else loaded.model.to(device)
+                               memory_format="auto" if fast_cpu else "nchw", tf32=args.precision != "FP32",
+                               path="infer")
+    model = (inference.cpu_fast_path(loaded.model, rt.amp_dtype, rt.memory_format) if fast_cpu
+             else loaded.model.to(device))
+    compiler = _compiler(args)
+    clock = compiling.CompileClock(compiler)
+    model = compiling.view(compiler)(model)
     image_size, resize_size, interpolation = preprocessing(loaded, args)
     transform = val_transform(image_size, resize_size, interpolation)
     normalize = Normalize(device, rt.memory_format)
@@ -100,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(images), args.batch_size):
         paths = images[start:start + args.batch_size]
         batch = normalize(torch.stack([transform(_open(path)) for path in paths]).to(device))
+        start = time.perf_counter()
         with torch.no_grad(), rt.autocast():
             logits = model(batch)
+        clock.compiled(time.perf_counter() - start)
         probabilities = torch.softmax(logits.float(), dim=1).cpu()
         top = probabilities.topk(topk, dim=1)
         for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
@@ -112,9 +125,20 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print_result(result)
     if args.json:
-        json.dump(_json_document(results, loaded, image_size, resize_size, rt, args.precision), sys.stdout, indent=2)
+        document = _json_document(results, loaded, image_size, resize_size, rt, args.precision)
+        if compiler is not None:
+            document["compile_time"] = clock.seconds
+        json.dump(document, sys.stdout, indent=2)
         print()
     return 0
+
+
+def _compiler(args: argparse.Namespace) -> compiling.Compiler | None:
+    if args.compile is None:
+        return None
+    if args.onnx is not None:
+        raise UserError("--compile compiles a PyTorch model; --onnx runs the file with ONNX Runtime")
+    return compiling.Compiler(args.compile, shapes=2)  # full batches and the last one
 
 
 def _load(args: argparse.Namespace, device: torch.device) -> export.LoadedModel:
@@ -203,8 +227,8 @@ def print_result(result: dict) -> None:
 def _json_document(results: list[dict], loaded: export.LoadedModel, image_size: int, resize_size: int,
                    rt: runtime.Runtime, args_precision: str) -> dict:
     return {"arch": loaded.arch, "num_classes": loaded.num_classes, "image_size": image_size,
-            "resize_size": resize_size, "precision": rt.precision_name if rt.amp else args_precision, "device": str(rt.device),
-            "results": results}
+            "resize_size": resize_size, "precision": args_precision if args_precision == "TF32" and not rt.amp else rt.precision_name, "device": str(rt.device),
+            **({"precision_note": " ".join(rt.notes)} if rt.notes else {}), "results": results}
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from image_classification import machine  # noqa: E402
 from image_classification.data import convert, registry, remote  # noqa: E402
 from image_classification.data.registry import LoaderConfig  # noqa: E402
 from image_classification.errors import UserError  # noqa: E402
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
                         help="add rows streaming WebDataset shards of the images from a local HTTP server")
     parser.add_argument("--shard-mb", type=float, default=64, help="shard size for --http, in MB (default: 64)")
     args = parser.parse_args(argv)
+    print(machine.describe(), flush=True)
 
     backends = args.backends or ["pytorch", "dali-cpu"] + (["dali-gpu"] if torch.cuda.is_available() else [])
     data = args.data or make_jpegs(Path(tempfile.gettempdir()) / f"convnets-bench-jpegs-{args.images}", args.images)

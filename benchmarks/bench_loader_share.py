@@ -5,10 +5,10 @@
 
 For each image size, in one invocation and in alternating rounds, ``main.py`` trains one epoch
 (``--training-only --no-checkpoints --print-freq 1``, ResNet18, batch 64, ``--amp --memory-format
-nhwc``, ``-j 2``) on a folder of 2048 JPEGs of 500x375 px (512 generated images, q90, smooth colour
+auto``, ``-j 2``) on a folder of 2048 JPEGs of 500x375 px (512 generated images, q90, smooth colour
 ramps plus sensor noise, each linked four times; written once under the temp folder) with each data
 backend and with the ``synthetic`` backend (main.py without a loader). The reference is a bare loop
--- the same model, optimizer, bf16 autocast and channels_last, one fixed in-memory batch, nothing
+-- the same model, optimizer, precision and memory format (what --amp picks on this CPU), one fixed in-memory batch, nothing
 else, timed the same way: the limit a loader can reach, as ``../shared/bench/bare_loop.py
 --compute`` measures it. Every run is a fresh process.
 
@@ -88,7 +88,7 @@ def epoch_rate(backend: str, data: Path, size: int, args) -> float:
         command = [sys.executable, str(ROOT / "main.py"), "--data-backend", backend, "--arch", args.arch,
                    "--image-size", str(size), "-b", str(args.batch_size), "-j", str(args.workers),
                    "--epochs", "1", "--training-only", "--no-checkpoints", "--print-freq", "1", "--seed", "0",
-                   "--num-classes", "2", "--amp", "--memory-format", "nhwc", "--device", "cpu",
+                   "--num-classes", "2", "--amp", "--memory-format", "auto", "--device", "cpu",
                    "--workspace", workspace]
         if backend == "synthetic":
             command += ["--synthetic-epoch-size", str(args.images * args.copies)]
@@ -119,17 +119,19 @@ def run_fixed_batch(size: int, args) -> None:
     """The bare loop: as many steps as a loader epoch has, each timed from the end of the last."""
     import torch  # noqa: PLC0415 -- only this child process needs it
 
-    from image_classification import models  # noqa: PLC0415
+    from image_classification import models, precision  # noqa: PLC0415
 
     torch.manual_seed(0)
-    model = models.get(args.arch).build(num_classes=2).to(memory_format=torch.channels_last).train()
+    amp_dtype = precision.choose("cpu", amp=True).amp_dtype  # as main.py --amp --memory-format auto
+    memory_format = precision.memory_format("auto", "cpu", "train", amp_dtype)
+    model = models.get(args.arch).build(num_classes=2).to(memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-5)
-    images = torch.randn(args.batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(args.batch_size, 3, size, size).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 2, (args.batch_size,))
     steps = args.images * args.copies // args.batch_size
     start = time.perf_counter()
     for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = torch.nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,10 +157,13 @@ def main() -> int:
         run_fixed_batch(args.fixed_batch, args)
         return 0
 
+    from image_classification import machine, precision  # noqa: PLC0415
+    print(machine.describe(), flush=True)
+    chosen = precision.choose("cpu", amp=True)
     data = args.data or make_dataset(Path(tempfile.gettempdir()) / "convnets-bench-loader-share",
                                      args.images, args.copies)
     runs = [BARE, "synthetic"] + args.backends
-    print(f"{args.arch}, batch {args.batch_size}, bf16 + nhwc, -j {args.workers}, {data}, "
+    print(f"{args.arch}, batch {args.batch_size}, --amp ({chosen.name}), --memory-format auto, -j {args.workers}, {data}, "
           f"{os.cpu_count()} CPUs, best of {args.rounds} round(s)", flush=True)
     best: dict[tuple[int, str], float] = {}
     for size in args.sizes:

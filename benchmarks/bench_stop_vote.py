@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from image_classification import models  # noqa: E402
+from image_classification import machine, models  # noqa: E402
 from image_classification.engine import loop  # noqa: E402
 
 
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each kind, alternating")
     args = parser.parse_args()
+    print(machine.describe(), flush=True)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -5,7 +5,7 @@ checkpoints) and (b) a minimal hand-written loop with the same model, batch, pre
 format, optimizer and synthetic data, and prints both throughputs (images / wall time, first
 iteration excluded in both) and their ratio.
 
-    python benchmarks/bench_training_loop.py                       # resnet50, 224 px, bf16 + nhwc on CPU
+    python benchmarks/bench_training_loop.py                       # resnet50, 224 px, --amp, auto memory format
     python benchmarks/bench_training_loop.py --arch resnet18 --image-size 128 --batch-size 32 --iterations 30
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from image_classification import cli, models  # noqa: E402
+from image_classification import cli, machine, models, precision  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 
 
@@ -45,11 +45,11 @@ def main_py_throughput(args) -> float:
 
 def bare_loop_throughput(args) -> float:
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    memory_format = torch.channels_last if args.memory_format == "nhwc" else torch.contiguous_format
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    amp_dtype = precision.choose(device.type, args.amp).amp_dtype  # as main.py --amp decides it
+    memory_format = precision.memory_format(args.memory_format, device.type, "train", amp_dtype)
     model = models.get(args.arch).build(num_classes=1000).to(device, memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = torch.nn.CrossEntropyLoss()
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device,
@@ -57,7 +57,7 @@ def bare_loop_throughput(args) -> float:
     labels = torch.randint(0, 1000, (args.batch_size,), device=device, generator=generator)
     start = None
     for iteration in range(args.iterations):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -79,11 +79,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; medians are reported")
-    parser.add_argument("--memory-format", default="nhwc", choices=("nchw", "nhwc"))
+    parser.add_argument("--memory-format", default="auto", choices=("nchw", "nhwc", "auto"))
     parser.add_argument("--no-amp", dest="amp", action="store_false")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
+    print(machine.describe(), flush=True)
 
     results: dict[str, list[float]] = {"main.py": [], "bare loop": []}
     for _ in range(args.repeats):
@@ -91,8 +92,8 @@ def main() -> None:
         results["main.py"].append(main_py_throughput(args))
     medians = {name: statistics.median(values) for name, values in results.items()}
     ratio = medians["main.py"] / medians["bare loop"]
-    precision = ("fp16" if args.device == "cuda" else "bf16") if args.amp else "fp32"
-    setting = (f"{args.arch}, {args.image_size}px, batch {args.batch_size}, {precision}, {args.memory_format}, "
+    chosen = precision.choose(args.device, args.amp).name
+    setting = (f"{args.arch}, {args.image_size}px, batch {args.batch_size}, {chosen}, {args.memory_format}, "
                f"{args.device}, {args.iterations} iterations x {args.repeats} repeats")
     if args.json:
         print(json.dumps({"setting": setting, "runs": results, "median": medians, "ratio": ratio}))

@@ -8,7 +8,10 @@ same table from existing raports (e.g. the ``raport_<bs>.json`` files of the inf
     python benchmarks/inference_sweep.py --from-raports results/raport_*.json
 
 ``--paths`` instead compares CPU inference paths on one batch size, side by side in one process:
-PyTorch fp32; PyTorch bf16 + channels_last with BatchNorm folded (classify.py's CPU default);
+PyTorch fp32; classify.py's CPU default (BatchNorm folded; bf16 + channels_last where the CPU has
+native bf16, fp32 in the measured memory format elsewhere: image_classification/precision.py);
+PyTorch bf16 + channels_last with BatchNorm folded, forced (emulated where the CPU lacks bf16);
+with ``--compile``, the default path torch.compile'd (Inductor; compile time in the row's name);
 ONNX Runtime fp32; ONNX Runtime INT8 from the Model Optimizer Q/DQ export (what quant_main.py
 checkpoints export to; here calibrated without fine-tuning) and from ONNX Runtime's post-training
 static quantization of the BatchNorm-folded, pre-processed model (U8S8 per-channel, as QDQ and as
@@ -27,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from image_classification import cli  # noqa: E402
+from image_classification import cli, machine  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 
 COLUMNS = ("val.compute_latency", "val.compute_latency_at90", "val.compute_latency_at95", "val.compute_latency_at99")
@@ -84,7 +87,7 @@ def compare_paths(args) -> list[dict]:
     import onnxruntime as ort
     import torch
 
-    from image_classification import export, inference, models, ptq, quantization
+    from image_classification import compiling, export, inference, models, precision, ptq, quantization
 
     torch.manual_seed(0)
     model = models.get(args.arch).build(num_classes=1000).eval()
@@ -97,14 +100,24 @@ def compare_paths(args) -> list[dict]:
                    for _ in range(args.calibration_batches)]
     if not calibration:
         raise SystemExit("error: --calibration-batches must be at least 1 (INT8 needs a calibration set)")
-    fast = inference.cpu_fast_path(model)
+    chosen = precision.choose("cpu", amp=True)  # classify.py's default: --precision AMP
+    auto_format = precision.memory_format("auto", "cpu", "infer", chosen.amp_dtype)
+    default = inference.cpu_fast_path(model, chosen.amp_dtype, auto_format)
+    forced = inference.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
 
-    def torch_runner(module, bf16: bool):
+    def torch_runner(module, dtype=None, memory_format=torch.contiguous_format):
         def run(x):
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                x = x.contiguous(memory_format=torch.channels_last) if bf16 else x
-                return module(x).float().numpy()
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                return module(x.contiguous(memory_format=memory_format)).float().numpy()
         return run
+
+    def compiled_runner():
+        """The default path compiled; the first call (the compilation) is timed here, apart."""
+        import time
+        run = torch_runner(compiling.Compiler("inductor", shapes=1)(default), chosen.amp_dtype, auto_format)
+        start = time.perf_counter()
+        run(batches[0])
+        return f" (compiled in {time.perf_counter() - start:.0f} s)", run
 
     def ort_runner(path):
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -123,14 +136,20 @@ def compare_paths(args) -> list[dict]:
         import copy
         quantized = quantization.calibrate(copy.deepcopy(model), calibration, len(calibration)).eval()
         export.export_onnx(quantized, batches[0], qdq_onnx, exporter="legacy")
-        paths = [("PyTorch fp32", torch_runner(model, False)),
-                 ("PyTorch bf16 + channels_last, BN folded", torch_runner(fast, True)),
+        default_name = f"classify.py default: {chosen.name}, {precision.format_name(auto_format)}, BN folded"
+        paths = [("PyTorch fp32", torch_runner(model)),
+                 (default_name, torch_runner(default, chosen.amp_dtype, auto_format)),
+                 ("PyTorch bf16 + channels_last, BN folded (forced)", torch_runner(forced, torch.bfloat16,
+                                                                                    torch.channels_last)),
                  ("ONNX Runtime fp32", ort_runner(fp32_onnx)),
                  ("ONNX Runtime INT8, Model Optimizer Q/DQ export (QAT form)", ort_runner(qdq_onnx)),
                  ("ONNX Runtime INT8, static PTQ, QDQ (BN folded, pre-processed, U8S8 per-channel)",
                   ort_runner(ptq_qdq_onnx)),
                  ("ONNX Runtime INT8, static PTQ, QOperator (BN folded, pre-processed, U8S8 per-channel)",
                   ort_runner(ptq_qop_onnx))]
+        if args.compile:
+            took, run = compiled_runner()
+            paths.insert(2, (f"{default_name}, torch.compile{took}", run))
         # Alternating rounds, best round per path: the machine's speed drifts by 10 % and more over
         # a minute here, which a single pass in a fixed order turns into a bias against whichever
         # path happens to run in a slow spell.
@@ -172,10 +191,14 @@ def main() -> None:
     parser.add_argument("--weights", help="--paths: weights file (default: random initialisation, seed 0)")
     parser.add_argument("--rounds", type=int, default=3, help="--paths: alternating rounds, best counts (default: 3)")
     parser.add_argument("--calibration-batches", type=int, default=4, help="--paths: INT8 calibration batches")
+    parser.add_argument("--compile", action="store_true", help="--paths: add the default path torch.compile'd; "
+                        "otherwise main.py --evaluate --compile (val.compile_time is left out of the figures)")
     args, extra = parser.parse_known_args()  # everything else goes to main.py (--amp, --memory-format ...)
+    print(machine.describe(), flush=True)
     if args.paths:
         print(paths_table(compare_paths(args), args))
         return
+    extra += ["--compile"] if args.compile else []  # the sweep: main.py --evaluate --compile
     rows = [row_from_raport(p) for p in args.from_raports] if args.from_raports else sweep(args, extra)
     print(table(rows))
 

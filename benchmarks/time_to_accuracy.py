@@ -16,7 +16,8 @@ Datasets (written once under the system temp folder):
   pentagon, bar, star) with random size, position, rotation and colours over a noisy background
   (1200 train, 400 val), ResNet18 at 64 px (stage-wise: 32 -> 64).
 
-Runs are bf16 + channels_last (``--amp --memory-format nhwc``). Printed: wall time, final val
+Runs are ``--amp --memory-format auto`` (bf16 + channels_last where the CPU has native bf16, fp32
+elsewhere; image_classification/precision.py). Printed: wall time, final val
 top-1 and the stage-wise / fixed wall-time ratio per dataset.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from image_classification import machine  # noqa: E402
 from image_classification.data.digits import write_digits  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "pentagon", "bar", "star")
@@ -115,7 +117,7 @@ def _top1(workspace: Path, common: list[str], data: Path) -> float:
 def compare(name: str, data: Path, size: int, resize: int, epochs: int, n_stages: int, lr: float, batch: int,
             crop: float, workers: int, workdir: Path) -> list[dict]:
     common = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", str(size),
-              "--val-resize-size", str(resize), "-b", str(batch), "--amp", "--memory-format", "nhwc",
+              "--val-resize-size", str(resize), "-b", str(batch), "--amp", "--memory-format", "auto",
               "--workers", str(workers), "--seed", "1", "--device", "cpu", "--print-freq", "1000"]
     training = [*common, "--epochs", str(epochs), "--lr", str(lr), "--lr-schedule", "cosine",
                 "--label-smoothing", "0.1", "--weight-decay", "5e-4", "--crop-scale", str(crop), "1", "--training-only"]
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", choices=("digits", "shapes"), default=None)
     args = parser.parse_args(argv)
+    print(machine.describe(), flush=True)
     cache = Path(tempfile.gettempdir())
     digits = cache / "convnets-digits32"
     write_digits(str(digits), size=32)

@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from image_classification import checkpoint, config, distributed, export, models, quantization, runtime
+from image_classification import (checkpoint, compiling, config, distributed, export, models, precision,
+                                  quantization, runtime)
 from image_classification.data import priority
 from image_classification.data import registry as data_registry
 from image_classification.data.registry import LoaderConfig
@@ -51,7 +52,8 @@ def run(args) -> int:
         set_affinity(bus_id, args.gpu_affinity)
     device = runtime.select_device(args.device, context.local_rank)
     rt = runtime.build_runtime(device=device, amp=args.amp, amp_dtype=args.amp_dtype,
-                               memory_format=args.memory_format, tf32=args.tf32)
+                               memory_format=args.memory_format, tf32=args.tf32,
+                               path="infer" if args.evaluate else "train")
     distributed.init(context, device)
     seed = _shared_seed(args.seed, device)
     runtime.seed_everything(seed + context.rank)
@@ -70,6 +72,7 @@ def run(args) -> int:
                              final_size=args.image_size, mixup=args.mixup, cutmix=args.cutmix,
                              randaugment_magnitude=args.randaugment_magnitude)
     _check_known_kernel_bugs(rt, min(schedule.smallest_size, args.eval_image_size))
+    compiler = _compiler(args, schedule)
     loader_config = _loader_config(args, rt, context, seed)
     train_loader, val_loader = _build_loaders(args, loader_config, schedule.stages[0])
     num_classes, class_names = _resolve_classes(args, train_loader or val_loader)
@@ -101,12 +104,14 @@ def run(args) -> int:
             reporter.message(loader.description)
     batching = None if args.evaluate else _batching(args, context.world_size)
     try:
+        _show_runtime_notes(rt, reporter, context.is_main)
         reporter.log("PARAMETER", {**vars(args), "seed": seed, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(device),
-                                   "precision": rt.precision_name, **_resume_marker(args, resume),
-                                   **(batching.record() if batching else {})})
+                                   "precision": rt.precision_name,
+                                   "memory_format_used": precision.format_name(rt.memory_format),
+                                   **_resume_marker(args, resume), **(batching.record() if batching else {})})
         if args.evaluate:
-            return _evaluate(args, model, val_loader, rt, resume, reporter)
+            return _evaluate(args, model, val_loader, rt, resume, reporter, compiler)
         staged = StagedTraining(
             schedule, first=train_loader,
             build_loader=lambda stage: data_registry.get(args.data_backend).train_loader(
@@ -115,9 +120,30 @@ def run(args) -> int:
         del train_loader  # `staged` owns it now and lets it go (its workers too) when stage 0 ends
         reporter.message(batching.describe())
         return _train(args, model, staged, val_loader, rt, context, resume, reporter, batching,
-                      class_names=class_names, seed=seed)
+                      class_names=class_names, seed=seed, compiler=compiler)
     finally:
         reporter.close()
+
+
+def _show_runtime_notes(rt: runtime.Runtime, reporter: Reporter, is_main: bool) -> None:
+    """Why this precision (one line naming the CPU feature), and forced emulated bf16 (stderr)."""
+    for note in rt.notes:
+        reporter.message(note)
+    for warning in rt.warnings if is_main else ():
+        print(warning, file=sys.stderr)
+
+
+def _compiler(args, schedule: StageSchedule) -> compiling.Compiler | None:
+    """--compile: the compiler, sized for the shapes this run sees (one training batch shape per
+    stage size, plus the validation batch and its last incomplete one)."""
+    if args.compile is None:
+        return None
+    for flag, present in (("--jit script", args.jit != "no"), ("--onnx", args.onnx is not None),
+                          ("--quantize", args.quantize)):
+        if present:
+            raise UserError(f"--compile does not combine with {flag}")
+    sizes = {stage.image_size for stage in schedule.stages}
+    return compiling.Compiler(args.compile, shapes=len(sizes) + 2)
 
 
 def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
@@ -269,14 +295,17 @@ def _quantize(model: nn.Module, args, train_loader) -> nn.Module:
     return quantization.calibrate(model, train_loader, args.calib_batches)
 
 
-def _evaluate(args, model, val_loader, rt, resume, reporter) -> int:
+def _evaluate(args, model, val_loader, rt, resume, reporter, compiler: compiling.Compiler | None) -> int:
     criterion = SmoothedCrossEntropy(args.label_smoothing)
-    metrics = trainer.validate(model, val_loader, runtime=rt, criterion=criterion, topk=args.topk, prof=args.prof,
-                               print_freq=args.print_freq, log=reporter.log, progress=reporter.progress)
+    compiled = compiling.view(compiler)
+    metrics = trainer.validate(compiled(model), val_loader, runtime=rt, criterion=criterion, topk=args.topk,
+                               prof=args.prof, print_freq=args.print_freq, log=reporter.log,
+                               progress=reporter.progress, compiler=compiler)
     if resume is not None and resume.get("state_dict_ema") is not None:
         ema_model = _ema_from_checkpoint(model, resume)
-        metrics.update(trainer.validate(ema_model, val_loader, runtime=rt, criterion=criterion, topk=args.topk,
-                                        prefix="val_ema", prof=args.prof, progress=reporter.progress))
+        metrics.update(trainer.validate(compiled(ema_model), val_loader, runtime=rt, criterion=criterion,
+                                        topk=args.topk, prefix="val_ema", prof=args.prof, progress=reporter.progress,
+                                        compiler=compiler))
     reporter.log([], metrics)
     return 0
 
@@ -298,7 +327,7 @@ def _batching(args, world_size: int) -> Batching:
 
 
 def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume, reporter, batching: Batching, *,
-           class_names, seed) -> int:
+           class_names, seed, compiler: compiling.Compiler | None = None) -> int:
     steps = batching.accumulation_steps
     optimizer = build_optimizer(model, name=args.optimizer, lr=batching.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.nesterov,
@@ -313,6 +342,8 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     # DDP broadcasts rank 0's weights when it wraps the model; the EMA copy is taken after that,
     # or every rank would average from its own random initialisation.
     wrapped = _wrap_distributed(module, rt.device, context)
+    if compiler is not None:  # the DDP-wrapped model, so Dynamo splits the graph at DDP's buckets
+        wrapped = compiler(wrapped)
     ema = ModelEma(model, args.use_ema) if args.use_ema else None
     retention = checkpoint.Retention(args.gather_checkpoints, list((resume or {}).get("epoch_files", [])))
     if resume is not None:
@@ -333,7 +364,7 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     parts = TrainComponents(
         model=wrapped, module=module, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
-        accumulation_steps=steps, ema=ema, world_size=context.world_size)
+        accumulation_steps=steps, ema=ema, world_size=context.world_size, compiler=compiler)
     stop = loop.GracefulStop()
 
     def save(run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
@@ -355,6 +386,8 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     # Throughput of the last epoch (what the benchmark modes report) and the best accuracy.
     summary = {k: v for k, v in state.last_metrics.items() if k.endswith("_ips")}
     summary["epochs_completed"] = state.epoch
+    if compiler is not None:  # compile time apart from the throughput (train/val.compile_time per epoch)
+        summary.update(compile_time=compiler.seconds, compiled_graphs=compiler.graphs)
     if not args.training_only and state.best_top1 != loop.NO_BEST:
         summary["val.top1"] = state.best_top1
     if state.target_epoch is not None:

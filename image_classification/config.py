@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
+from image_classification import machine
 from image_classification.data.priority import PRIORITIES
 from image_classification.data.registry import AUGMENTATIONS, DATA_FORMATS, INTERPOLATIONS
 from image_classification.data.sampling import STREAMED_WINDOW
@@ -88,8 +89,9 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--interpolation", metavar="INTERPOLATION", default="bilinear",
                        choices=INTERPOLATIONS,
                        help="resize filter: bilinear | bicubic | triangular (DALI only) (default: bilinear)")
-    group.add_argument("-j", "--workers", default=5, type=int, metavar="N",
-                       help="data loading workers (DALI: threads) per process (default: 5)")
+    group.add_argument("-j", "--workers", default=None, type=int, metavar="N",
+                       help="data loading workers (DALI: threads) per process (default: the reference's 5, or "
+                            "the CPU cores this process may use when fewer)")
     group.add_argument("--loader-priority", default="auto", choices=PRIORITIES, metavar="PRIORITY",
                        help="CPU priority of the loader's workers/threads: auto | normal | idle; idle runs them "
                             "only on cycles the model leaves free (auto: idle when the model trains on the CPU, "
@@ -231,10 +233,12 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
 def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("precision and performance")
     group.add_argument("--amp", action="store_true",
-                       help="automatic mixed precision: fp16 + dynamic loss scaling on CUDA, bf16 on CPU")
+                       help="automatic mixed precision: fp16 + dynamic loss scaling on CUDA; on the CPU bf16 where "
+                            "it has native bf16 (AVX512-BF16, AMX-BF16, ARM BF16), fp32 elsewhere (logged at start)")
     group.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
-                       help="autocast dtype for --amp; float16 on the CPU runs the fp16 + GradScaler path "
-                            "(slow, for testing it without a GPU) (default: float16 on CUDA, bfloat16 on CPU)")
+                       help="autocast dtype for --amp; bfloat16 forces bf16 even where the CPU emulates it (slower "
+                            "than fp32); float16 on the CPU runs the fp16 + GradScaler path (slow, for testing it "
+                            "without a GPU) (default: float16 on CUDA, on the CPU as --amp says)")
     group.add_argument("--static-loss-scale", default=None, type=float, metavar="STATIC_LOSS_SCALE",
                        help="fp16 AMP: a fixed loss scale S, or the initial scale with --dynamic-loss-scale "
                             "(default: neither flag = dynamic scaling from PyTorch's initial scale, 65536)")
@@ -244,9 +248,14 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
                             "start at 128 (default: on unless --static-loss-scale is given)")
     group.add_argument("--tf32", default=True, type=str2bool, metavar="BOOL",
                        help="allow TF32 matmuls and convolutions on Ampere+ GPUs; false for strict FP32 (default: true)")
-    group.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc"),
-                       help="nhwc: channels_last model and inputs (default: nchw)")
+    group.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc", "auto"),
+                       help="nhwc: channels_last model and inputs; auto: the measured faster one for this "
+                            "device and precision (image_classification/precision.py) (default: nchw)")
     group.add_argument("--jit", default="no", choices=("no", "script"), help="torch.jit.script the model (default: no)")
+    group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the model for training and evaluation (static shapes: one compile per "
+                            "image size); BACKEND defaults to inductor; compile time is logged apart from the "
+                            "throughput as train.compile_time / val.compile_time (default: off, eager)")
     group.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                        help="auto: CUDA when available, else CPU (default: auto)")
     group.add_argument("--gpu-affinity", default="none", choices=GPU_AFFINITIES,
@@ -471,7 +480,16 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | Non
     if defaults:
         _check_presets(parser, defaults)
         parser.set_defaults(**defaults)
-    return _bare_gather_checkpoints(parser, parser.parse_args(argv))
+    args = _bare_gather_checkpoints(parser, parser.parse_args(argv))
+    if args.workers is None:
+        args.workers = default_workers()
+    return args
+
+
+def default_workers() -> int:
+    """The reference's 5, or fewer on a machine (or affinity mask) with fewer usable cores: more
+    workers than cores only compete with each other and the model (and PyTorch warns every run)."""
+    return min(5, machine.usable_cores())
 
 
 def _bare_gather_checkpoints(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

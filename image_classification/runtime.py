@@ -5,13 +5,16 @@ The same code runs on CUDA and on CPU:
 =========  ================================  ===================================
 ``--amp``  CUDA                              CPU
 =========  ================================  ===================================
-on         fp16 autocast + GradScaler (see   bf16 autocast, no scaler (bf16 has
-           ``Runtime.grad_scaler``), or      fp32's exponent range, so gradients
-           bf16 with --amp-dtype             do not underflow); with --amp-dtype
-                                             float16 fp16 + GradScaler (slow: to
+on         fp16 autocast + GradScaler (see   bf16 autocast where the CPU has native
+           ``Runtime.grad_scaler``), or      bf16, fp32 elsewhere (``precision.choose``);
+           bf16 with --amp-dtype             no scaler (bf16 has fp32's exponent
+                                             range); --amp-dtype bfloat16 forces bf16,
+                                             float16 runs fp16 + GradScaler (slow: to
                                              test the fp16 path without a GPU)
 off        fp32; TF32 on/off per --tf32      fp32
 =========  ================================  ===================================
+
+The precision and ``--memory-format auto`` are decided by ``image_classification.precision``.
 """
 from __future__ import annotations
 
@@ -22,9 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from image_classification import precision
 from image_classification.errors import UserError
-
-MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Runtime:
     amp: bool
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
+    notes: tuple[str, ...] = ()   # lines for the log at start: why this precision (precision.choose)
+    warnings: tuple[str, ...] = ()  # for stderr: forced emulated bf16
 
     @property
     def uses_grad_scaler(self) -> bool:
@@ -116,18 +120,18 @@ def device_identity(index: int) -> str:
 
 
 def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, memory_format: str,
-                  tf32: bool) -> Runtime:
+                  tf32: bool, path: str = "train") -> Runtime:
+    """``path`` ("train" or "infer") picks the row of ``--memory-format auto``'s table."""
     if device.type == "cuda":
         # Set explicitly for both precisions: torch's own defaults differ between cuDNN (on) and
         # matmul (off), and a "FP32" run must not silently use TF32.
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.benchmark = True
-    dtype = None
-    if amp:
-        default = "float16" if device.type == "cuda" else "bfloat16"
-        dtype = getattr(torch, amp_dtype or default)
-    return Runtime(device=device, amp=amp, amp_dtype=dtype, memory_format=MEMORY_FORMATS[memory_format])
+    chosen = precision.choose(device.type, amp, amp_dtype)
+    return Runtime(device=device, amp=chosen.amp_dtype is not None, amp_dtype=chosen.amp_dtype,
+                   memory_format=precision.memory_format(memory_format, device.type, path, chosen.amp_dtype),
+                   notes=tuple(filter(None, [chosen.note])), warnings=tuple(filter(None, [chosen.warning])))
 
 
 def seed_everything(seed: int) -> None:

@@ -36,6 +36,19 @@ def small_digits_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def cpu_features(monkeypatch):
+    """``fake(*names)``: torch's CPU capability table (as image_classification.precision reads it)
+    lists exactly these features. This machine may or may not have native bf16, so both cases are
+    tested by faking the table."""
+    from image_classification import precision
+
+    def fake(*names: str) -> None:
+        table = {"architecture": "x86_64", **{name: True for name in names}}
+        monkeypatch.setattr(precision, "cpu_capabilities", lambda: table)
+    return fake
+
+
+@pytest.fixture
 def sigterm_at_step(monkeypatch):
     """``arm(n)``: this process's n-th optimizer step ends with a SIGTERM to itself (the graceful
     stop path); ``arm(None)`` disarms it."""

@@ -129,7 +129,7 @@ def test_every_combination_resolves_to_a_valid_configuration(model, mode):
         if precision != "AMP":
             assert args.tf32 == (precision == "TF32")
         if platform == "CPU":
-            assert (args.device, args.amp_dtype, args.memory_format) == ("cpu", "bfloat16", "nhwc")
+            assert (args.device, args.amp_dtype, args.memory_format) == ("cpu", None, "auto")
         assert (args.evaluate, args.training_only) == {
             "benchmark_training": (False, True), "benchmark_training_short": (False, True),
             "benchmark_inference": (True, False), "convergence": (False, False), "evaluate": (True, False)}[mode]

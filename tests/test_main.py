@@ -111,7 +111,7 @@ def test_evaluate_from_a_finished_checkpoint_and_from_weights(small_digits_dir, 
     (["--arch", "resnet9000"], "unknown --arch"),
     (["--fused-se", "false", "--arch", "efficientnet-b0"], "does not take model option"),
     (["--evaluate", "--training-only"], "exclude each other"),
-    (["--amp"], "hits a PyTorch bug"),
+    (["--amp", "--amp-dtype", "bfloat16"], "hits a PyTorch bug"),
 ])
 def test_bad_input_is_one_clear_line(small_digits_dir, tmp_path, capsys, argv, message):
     base = ["--data-backend", "pytorch", "--arch", "resnet18", "--image-size", "16", "-b", "8", "--workers", "0",

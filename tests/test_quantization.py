@@ -217,6 +217,8 @@ def test_post_training_int8_for_onnx_runtime_scores_like_fp32(fp32, digits_dir, 
                             "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "calibrated on 128 images" in printed and "check passed" in printed
+    assert "=> calibration MinMax (per-channel, U8 activations): top-1 agreement" in printed
+    assert "\n=> chose " in printed
     output = repository / f"{ARCH}-int8" / "1" / "model.onnx"
     ops = [node.op_type for node in onnx.load(str(output)).graph.node]
     assert ops.count("QLinearConv") == 3 and "BatchNormalization" not in ops and "Conv" not in ops
@@ -247,3 +249,37 @@ def test_post_training_int8_bad_input_is_one_line(fp32, qat, digits_dir, tmp_pat
                               "--output", output])
     assert "--min-agreement is a share" in one_line_error(capsys, status)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_post_training_int8_chooses_the_calibration_by_agreement_and_still_refuses(fp32, digits_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """Every recipe is tried when none agrees on every image; the best is chosen and reported, and
+    a file below --min-agreement is still refused (agreement scores faked per recipe, in order)."""
+    from image_classification import export, ptq
+    scores = iter([0.90, 0.97, 0.93, 0.95, 0.96, 0.94])
+    monkeypatch.setattr(ptq, "agreement", lambda *args, **kwargs: export.Parity(
+        batch=16, max_abs_diff=1.0, max_abs_output=10.0, top1_agreement=next(scores)))
+    output = tmp_path / "int8.onnx"
+    status = model2onnx.main(["--weights", str(fp32 / "model_best.pth.tar"), "--int8-calibration", str(digits_dir),
+                              "--calibration-images", "16", "--output", str(output), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert status == 1 and output.is_file()
+    tried = [line for line in captured.out.splitlines() if line.startswith("=> calibration ")]
+    assert [line.split(": top-1")[0] for line in tried] == [f"=> calibration {r.describe()}" for r in ptq.RECIPES]
+    assert "=> chose Percentile (per-channel, U8 activations) of 6 calibration recipe(s) tried" in captured.out
+    assert "agreement with fp32 97.0%" in captured.out.split("=> check")[1]
+    assert "agrees with fp32 on only 97.0% of the calibration images with the best of 6 calibration recipes" in \
+        captured.err
+
+
+def test_post_training_int8_stops_at_the_first_recipe_that_agrees_everywhere(fp32, digits_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    from image_classification import export, ptq
+    scores = iter([0.98, 1.0])
+    monkeypatch.setattr(ptq, "agreement", lambda *args, **kwargs: export.Parity(
+        batch=16, max_abs_diff=0.1, max_abs_output=10.0, top1_agreement=next(scores)))
+    assert model2onnx.main(["--weights", str(fp32 / "model_best.pth.tar"), "--int8-calibration", str(digits_dir),
+                            "--calibration-images", "16", "--output", str(tmp_path / "int8.onnx"),
+                            "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "=> chose Percentile (per-channel, U8 activations) of 2 calibration recipe(s) tried" in printed

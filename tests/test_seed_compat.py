@@ -108,7 +108,7 @@ def readme_listed_differences() -> dict[str, str]:
     lines = section.splitlines()
     listed = {}
     for index, line in enumerate(lines):
-        match = re.match(r"- `(--[\w-]+)[^`]*`: (.+)", line)
+        match = re.match(r"- `(--?[\w-]+)[^`]*`: (.+)", line)
         if match:
             following = lines[index + 1] if index + 1 < len(lines) else ""
             assert not following.startswith("  "), f"README entry for {match.group(1)} is not one line"

@@ -92,7 +92,7 @@ def test_regularisation_grows_to_the_given_values_in_the_last_stage():
     (["--base-image-size", "16", "--epochs", "4"], "error: --base-image-size needs --n-stages 2 or more"),
     (["--augmentation", "randaugment", "--randaugment-magnitude", "31"],
      "error: --randaugment-magnitude must be in 0..30, got 31"),
-    (["--n-stages", "2", "--base-image-size", "16", "--image-size", "32", "--amp", "--epochs", "2"],
+    (["--n-stages", "2", "--base-image-size", "16", "--image-size", "32", "--amp", "--amp-dtype", "bfloat16", "--epochs", "2"],
      "error: image size 16 with --amp on the CPU hits a PyTorch bug"),
 ])
 def test_impossible_schedules_are_one_line_errors(argv, message, tmp_path, capsys):

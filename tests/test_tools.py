@@ -139,7 +139,8 @@ def test_classify_text_output_is_path_then_topk_lines_best_first(capsys, images,
         assert [float(p) for _, p in parsed] == sorted((float(p) for _, p in parsed), reverse=True)
 
 
-def test_classify_folder_and_amp(capsys, images, resnet18_weights):
+def test_classify_folder_and_amp(capsys, images, resnet18_weights, cpu_features):
+    cpu_features("avx512_bf16")
     folder = images["jpeg"].parent
     doc = _run_json(capsys, "--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32",
                     "--image", str(folder), "-b", "3")
@@ -150,6 +151,20 @@ def test_classify_folder_and_amp(capsys, images, resnet18_weights):
     result = json.loads(capsys.readouterr().out)
     assert result["precision"] == "AMP-bf16"
     assert 0 < sum(p["probability"] for p in result["results"][0]["predictions"]) <= 1.0001
+
+
+def test_classify_default_is_fp32_nchw_where_the_cpu_emulates_bf16(capsys, images, resnet18_weights, cpu_features,
+                                                                   monkeypatch):
+    from image_classification import inference
+    cpu_features("avx512_f", "avx512_vnni")
+    prepared = []
+    original = inference.cpu_fast_path
+    monkeypatch.setattr(inference, "cpu_fast_path", lambda *a: prepared.append(a[1:]) or original(*a))
+    assert classify.main(["--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32",
+                          "--image", str(images["png"]), "--cpu", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["precision"] == "FP32" and doc["precision_note"].startswith("--amp: fp32 (this CPU has no native bf16")
+    assert prepared == [(None, torch.contiguous_format)]
 
 
 def test_classify_uses_checkpoint_class_names_arch_and_preprocessing(capsys, images, training_checkpoint):
@@ -528,7 +543,7 @@ def test_cpu_fast_path_folds_every_batchnorm_and_predicts_as_fp32(arch):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     model.eval()
-    fast = inference.cpu_fast_path(model)
+    fast = inference.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
     convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
@@ -545,7 +560,7 @@ def test_cpu_fast_path_folds_every_batchnorm_and_predicts_as_fp32(arch):
 def test_cpu_fast_path_keeps_fp32_weights_when_a_norm_layer_cannot_be_folded():
     from image_classification import inference
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten()).eval()
-    fast = inference.cpu_fast_path(model)
+    fast = inference.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
     assert {p.dtype for p in fast.parameters()} == {torch.float32}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(torch.randn(2, 3, 8, 8)).shape == (2, 4 * 6 * 6)

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from image_classification import compiling
 from image_classification.engine import trainer
 from image_classification.engine.stages import EpochPlan
 from image_classification.engine.trainer import TrainComponents
@@ -158,13 +159,14 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
 
 
 def _validate_all(parts: TrainComponents, val_loader, epoch, prof, topk, criterion, reporter, print_freq) -> dict:
-    metrics = trainer.validate(parts.module, val_loader, runtime=parts.runtime, criterion=criterion, topk=topk,
-                               prefix="val", prof=prof, epoch=epoch, log=reporter.log, print_freq=print_freq,
-                               progress=reporter.progress)
+    compiled = compiling.view(parts.compiler)
+    metrics = trainer.validate(compiled(parts.module), val_loader, runtime=parts.runtime, criterion=criterion,
+                               topk=topk, prefix="val", prof=prof, epoch=epoch, log=reporter.log,
+                               print_freq=print_freq, progress=reporter.progress, compiler=parts.compiler)
     if parts.ema is not None:
-        metrics.update(trainer.validate(parts.ema.module, val_loader, runtime=parts.runtime, criterion=criterion,
-                                        topk=topk, prefix="val_ema", prof=prof, epoch=epoch,
-                                        progress=reporter.progress))
+        metrics.update(trainer.validate(compiled(parts.ema.module), val_loader, runtime=parts.runtime,
+                                        criterion=criterion, topk=topk, prefix="val_ema", prof=prof, epoch=epoch,
+                                        progress=reporter.progress, compiler=parts.compiler))
     _report_skipped(val_loader, reporter, epoch)
     return metrics
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from image_classification import distributed
+from image_classification.compiling import CompileClock, Compiler, plain
 from image_classification.engine.ema import ModelEma
 from image_classification.runtime import Runtime
 
@@ -43,6 +44,7 @@ class TrainComponents:
     ema: ModelEma | None = None
     batch_transform: Callable | None = None   # MixUp / CutMix on device batches
     world_size: int = 1
+    compiler: Compiler | None = None          # --compile: `model` is compiled by it (image_classification/compiling.py)
 
 
 class IntervalMeter:
@@ -108,6 +110,7 @@ class IntervalReport:
 
 
 def _no_sync(model: nn.Module, sync: bool):
+    model = plain(model)  # a compiled DDP model: DDP's own switch
     if not sync and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
@@ -126,6 +129,7 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
     steps = parts.accumulation_steps
     interval, pending = IntervalMeter(runtime.device), None
     epoch_images, epoch_loss, data_wait, timed_from = 0, torch.zeros((), device=runtime.device), 0.0, None
+    clock, compiling_after_first = CompileClock(parts.compiler), 0.0
     batch = start_batch
     lr = parts.optimizer.param_groups[0]["lr"]
     end = time.perf_counter()
@@ -135,10 +139,12 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
         group_start = batch - batch % steps
         group_size = min(steps, num_batches - group_start)
         last_of_group = batch == group_start + group_size - 1
+        step_start = time.perf_counter()
         loss = _forward_backward(parts, images, target, group_size, sync=last_of_group)
         if last_of_group:
             lr = parts.optimizer.param_groups[0]["lr"]  # the LR this step used (a float, no sync)
             _optimizer_step(parts)
+        compiled = clock.compiled(time.perf_counter() - step_start)
         interval.loss += loss
         epoch_loss += loss
         interval.batches += 1
@@ -146,6 +152,8 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
         interval.data_time += waited
         if timed_from is None:  # leave the first iteration out of the throughput
             timed_from = time.perf_counter()
+        elif compiled:  # and a step that compiled (--compile; reported as train.compile_time)
+            compiling_after_first += time.perf_counter() - step_start
         else:
             epoch_images += images.shape[0]
             data_wait += waited
@@ -161,10 +169,12 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
             break
     _log_report(log, pending)
     runtime.synchronize()
-    elapsed = time.perf_counter() - timed_from if timed_from else 0.0
+    elapsed = time.perf_counter() - timed_from - compiling_after_first if timed_from else 0.0
     done = batch + 1 - start_batch
     metrics = {"train.loss": distributed.all_reduce_mean(epoch_loss / max(done, 1)).item(),
                **_throughput("train", epoch_images * parts.world_size, elapsed, data_wait), "train.lr": lr}
+    if parts.compiler is not None:
+        metrics["train.compile_time"] = clock.seconds
     return StepOutcome(batch + 1, metrics=metrics)
 
 
@@ -218,16 +228,20 @@ def _throughput(prefix: str, images: int, elapsed: float, data_wait: float) -> d
 @torch.inference_mode()
 def validate(model: nn.Module, loader, *, runtime: Runtime, criterion: nn.Module, topk: int = 5,
              prefix: str = "val", prof: int = -1, epoch: int = 0, print_freq: int = 10,
-             log: Callable[[list[int], dict], None] | None = None, progress=None) -> dict[str, float]:
+             log: Callable[[list[int], dict], None] | None = None, progress=None,
+             compiler: Compiler | None = None) -> dict[str, float]:
     """Top-1 / top-k accuracy (%), loss and latency over the whole validation split.
 
     Every rank scores its own (uneven) shard; sums are all-reduced, so each image counts once.
-    Latency is measured per batch with a device sync (it is a latency measurement).
+    Latency is measured per batch with a device sync (it is a latency measurement). With
+    ``compiler`` (``model`` is compiled by it), batches that compiled a graph are left out of
+    the latency and throughput and reported as ``{prefix}.compile_time``.
     """
     model.eval()
     loader.set_epoch(epoch)
     sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)  # loss*n, top1, topk, n
-    latencies, data_wait = [], 0.0
+    latencies, data_wait, compiled_images = [], 0.0, 0
+    clock = CompileClock(compiler)
     start = end = time.perf_counter()
     batches = progress(loader, len(loader), prefix) if progress else loader
     for batch, (images, target) in enumerate(batches):
@@ -237,24 +251,29 @@ def validate(model: nn.Module, loader, *, runtime: Runtime, criterion: nn.Module
             output = model(images)
         loss = criterion(output, target)
         runtime.synchronize()
-        latencies.append(time.perf_counter() - compute_start)
+        if clock.compiled(time.perf_counter() - compute_start):
+            compiled_images += images.shape[0]
+        else:
+            latencies.append(time.perf_counter() - compute_start)
         k = min(topk, output.shape[1])
         hits = output.topk(k, dim=1).indices.eq(target.unsqueeze(1))
         sums += torch.stack([loss.double() * target.shape[0], hits[:, 0].sum().double(),
                              hits.any(dim=1).sum().double(), torch.tensor(float(target.shape[0]), device=sums.device,
                                                                           dtype=torch.float64)])
-        if log is not None and (batch + 1) % print_freq == 0:
+        if log is not None and (batch + 1) % print_freq == 0 and latencies:
             log([epoch, 0, batch + 1], {f"{prefix}.compute_latency": latencies[-1]})
         end = time.perf_counter()
         if batch + 1 == prof:  # --prof N: stop after N batches without fetching another
             break
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - clock.seconds
     distributed.all_reduce_sum(sums)
     loss_sum, top1, topk_hits, count = sums.tolist()
     count = max(count, 1.0)
     metrics = {f"{prefix}.top1": 100.0 * top1 / count, f"{prefix}.top{topk}": 100.0 * topk_hits / count,
                f"{prefix}.loss": loss_sum / count}
-    metrics.update(_latency_metrics(prefix, latencies, int(count), elapsed, data_wait))
+    metrics.update(_latency_metrics(prefix, latencies, int(count) - compiled_images, elapsed, data_wait))
+    if compiler is not None:
+        metrics[f"{prefix}.compile_time"] = clock.seconds
     return metrics
 
 
