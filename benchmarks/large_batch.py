@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from image_classification import machine  # noqa: E402
+
 from image_classification.data.digits import write_digits  # noqa: E402
 
 MICRO_BATCH = 32
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.large_batch % MICRO_BATCH:
         parser.error(f"--large-batch must be a multiple of {MICRO_BATCH}")
+    print(machine.describe(), flush=True)
     epochs = 1 if args.smoke else args.epochs
     data = Path(tempfile.gettempdir()) / "convnets-digits32"
     write_digits(str(data), size=32)
