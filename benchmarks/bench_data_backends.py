@@ -11,6 +11,10 @@ batches that absorbs worker start-up. Backends are measured in turns, ``--repeat
 and the best turn counts, which damps the noise of a shared machine. ``dali-gpu`` is included
 when a GPU is present.
 
+``--shards`` adds two rows per backend reading the same images from local shards
+(``prepare --to webdataset`` and ``--to tfrecord``, ``--shard-mb`` MB each, written once under the
+temp folder), through the same ``SampleSource`` reads the folder rows use.
+
 ``--http`` adds a streaming row per backend: the same images as WebDataset shards
 (``prepare --to webdataset``, ``--shard-mb`` MB each, written once under the temp folder), served by
 a local HTTP server on 127.0.0.1 and read through ``train_shards`` with an empty shard cache at
@@ -91,10 +95,11 @@ def measure(backend: str, config: LoaderConfig, warmup: int, epochs: int) -> flo
     return images / (time.perf_counter() - start)
 
 
-def make_shards(data: Path, shard_mb: float) -> Path:
-    """WebDataset shards of ``data``'s ImageFolder (written once; a finished conversion is kept)."""
-    root = Path(tempfile.gettempdir()) / f"convnets-bench-shards-{data.name}-{shard_mb:g}mb"
-    settings = convert.Settings("webdataset", int(shard_mb * 1e6), None, None, 90)
+def make_shards(data: Path, shard_mb: float, data_format: str = "webdataset") -> Path:
+    """Shards of ``data``'s ImageFolder (written once; a finished conversion is kept)."""
+    suffix = "" if data_format == "webdataset" else f"-{data_format}"
+    root = Path(tempfile.gettempdir()) / f"convnets-bench-shards-{data.name}-{shard_mb:g}mb{suffix}"
+    settings = convert.Settings(data_format, int(shard_mb * 1e6), None, None, 90)
     convert.write_shards(str(data), str(root / "shards"), settings, workers=os.cpu_count() or 1)
     return root
 
@@ -138,7 +143,10 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="--memory-format nhwc")
     parser.add_argument("--http", action="store_true",
                         help="add rows streaming WebDataset shards of the images from a local HTTP server")
-    parser.add_argument("--shard-mb", type=float, default=64, help="shard size for --http, in MB (default: 64)")
+    parser.add_argument("--shards", action="store_true",
+                        help="add rows reading the images as local WebDataset and TFRecord shards")
+    parser.add_argument("--shard-mb", type=float, default=64,
+                        help="shard size for --shards and --http, in MB (default: 64)")
     args = parser.parse_args(argv)
     print(machine.describe(), flush=True)
 
@@ -154,6 +162,11 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} CPUs visible, best of {args.repeats} turn(s) of {args.epochs} epoch(s)", flush=True)
     with contextlib.ExitStack() as stack:
         runs = {name: (measure, config) for name in backends}
+        if args.shards:
+            for data_format, label in (("webdataset", "wds"), ("tfrecord", "tfrecord")):
+                shard_dir = str(make_shards(Path(data), args.shard_mb, data_format) / "shards")
+                shard_config = dataclasses.replace(config, data_dir=shard_dir)
+                runs.update({f"{name} {label}": (measure, shard_config) for name in backends})
         if args.http:
             from tests.helpers.shard_servers import serve_http
             shards = make_shards(Path(data), args.shard_mb)
@@ -170,16 +183,16 @@ def main(argv=None) -> int:
             for turn in range(args.repeats):
                 for name, (timer, run_config) in runs.items():
                     rate = timer(name.split()[0], run_config, args.warmup, args.epochs)
-                    print(f"  turn {turn + 1}: {name:<14} {rate:8.1f} images/s", flush=True)
+                    print(f"  turn {turn + 1}: {name:<18} {rate:8.1f} images/s", flush=True)
                     best[name] = max(best[name], rate)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
     baseline = best.get("pytorch")
-    print(f"\n{'backend':<14} {'images/s':>9} {'vs pytorch':>11}")
+    print(f"\n{'backend':<18} {'images/s':>9} {'vs pytorch':>11}")
     for name, rate in best.items():
         ratio = f"{rate / baseline:10.2f}x" if baseline else "          -"
-        print(f"{name:<14} {rate:9.1f} {ratio}")
+        print(f"{name:<18} {rate:9.1f} {ratio}")
     return 0
 
 
