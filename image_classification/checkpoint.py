@@ -8,9 +8,10 @@ top-1 improves.
 Keys: the reference's ``epoch`` (epochs completed), ``best_prec1``, ``state_dict`` (no ``module.``
 prefix), ``optimizer`` and ``state_dict_ema``, plus what an exact resume needs: ``step_in_epoch``
 (batches already done in epoch ``epoch``, non-zero only after an interruption), ``scaler``,
-``scheduler``, ``ema_updates``, ``rng`` (one state per rank), ``arch``, ``num_classes``,
-``class_names``, ``epochs_since_best``, ``config`` (the resolved flags) and ``epoch_files``
-(the per-epoch files this run keeps, see :class:`Retention`).
+``ema_updates``, ``rng`` (one state per rank), ``arch``, ``num_classes``, ``class_names``,
+``epochs_since_best``, ``has_best`` (``best_prec1`` is a score, not the 0 before any validation),
+``validation_pending`` (epoch ``epoch - 1`` is trained, not yet validated), ``config`` (the
+resolved flags) and ``epoch_files`` (the per-epoch files this run keeps, see :class:`Retention`).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 
 from image_classification.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: epoch_files are absolute paths
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -64,11 +65,20 @@ def serialize(state: dict[str, Any]) -> bytes:
 @dataclass
 class Retention:
     """``--gather-checkpoints``: per-epoch files to keep (0 none written, -1 all, N the last N),
-    and the per-epoch files this run wrote and still keeps (saved in the checkpoint as
-    ``epoch_files``, so a resumed run knows them). Only those are ever deleted: files of another
-    run, even with the same names, are not this run's to remove."""
+    and the per-epoch files this run wrote and still keeps, as absolute paths (saved in the
+    checkpoint as ``epoch_files``, so a resumed run knows them). Only those are ever deleted, and
+    only inside the workspace being written: files of another run, even with the same names in
+    another workspace this run was resumed into, are not this run's to remove."""
     keep: int = 0
     written: list[str] = field(default_factory=list)
+
+    @classmethod
+    def resumed(cls, keep: int, saved: dict[str, Any] | None, saved_at: str | Path | None) -> "Retention":
+        """The retention of a run resumed from checkpoint ``saved`` read at ``saved_at``. Checkpoints
+        before format 2 list bare names, relative to the workspace they were written in (that
+        checkpoint's directory)."""
+        origin = Path(saved_at).resolve().parent if saved_at else Path.cwd()
+        return cls(keep, [str(origin / name) for name in (saved or {}).get("epoch_files", [])])
 
 
 def epoch_filename(filename: str, epoch_index: int) -> str:
@@ -89,8 +99,8 @@ def save(state: dict[str, Any], workspace: str | Path, *, epoch_index: int | Non
     retention = retention if retention is not None else Retention()
     targets, kept, obsolete = [workspace / filename], list(retention.written), []
     if epoch_index is not None and retention.keep != 0:
-        name = epoch_filename(filename, epoch_index)
-        targets.insert(0, workspace / name)
+        targets.insert(0, workspace / epoch_filename(filename, epoch_index))
+        name = str(targets[0].resolve())
         kept = [n for n in kept if n != name] + [name]
         if retention.keep > 0:
             obsolete, kept = kept[: -retention.keep], kept[-retention.keep:]
@@ -104,8 +114,10 @@ def save(state: dict[str, Any], workspace: str | Path, *, epoch_index: int | Non
             raise UserError(f"could not write checkpoint {target}: {error.strerror or error}; the previous "
                             "checkpoint files are intact") from None
     retention.written = kept
+    own = workspace.resolve()
     for name in obsolete:
-        (workspace / name).unlink(missing_ok=True)
+        if Path(name).parent == own:  # never outside the workspace this run writes
+            Path(name).unlink(missing_ok=True)
     return targets
 
 

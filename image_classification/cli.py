@@ -293,7 +293,7 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     # or every rank would average from its own random initialisation.
     wrapped = _wrap_distributed(module, rt.device, context)
     ema = ModelEma(model, args.use_ema) if args.use_ema else None
-    retention = checkpoint.Retention(args.gather_checkpoints, list((resume or {}).get("epoch_files", [])))
+    retention = checkpoint.Retention.resumed(args.gather_checkpoints, resume, args.resume)
     if resume is not None:
         state = _restore(resume, optimizer, scaler, ema, context)
         reporter.message(f"resumed from {args.resume}: epoch {state.epoch}, batch {state.step_in_epoch}")
