@@ -314,10 +314,15 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
         accumulation_steps=steps, ema=ema, world_size=context.world_size)
     stop = loop.GracefulStop()
+    last_saved = [(args.resume, state.epoch, state.step_in_epoch)] if resume is not None else []
 
     def save(run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
+        if not args.save_checkpoints:  # every rank sees the same flag: no rank gathers
+            return
+        last_saved[:] = [(str(Path(args.workspace) / args.checkpoint_filename), run_state.epoch,
+                          run_state.step_in_epoch)]
         rng = _gather_rng_states()
-        if context.is_main and args.save_checkpoints:
+        if context.is_main:
             checkpoint.save(_checkpoint_state(parts, run_state, args, class_names, rng, seed), args.workspace,
                             epoch_index=epoch_index, is_best=is_best, filename=args.checkpoint_filename,
                             retention=retention)
@@ -328,6 +333,11 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
                          topk=args.topk, training_only=args.training_only, ema_best=args.ema_best,
                          criterion_val=SmoothedCrossEntropy(args.label_smoothing), reporter=reporter, save=save,
                          stop=stop)
+    except RuntimeError as error:
+        reason = distributed.peer_lost(error)
+        if reason is None:
+            raise
+        raise UserError(_peer_lost_line(context.rank, reason, last_saved)) from None
     finally:
         stop.restore()
     # Throughput of the last epoch (what the benchmark modes report) and the best accuracy.
@@ -337,6 +347,15 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
         summary["val.top1"] = state.best_top1
     reporter.log([], summary)
     return 0
+
+
+def _peer_lost_line(rank: int, reason: str, last_saved: list[tuple[str, int, int]]) -> str:
+    """What a surviving rank says when another rank's process is gone (instead of gloo's or NCCL's traceback)."""
+    if not last_saved:
+        return f"rank {rank}: another rank's process is gone ({reason}); no checkpoint was written yet: rerun the command"
+    path, epoch, step = last_saved[0]
+    return (f"rank {rank}: another rank's process is gone ({reason}); the last checkpoint is {path} (epoch {epoch}, "
+            f"batch {step}): rerun the same command with --auto-resume (or --resume {path})")
 
 
 def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> loop.RunState:
@@ -352,8 +371,10 @@ def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> 
     if rng and len(rng) == context.world_size:
         runtime.set_rng_state(rng[context.rank], context.local_rank)
     return loop.RunState(epoch=int(resume["epoch"]), step_in_epoch=int(resume.get("step_in_epoch", 0)),
-                         best_top1=float(resume.get("best_prec1", loop.NO_BEST)),
-                         epochs_since_best=int(resume.get("epochs_since_best", 0)))
+                         best_top1=float(resume["best_prec1"]) if resume.get("has_best", "best_prec1" in resume)
+                         else loop.NO_BEST,
+                         epochs_since_best=int(resume.get("epochs_since_best", 0)),
+                         validation_pending=bool(resume.get("validation_pending", False)))
 
 
 def _wrap_distributed(model: nn.Module, device: torch.device, context) -> nn.Module:
@@ -387,9 +408,10 @@ def _gather_rng_states() -> list[dict]:
 
 def _checkpoint_state(parts: TrainComponents, state: loop.RunState, args, class_names, rng, seed) -> dict:
     # best_prec1 keeps the reference's meaning and range (0 before any validation, e.g. --training-only);
-    # the sentinel below 0 lives only in memory.
+    # has_best says whether it is a score, so a resumed run's first validation is a new best.
     saved = {
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "best_prec1": max(state.best_top1, 0.0),
+        "has_best": state.best_top1 != loop.NO_BEST, "validation_pending": state.validation_pending,
         "epochs_since_best": state.epochs_since_best, "arch": args.arch, "num_classes": len(class_names),
         "class_names": class_names, "state_dict": parts.module.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,

@@ -263,6 +263,11 @@ def test_torchrun_restart_after_a_rank_dies_resumes_and_completes(small_digits_d
     run = _torchrun(2, common, tmp_path / "ws", small_digits_dir, 29613, "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", "localhost:29615", "--max-restarts", "1", FAIL_AT_BATCH="17")
     assert run.returncode == 0, run.stderr[-3000:]
+    # The survivor of the first attempt says so in one line (before: a 30-line gloo traceback).
+    assert "Traceback" not in run.stderr
+    assert "error: rank 0: another rank's process is gone (" in run.stderr
+    assert (f"the last checkpoint is {tmp_path / 'ws' / 'checkpoint.pth.tar'} (epoch 1, batch 0): rerun the same "
+            "command with --auto-resume") in run.stderr
     assert f"=> resumed from {tmp_path / 'ws' / 'checkpoint.pth.tar'}: epoch 1, batch 0" in run.stdout
     starts = [r["data"] for r in read_raport(tmp_path / "ws" / "experiment_raport.json") if r.get("step") == "PARAMETER"]
     assert [s.get("resume_epoch") for s in starts] == [None, 1]  # the restart appended to the raport
@@ -428,3 +433,72 @@ def test_a_training_only_checkpoint_keeps_best_prec1_at_0(small_digits_dir, tmp_
     assert run_main(args, tmp_path, small_digits_dir) == 0
     assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["best_prec1"] == 0.0
     assert "val.top1" not in summary(tmp_path / "experiment_raport.json")
+
+
+# --- issue 19: defects of the epoch loop and the checkpoint's state ---------------------------------
+
+def test_a_stop_on_the_epochs_last_step_keeps_its_training_record_and_skips_validation(
+        small_digits_dir, tmp_path, tiny_cnn, sigterm_at_step, monkeypatch):
+    from image_classification.engine import trainer
+    validated, validate = [], trainer.validate
+    monkeypatch.setattr(trainer, "validate", lambda *a, **k: validated.append(k.get("epoch")) or validate(*a, **k))
+    args = [*TINY, "--epochs", "2"]
+    sigterm_at_step(12)  # 100 images / 8 = 12 full batches: the signal comes with epoch 0's last step
+    assert run_main(args, tmp_path, small_digits_dir) == 0
+    # Before: the epoch's record had no train.loss or throughput, and a full validation ran anyway.
+    first = epoch_records(tmp_path / "experiment_raport.json")[0]
+    assert first["train.loss"] > 0 and first["train.total_ips"] > 0 and "val.top1" not in first
+    assert validated == []
+    saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    assert (saved["epoch"], saved["step_in_epoch"], saved["validation_pending"]) == (1, 0, True)
+    sigterm_at_step(None)
+    # The resumed run validates the trained epoch first, then goes on.
+    assert run_main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, small_digits_dir) == 0
+    assert validated == [0, 1]
+    epochs = epoch_records(tmp_path / "experiment_raport.json")
+    assert "val.top1" in epochs[0] and "train.loss" in epochs[1] and "val.top1" in epochs[1]
+    assert not checkpoint.load(tmp_path / "checkpoint.pth.tar")["validation_pending"]
+
+
+class _Killed(BaseException):
+    """Stands for the SIGKILL that ends a validation longer than the launcher's grace period."""
+
+
+def test_a_run_killed_during_validation_keeps_the_trained_epoch(small_digits_dir, tmp_path, tiny_cnn, monkeypatch):
+    from image_classification.engine import loop
+
+    def killed(*args, **kwargs):
+        raise _Killed
+    args = [*TINY, "--epochs", "2", "--prof", "2"]
+    monkeypatch.setattr(loop, "_validate_all", killed)
+    with pytest.raises(_Killed):
+        run_main(args, tmp_path, small_digits_dir)
+    # Before: the epoch was saved only after its validation, so nothing was on disk.
+    saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    assert (saved["epoch"], saved["step_in_epoch"], saved["validation_pending"]) == (1, 0, True)
+    monkeypatch.undo()
+    assert run_main([*args, "--auto-resume"], tmp_path, small_digits_dir) == 0
+    epochs = epoch_records(tmp_path / "experiment_raport.json")
+    assert "val.top1" in epochs[0] and "val.top1" in epochs[1]
+    assert checkpoint.load(tmp_path / "model_best.pth.tar")["epoch"] in (1, 2)
+
+
+def test_the_first_validation_after_resuming_a_never_validated_run_is_a_new_best(
+        small_digits_dir, tmp_path, tiny_cnn, monkeypatch):
+    from image_classification.engine import loop
+    args = [*TINY, "--epochs", "2", "--prof", "2"]
+    assert run_main([*args, "--run-epochs", "1", "--training-only"], tmp_path, small_digits_dir) == 0
+    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["best_prec1"] == 0.0  # the reference's range
+    monkeypatch.setattr(loop, "_validate_all", lambda *a, **k: {"val.top1": 0.0, "val.top5": 0.0, "val.loss": 9.0})
+    assert run_main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, small_digits_dir) == 0
+    # Before: the resumed run read best_prec1 0.0 as a real score, and 0 % was no improvement on it.
+    best = checkpoint.load(tmp_path / "model_best.pth.tar")
+    assert (best["epoch"], best["best_prec1"]) == (2, 0.0)
+
+
+def test_no_checkpoints_gathers_no_rng_states(small_digits_dir, tmp_path, tiny_cnn, monkeypatch):
+    from image_classification import runtime
+    calls, rng_state = [], runtime.rng_state
+    monkeypatch.setattr(runtime, "rng_state", lambda: calls.append(1) or rng_state())
+    assert run_main([*TINY, "--epochs", "2", "--prof", "2", "--no-checkpoints"], tmp_path, small_digits_dir) == 0
+    assert calls == [] and not list(tmp_path.glob("*.pth.tar"))

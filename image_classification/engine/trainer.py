@@ -117,7 +117,7 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
                 prof: int = -1, log: Callable[[list[int], dict], None] | None = None,
                 should_stop: Callable[[], bool] = lambda: False, progress=None) -> StepOutcome:
     """Train ``epoch`` from batch ``start_batch`` on. ``should_stop`` is polled after optimizer
-    steps; when it returns True the epoch ends early (at an accumulation-group boundary)."""
+    steps but the last; when it returns True the epoch ends early (at an accumulation-group boundary)."""
     model, runtime = parts.model, parts.runtime
     model.train()
     loader.set_epoch(epoch, start_batch)
@@ -154,11 +154,11 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
             pending = _interval_report(parts, interval, lr, [epoch, batch + 1])
             interval.reset()
         end = time.perf_counter()
+        if batch + 1 == num_batches:  # a stop asked for now is the caller's to see (the epoch is complete)
+            break
         if last_of_group and should_stop():
             _log_report(log, pending)
-            return StepOutcome(batch + 1, interrupted=batch + 1 < num_batches)
-        if batch + 1 == num_batches:
-            break
+            return StepOutcome(batch + 1, interrupted=True)
     _log_report(log, pending)
     runtime.synchronize()
     elapsed = time.perf_counter() - timed_from if timed_from else 0.0
