@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print_result(result)
     if args.json:
-        json.dump(_json_document(results, loaded, image_size, resize_size, rt, args.precision), sys.stdout, indent=2)
+        json.dump(_json_document(results, loaded, image_size, resize_size, rt), sys.stdout, indent=2)
         print()
     return 0
 
@@ -201,9 +201,9 @@ def print_result(result: dict) -> None:
 
 
 def _json_document(results: list[dict], loaded: export.LoadedModel, image_size: int, resize_size: int,
-                   rt: runtime.Runtime, args_precision: str) -> dict:
+                   rt: runtime.Runtime) -> dict:
     return {"arch": loaded.arch, "num_classes": loaded.num_classes, "image_size": image_size,
-            "resize_size": resize_size, "precision": rt.precision_name if rt.amp else args_precision, "device": str(rt.device),
+            "resize_size": resize_size, "precision": rt.precision_name, "device": str(rt.device),
             "results": results}
 
 

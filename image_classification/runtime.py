@@ -33,6 +33,7 @@ class Runtime:
     amp: bool
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
+    tf32: bool = False  # fp32 matmuls and convolutions run as TF32 (CUDA only)
 
     @property
     def uses_grad_scaler(self) -> bool:
@@ -41,7 +42,7 @@ class Runtime:
     @property
     def precision_name(self) -> str:
         if not self.amp:
-            return "FP32"
+            return "TF32" if self.tf32 else "FP32"
         return "AMP-fp16" if self.amp_dtype == torch.float16 else "AMP-bf16"
 
     def autocast(self):
@@ -127,7 +128,8 @@ def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, mem
     if amp:
         default = "float16" if device.type == "cuda" else "bfloat16"
         dtype = getattr(torch, amp_dtype or default)
-    return Runtime(device=device, amp=amp, amp_dtype=dtype, memory_format=MEMORY_FORMATS[memory_format])
+    return Runtime(device=device, amp=amp, amp_dtype=dtype, memory_format=MEMORY_FORMATS[memory_format],
+                   tf32=tf32 and device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:

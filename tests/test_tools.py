@@ -152,6 +152,12 @@ def test_classify_folder_and_amp(capsys, images, resnet18_weights):
     assert 0 < sum(p["probability"] for p in result["results"][0]["predictions"]) <= 1.0001
 
 
+def test_classify_reports_the_precision_the_cpu_ran_not_tf32(capsys, images, resnet18_weights):
+    assert classify.main(["--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32",
+                          "--image", str(images["png"]), "--precision", "TF32", "--cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "FP32"  # before: "TF32" (a CUDA-only format)
+
+
 def test_classify_uses_checkpoint_class_names_arch_and_preprocessing(capsys, images, training_checkpoint):
     doc = _run_json(capsys, "--weights", str(training_checkpoint["path"]), "--topk", "3",
                     "--image", str(images["jpeg"]))
