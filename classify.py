@@ -23,10 +23,9 @@ from typing import Iterator, Sequence
 import torch
 from PIL import UnidentifiedImageError
 
-from image_classification import config, export, inference, models, quantization, runtime
+from image_classification import config, export, inference, models, preprocessing, quantization, runtime
 from image_classification.data.checks import is_image_file
-from image_classification.data.device import Normalize
-from image_classification.data.transforms import open_rgb, val_transform
+from image_classification.data.transforms import open_rgb
 from image_classification.errors import UserError, exit_status
 
 PRECISIONS = ("AMP", "FP32", "TF32")
@@ -92,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
     rt = runtime.build_runtime(device=device, amp=args.precision == "AMP", amp_dtype=None,
                                memory_format="nhwc" if fast_cpu else "nchw", tf32=args.precision != "FP32")
     model = inference.cpu_fast_path(loaded.model) if fast_cpu else loaded.model.to(device)
-    image_size, resize_size, interpolation = preprocessing(loaded, args)
-    transform = val_transform(image_size, resize_size, interpolation)
-    normalize = Normalize(device, rt.memory_format)
+    evaluation = resolve_preprocessing(loaded, args)
+    image_size, resize_size = evaluation.image_size, evaluation.resize_size
+    transform, normalize = evaluation.transform(), evaluation.normalize(device, rt.memory_format)
 
     results = []
     for start in range(0, len(images), args.batch_size):
@@ -130,8 +129,7 @@ def _load(args: argparse.Namespace, device: torch.device) -> export.LoadedModel:
     if model.num_classes is None:
         raise UserError(f"{args.onnx} does not output [batch, classes] logits")
     return export.LoadedModel(model=model, spec=models.get(args.arch or "resnet50"), num_classes=model.num_classes,
-                              class_names=model.class_names, trained_image_size=model.image_size,
-                              trained_resize_size=model.resize_size, trained_interpolation=model.interpolation)
+                              class_names=model.class_names, preprocessing=model.preprocessing)
 
 
 def _parse_topk(text: str) -> int:
@@ -180,18 +178,12 @@ def class_names(loaded: export.LoadedModel, labels: str | None) -> list[str]:
     return export.default_class_names(loaded)
 
 
-def preprocessing(loaded: export.LoadedModel, args: argparse.Namespace) -> tuple[int, int, str]:
-    """(crop size, resize size, interpolation): flags, else the checkpoint's, else the arch's."""
-    trained = args.image_size is None and loaded.trained_image_size is not None
-    image_size = args.image_size or (loaded.trained_image_size if trained else loaded.spec.default_image_size)
-    resize_size = args.resize_size or (loaded.trained_resize_size if trained and loaded.trained_resize_size
-                                       else image_size + 32)
-    interpolation = args.interpolation or loaded.trained_interpolation or "bilinear"
-    if interpolation not in ("bilinear", "bicubic"):
-        interpolation = "bilinear"  # e.g. DALI's "triangular", which PIL does not have
-    if resize_size < image_size:
-        raise UserError(f"--resize-size {resize_size} is smaller than the crop --image-size {image_size}")
-    return image_size, resize_size, interpolation
+def resolve_preprocessing(loaded: export.LoadedModel, args: argparse.Namespace) -> preprocessing.EvalPreprocessing:
+    """Flags, else the model's saved record, else the architecture's (an ONNX file's input size)."""
+    default_size = getattr(loaded.model, "image_size", None) or loaded.spec.default_image_size
+    return preprocessing.resolve(loaded.preprocessing, default_size, image_size=args.image_size,
+                                 resize_size=args.resize_size, interpolation=args.interpolation,
+                                 interpolations=preprocessing.PIL_INTERPOLATIONS)
 
 
 def print_result(result: dict) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from image_classification import checkpoint, config, distributed, export, models, quantization, runtime
+from image_classification import checkpoint, config, distributed, export, models, preprocessing, quantization, runtime
 from image_classification.data import priority
 from image_classification.data import registry as data_registry
 from image_classification.data.registry import LoaderConfig
@@ -65,7 +65,7 @@ def run(args) -> int:
                         f"{spec.family} model (set --conv-init instead)")
     args.quantize = args.quantize or spec.quantized
     onnx_model = _onnx_model(args, device)
-    _resolve_sizes(args, spec)
+    _resolve_sizes(args, spec, onnx_model)
     schedule = StageSchedule(n_stages=args.n_stages, epochs=args.epochs, base_size=args.base_image_size,
                              final_size=args.image_size, mixup=args.mixup, cutmix=args.cutmix,
                              randaugment_magnitude=args.randaugment_magnitude)
@@ -115,33 +115,33 @@ def run(args) -> int:
 
 
 def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
-    """--onnx: the exported file; its input size and recorded resize size become the defaults."""
+    """--onnx: the exported file; its input size and recorded preprocessing become the defaults."""
     if args.onnx is None:
         return None
     model = export.OnnxModel(args.onnx, device)
     if args.image_size and model.image_size and args.image_size != model.image_size:
         raise UserError(f"{args.onnx} takes {model.image_size} px images, not --image-size {args.image_size}")
-    args.image_size = args.image_size or model.image_size
-    args.val_resize_size = args.val_resize_size or model.resize_size
     return model
 
 
-def _resolve_sizes(args, spec) -> None:
-    """Fill in the size flags the user left to their defaults, in ``args`` itself, so the raport's
-    PARAMETER record and the checkpoint's config (read by classify.py) hold the sizes used.
+def _resolve_sizes(args, spec, onnx_model: export.OnnxModel | None) -> None:
+    """Fill in the size and interpolation flags the user left to their defaults, in ``args`` itself,
+    so the raport's PARAMETER record and the checkpoint hold what was used.
 
-    The validation resize keeps the ratio it has to the training size (default: size + 32) when
-    ``--eval-image-size`` sets another crop.
+    ``preprocessing.resolve`` decides, over the --onnx file's record or the architecture's default:
+    first at the training size (``--val-resize-size`` is the resize for ``--image-size``), then at
+    ``--eval-image-size``, whose resize keeps the ratio.
     """
-    args.image_size = args.image_size or spec.default_image_size
+    saved = onnx_model.preprocessing if onnx_model is not None else None
+    default_size = (onnx_model.image_size if onnx_model is not None else None) or spec.default_image_size
+    interpolations = None if args.data_backend.startswith("dali") else preprocessing.PIL_INTERPOLATIONS
+    trained = preprocessing.resolve(saved, default_size, image_size=args.image_size, resize_size=args.val_resize_size,
+                                    interpolation=args.interpolation, interpolations=interpolations)
+    evaluation = preprocessing.resolve(trained, default_size, image_size=args.eval_image_size)
+    args.image_size, args.interpolation = trained.image_size, evaluation.interpolation
     args.base_image_size = args.base_image_size or (max(1, args.image_size // 2) if args.n_stages > 1
                                                     else args.image_size)
-    resize = args.val_resize_size or args.image_size + 32
-    if args.eval_image_size is None:
-        args.eval_image_size = args.image_size
-    else:
-        resize = round(args.eval_image_size * resize / args.image_size)
-    args.val_resize_size = resize
+    args.eval_image_size, args.val_resize_size = evaluation.image_size, evaluation.resize_size
 
 
 def _resume_marker(args, resume: dict | None) -> dict:
@@ -416,6 +416,8 @@ def _checkpoint_state(parts: TrainComponents, state: loop.RunState, args, class_
         "class_names": class_names, "state_dict": parts.module.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
         "config": {**vars(args), "seed": seed},
+        "eval_preprocessing": preprocessing.EvalPreprocessing(args.eval_image_size, args.val_resize_size,
+                                                              args.interpolation).as_dict(),
     }
     if quantization.is_quantized(parts.module):
         saved[quantization.CHECKPOINT_KEY] = quantization.state(parts.module)

@@ -81,9 +81,10 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-backend", "--data-backends", metavar="BACKEND", default="dali-cpu",
                        choices=DATA_BACKENDS,
                        help=f"data loader: {' | '.join(DATA_BACKENDS)} (default: dali-cpu)")
-    group.add_argument("--interpolation", metavar="INTERPOLATION", default="bilinear",
+    group.add_argument("--interpolation", metavar="INTERPOLATION", default=None,
                        choices=INTERPOLATIONS,
-                       help="resize filter: bilinear | bicubic | triangular (DALI only) (default: bilinear)")
+                       help="resize filter: bilinear | bicubic | triangular (DALI only) (default: the --onnx "
+                            "file's, else bilinear)")
     group.add_argument("-j", "--workers", default=5, type=int, metavar="N",
                        help="data loading workers (DALI: threads) per process (default: 5)")
     group.add_argument("--loader-priority", default="auto", choices=PRIORITIES, metavar="PRIORITY",

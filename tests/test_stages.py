@@ -138,7 +138,7 @@ def test_eval_image_size_sets_the_validation_crop_and_classify_uses_it(small_dig
     assert run(args, tmp_path, small_digits_dir) == 0
     assert crops and set(crops) == {(24, 24)}
     loaded = export.load_model("stage-cnn", str(tmp_path / "checkpoint.pth.tar"))
-    assert (loaded.trained_image_size, loaded.trained_resize_size) == (24, 30)  # the 16 -> 20 ratio kept
+    assert (loaded.preprocessing.image_size, loaded.preprocessing.resize_size) == (24, 30)  # the 16 -> 20 ratio kept
 
 
 # ---------------------------------------------------------------- exact mid-stage resume

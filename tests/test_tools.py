@@ -189,7 +189,8 @@ def test_class_names_fall_back_to_imagenet_then_indices(tmp_path):
 def test_default_preprocessing_follows_the_architecture():
     args = classify.build_parser().parse_args(["--image", "x.jpg"])
     for arch, expected in [("resnet50", (224, 256, "bilinear")), ("efficientnet-b4", (380, 412, "bilinear"))]:
-        assert classify.preprocessing(export.LoadedModel(None, models.get(arch), 1000), args) == expected
+        resolved = classify.resolve_preprocessing(export.LoadedModel(None, models.get(arch), 1000), args)
+        assert (resolved.image_size, resolved.resize_size, resolved.interpolation) == expected
 
 
 # ---------------------------------------------------------------- checkpoint2model.py
@@ -555,3 +556,50 @@ def test_cpu_fast_path_keeps_fp32_weights_when_a_norm_layer_cannot_be_folded():
     assert {p.dtype for p in fast.parameters()} == {torch.float32}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(torch.randn(2, 3, 8, 8)).shape == (2, 4 * 6 * 6)
+
+
+# ---------------------------------------------------------------- evaluation preprocessing (issue 19)
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    import onnx
+    return {p.key[len(export.METADATA_PREFIX):]: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def _evaluate_onnx(onnx_path: Path, tmp_path: Path) -> dict:
+    """main.py --evaluate --onnx on a 3-class folder; the flags it resolved (its PARAMETER record)."""
+    from tests.helpers.tiny_data import write_imagefolder
+    data = write_imagefolder(tmp_path / "data", classes=("bird", "cat", "dog"), train_per_class=1, val_per_class=2,
+                             size=80)
+    workspace = tmp_path / "eval"
+    assert cli.main(["--evaluate", "--onnx", str(onnx_path), "--data-backend", "pytorch", "-b", "6", "--workers",
+                     "0", "--device", "cpu", "--workspace", str(workspace), str(data)]) == 0
+    return [r["data"] for r in read_raport(workspace / "experiment_raport.json") if r.get("step") == "PARAMETER"][0]
+
+
+def test_an_export_at_another_size_scales_the_trained_resize_for_every_consumer(tmp_path, capsys, training_checkpoint):
+    # trained: crop 48 after a resize to 56; exported at 64 the resize keeps the ratio: round(64 * 56 / 48) = 75
+    repository = tmp_path / "models"
+    assert model2onnx.main(["--weights", str(training_checkpoint["path"]), "--image-size", "64", "--device", "cpu",
+                            "--triton-repository", str(repository), "--max-batch-size", "2"]) == 0
+    output = repository / "resnet18" / "1" / "model.onnx"
+    # Before: 56, a resize smaller than the crop, in the metadata, the Triton config and main.py --onnx.
+    assert (_onnx_metadata(output)["image_size"], _onnx_metadata(output)["resize_size"]) == ("64", "75")
+    assert "shorter side resized to 75 px (bilinear), center crop 64x64" in (
+        repository / "resnet18" / "config.pbtxt").read_text()
+    used = _evaluate_onnx(output, tmp_path)
+    assert (used["eval_image_size"], used["val_resize_size"]) == (64, 75)
+    capsys.readouterr()
+    assert classify.main(["--onnx", str(output), "--image", str(tmp_path / "data" / "val"), "--json", "--cpu"]) == 0
+    assert (json.loads(capsys.readouterr().out)["resize_size"]) == 75
+
+
+def test_main_evaluate_onnx_uses_the_interpolation_recorded_in_the_file(tmp_path, training_checkpoint):
+    saved = checkpoint.load(training_checkpoint["path"])
+    saved["config"] = {**saved["config"], "interpolation": "bicubic"}
+    checkpoint.save(saved, tmp_path, epoch_index=None, is_best=False, filename="bicubic.pth.tar")
+    output = tmp_path / "bicubic.onnx"
+    assert model2onnx.main(["--weights", str(tmp_path / "bicubic.pth.tar"), "--device", "cpu", "--output",
+                            str(output), "--no-check"]) == 0
+    assert _onnx_metadata(output)["interpolation"] == "bicubic"
+    # Before: main.py kept its own default, bilinear.
+    assert _evaluate_onnx(output, tmp_path)["interpolation"] == "bicubic"
