@@ -18,7 +18,7 @@ from image_classification.data.registry import LoaderConfig
 from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma
 from image_classification.engine.losses import SmoothedCrossEntropy
-from image_classification.engine.optim import build_optimizer, load_optimizer_state
+from image_classification.engine.optim import build_optimizer
 from image_classification.engine.schedules import build_scheduler
 from image_classification.engine.stages import Stage, StagedTraining, StageSchedule
 from image_classification.engine.trainer import TrainComponents
@@ -295,7 +295,8 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     ema = ModelEma(model, args.use_ema) if args.use_ema else None
     retention = checkpoint.Retention.resumed(args.gather_checkpoints, resume, args.resume)
     if resume is not None:
-        state = _restore(resume, optimizer, scaler, ema, context)
+        state = checkpoint.restore(resume, optimizer=optimizer, scaler=scaler, ema=ema, rank=context.rank,
+                                   world_size=context.world_size, local_rank=context.local_rank)
         reporter.message(f"resumed from {args.resume}: epoch {state.epoch}, batch {state.step_in_epoch}")
     # The schedule position is derived from (epoch, step in epoch), not stored, so a resume with
     # another batch size still lands on the right epoch.
@@ -314,6 +315,7 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
         accumulation_steps=steps, ema=ema, world_size=context.world_size)
     stop = loop.GracefulStop()
+    evaluation = preprocessing.EvalPreprocessing(args.eval_image_size, args.val_resize_size, args.interpolation)
     last_saved = [(args.resume, state.epoch, state.step_in_epoch)] if resume is not None else []
 
     def save(run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
@@ -323,7 +325,8 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
                           run_state.step_in_epoch)]
         rng = _gather_rng_states()
         if context.is_main:
-            checkpoint.save(_checkpoint_state(parts, run_state, args, class_names, rng, seed), args.workspace,
+            checkpoint.save(checkpoint.capture(parts, run_state, args=args, class_names=class_names, rng=rng, seed=seed,
+                                               evaluation=evaluation), args.workspace,
                             epoch_index=epoch_index, is_best=is_best, filename=args.checkpoint_filename,
                             retention=retention)
 
@@ -358,25 +361,6 @@ def _peer_lost_line(rank: int, reason: str, last_saved: list[tuple[str, int, int
             f"batch {step}): rerun the same command with --auto-resume (or --resume {path})")
 
 
-def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> loop.RunState:
-    """Load optimizer, scaler, EMA and RNG state from a checkpoint (the weights are already in)."""
-    load_optimizer_state(optimizer, resume["optimizer"])
-    if resume.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(resume["scaler"])
-    if ema is not None and resume.get("state_dict_ema") is not None:
-        # Without a saved EMA (reference defect 3) the EMA simply starts from the loaded weights.
-        weights.load_state_dict_into(ema.module, resume["state_dict_ema"], source="state_dict_ema of the checkpoint")
-        ema.updates = int(resume.get("ema_updates", 0))
-    rng = resume.get("rng")
-    if rng and len(rng) == context.world_size:
-        runtime.set_rng_state(rng[context.rank], context.local_rank)
-    return loop.RunState(epoch=int(resume["epoch"]), step_in_epoch=int(resume.get("step_in_epoch", 0)),
-                         best_top1=float(resume["best_prec1"]) if resume.get("has_best", "best_prec1" in resume)
-                         else loop.NO_BEST,
-                         epochs_since_best=int(resume.get("epochs_since_best", 0)),
-                         validation_pending=bool(resume.get("validation_pending", False)))
-
-
 def _wrap_distributed(model: nn.Module, device: torch.device, context) -> nn.Module:
     if not context.enabled:
         return model
@@ -404,23 +388,3 @@ def _gather_rng_states() -> list[dict]:
     states: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, state)
     return states
-
-
-def _checkpoint_state(parts: TrainComponents, state: loop.RunState, args, class_names, rng, seed) -> dict:
-    # best_prec1 keeps the reference's meaning and range (0 before any validation, e.g. --training-only);
-    # has_best says whether it is a score, so a resumed run's first validation is a new best.
-    saved = {
-        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "best_prec1": max(state.best_top1, 0.0),
-        "has_best": state.best_top1 != loop.NO_BEST, "validation_pending": state.validation_pending,
-        "epochs_since_best": state.epochs_since_best, "arch": args.arch, "num_classes": len(class_names),
-        "class_names": class_names, "state_dict": parts.module.state_dict(),
-        "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
-        "config": {**vars(args), "seed": seed},
-        "eval_preprocessing": preprocessing.EvalPreprocessing(args.eval_image_size, args.val_resize_size,
-                                                              args.interpolation).as_dict(),
-    }
-    if quantization.is_quantized(parts.module):
-        saved[quantization.CHECKPOINT_KEY] = quantization.state(parts.module)
-    if parts.ema is not None:
-        saved.update(state_dict_ema=parts.ema.state_dict(), ema_updates=parts.ema.updates)
-    return saved

@@ -155,3 +155,35 @@ def test_unsafe_pickles_are_refused(tmp_path):
     torch.save({"epoch": 1, "state_dict": {}, "payload": Evil()}, path)
     with pytest.raises(UserError, match="cannot be loaded safely"):
         checkpoint.load(path)
+
+
+def test_a_checkpoint_of_a_newer_format_is_one_line(tmp_path):
+    path = tmp_path / "future.pth.tar"
+    torch.save({**_state(1), "format_version": checkpoint.FORMAT_VERSION + 1}, path)
+    with pytest.raises(UserError, match=f"has format_version {checkpoint.FORMAT_VERSION + 1}, newer than this "
+                                        "convnets reads") as error:
+        checkpoint.load(path)
+    assert "\n" not in str(error.value)
+
+
+def test_the_bytes_are_written_once_and_the_copies_are_links_that_later_saves_leave_alone(tmp_path, monkeypatch):
+    writes, write_atomic = [], checkpoint.write_atomic
+    monkeypatch.setattr(checkpoint, "write_atomic", lambda data, path: writes.append(path) or write_atomic(data, path))
+    written = checkpoint.save(_state(1), tmp_path, epoch_index=0, is_best=True, retention=checkpoint.Retention(-1))
+    # Before: the same bytes were serialized into each of the three files.
+    assert writes == [tmp_path / "checkpoint_0000.pth.tar"]
+    assert len({path.stat().st_ino for path in written}) == 1
+    checkpoint.save(_state(2), tmp_path, epoch_index=None, is_best=False)
+    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["epoch"] == 2
+    assert [checkpoint.load(tmp_path / name)["epoch"] for name in ("checkpoint_0000.pth.tar", "model_best.pth.tar")] \
+        == [1, 1]
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_without_hard_links_the_copies_are_atomic_copies(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    written = checkpoint.save(_state(1), tmp_path, epoch_index=None, is_best=True)
+    assert [checkpoint.load(path)["epoch"] for path in written] == [1, 1]
+    assert len({path.stat().st_ino for path in written}) == 2

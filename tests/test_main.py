@@ -502,3 +502,20 @@ def test_no_checkpoints_gathers_no_rng_states(small_digits_dir, tmp_path, tiny_c
     monkeypatch.setattr(runtime, "rng_state", lambda: calls.append(1) or rng_state())
     assert run_main([*TINY, "--epochs", "2", "--prof", "2", "--no-checkpoints"], tmp_path, small_digits_dir) == 0
     assert calls == [] and not list(tmp_path.glob("*.pth.tar"))
+
+
+def test_a_checkpoint_written_before_the_schema_owner_resumes_and_loads(small_digits_dir, tmp_path, tiny_cnn):
+    # tests/data/format1_tiny_cnn.pth.tar: written by f15d9ea (format 1, bare epoch_files, no
+    # has_best/eval_preprocessing): tiny-cnn, --image-size 16 --val-resize-size 20 --use-ema 0.9, 1 of 3 epochs.
+    import shutil
+    from image_classification import export, preprocessing
+    old = Path(__file__).resolve().parent / "data" / "format1_tiny_cnn.pth.tar"
+    resume = tmp_path / "checkpoint.pth.tar"
+    shutil.copyfile(old, resume)
+    assert checkpoint.load(resume)["format_version"] == 1
+    args = [*TINY, "--val-resize-size", "20", "--epochs", "2", "--prof", "2", "--use-ema", "0.9"]
+    assert run_main([*args, "--resume", str(resume)], tmp_path, small_digits_dir) == 0
+    final = checkpoint.load(resume)
+    assert (final["epoch"], final["format_version"], final["ema_updates"]) == (2, checkpoint.FORMAT_VERSION, 4)
+    assert final["eval_preprocessing"] == preprocessing.EvalPreprocessing(16, 20).as_dict()
+    assert export.load_model(None, str(old)).preprocessing == preprocessing.EvalPreprocessing(16, 20)
