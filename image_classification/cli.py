@@ -27,19 +27,21 @@ from image_classification.models import weights
 from image_classification.reporting.reporter import Reporter
 
 
-def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> int:
-    """Entry point; returns the exit status. User errors print one line and return 2."""
+def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None,
+         hooks: trainer.Hooks | None = None) -> int:
+    """Entry point; returns the exit status. User errors print one line and return 2. ``hooks``:
+    callbacks on the training loop (:class:`~image_classification.engine.trainer.Hooks`)."""
     def parse_and_run() -> int:
         args = config.parse_args(argv, defaults)
         config.validate(args)
-        return run(args)
+        return run(args, hooks)
     try:
         return exit_status(parse_and_run)
     finally:
         distributed.shutdown()
 
 
-def run(args) -> int:
+def run(args, hooks: trainer.Hooks | None = None) -> int:
     context = distributed.context_from_env()
     if args.gpu_affinity != "none" and runtime.uses_cuda(args.device):
         # Before select_device creates the CUDA context: its threads, and the loaders', inherit it.
@@ -109,7 +111,7 @@ def run(args) -> int:
             build_mixer=lambda stage: _batch_transform(stage.mixup, stage.cutmix, num_classes))
         del train_loader  # `staged` owns it now and lets it go (its workers too) when stage 0 ends
         return _train(args, model, staged, val_loader, rt, context, resume, reporter,
-                      class_names=class_names, seed=seed)
+                      class_names=class_names, seed=seed, hooks=hooks or trainer.Hooks())
     finally:
         reporter.close()
 
@@ -134,7 +136,7 @@ def _resolve_sizes(args, spec, onnx_model: export.OnnxModel | None) -> None:
     """
     saved = onnx_model.preprocessing if onnx_model is not None else None
     default_size = (onnx_model.image_size if onnx_model is not None else None) or spec.default_image_size
-    interpolations = None if args.data_backend.startswith("dali") else preprocessing.PIL_INTERPOLATIONS
+    interpolations = data_registry.get(args.data_backend).interpolations
     trained = preprocessing.resolve(saved, default_size, image_size=args.image_size, resize_size=args.val_resize_size,
                                     interpolation=args.interpolation, interpolations=interpolations)
     evaluation = preprocessing.resolve(trained, default_size, image_size=args.eval_image_size)
@@ -279,7 +281,7 @@ def _ema_from_checkpoint(model: nn.Module, resume: dict) -> nn.Module:
 
 
 def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume, reporter, *, class_names,
-           seed) -> int:
+           seed, hooks: trainer.Hooks) -> int:
     steps = config.accumulation_steps(args.optimizer_batch_size, args.batch_size, context.world_size)
     optimizer = build_optimizer(model, name=args.optimizer, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.nesterov,
@@ -313,7 +315,7 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     parts = TrainComponents(
         model=wrapped, module=module, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
-        accumulation_steps=steps, ema=ema, world_size=context.world_size)
+        accumulation_steps=steps, ema=ema, world_size=context.world_size, hooks=hooks)
     stop = loop.GracefulStop()
     evaluation = preprocessing.EvalPreprocessing(args.eval_image_size, args.val_resize_size, args.interpolation)
     last_saved = [(args.resume, state.epoch, state.step_in_epoch)] if resume is not None else []

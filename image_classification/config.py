@@ -11,10 +11,10 @@ import argparse
 from typing import Any, Sequence
 
 from image_classification.data.priority import PRIORITIES
+from image_classification.data import registry as data_registry
 from image_classification.data.registry import AUGMENTATIONS, INTERPOLATIONS
 from image_classification.errors import UserError
 
-DATA_BACKENDS = ("pytorch", "synthetic", "dali-cpu", "dali-gpu")
 LR_SCHEDULES = ("step", "linear", "cosine")
 # -c/--model-config presets of the ResNet model flags, as the reference's config table had them
 # (all four use ReLU; none zero-inits the last BN of a block).
@@ -78,9 +78,9 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("data", metavar="DIR", nargs="?", default=None,
                        help="dataset root with train/ and val/ in ImageFolder layout "
                             "(not needed with --data-backend synthetic)")
+    backends = data_registry.names()  # the registered ones, a test's or a plugin's too
     group.add_argument("--data-backend", "--data-backends", metavar="BACKEND", default="dali-cpu",
-                       choices=DATA_BACKENDS,
-                       help=f"data loader: {' | '.join(DATA_BACKENDS)} (default: dali-cpu)")
+                       choices=backends, help=f"data loader: {' | '.join(backends)} (default: dali-cpu)")
     group.add_argument("--interpolation", metavar="INTERPOLATION", default=None,
                        choices=INTERPOLATIONS,
                        help="resize filter: bilinear | bicubic | triangular (DALI only) (default: the --onnx "

@@ -9,6 +9,7 @@ import torch
 
 from image_classification import checkpoint, cli
 from image_classification.reporting.dllogger import read_raport
+from tests.helpers.faults import sigterm_at_step
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "helpers" / "run_main.py"
@@ -35,8 +36,8 @@ def summary(raport: Path) -> dict:
     return [r["data"] for r in read_raport(raport) if r.get("type") == "LOG" and r["step"] == []][-1]
 
 
-def run_main(args, workspace: Path, data: Path) -> int:
-    return cli.main([*args, "--workspace", str(workspace), str(data)])
+def run_main(args, workspace: Path, data: Path, hooks=None) -> int:
+    return cli.main([*args, "--workspace", str(workspace), str(data)], hooks=hooks)
 
 
 def test_resnet18_learns_digits_above_90_percent(digits_dir, tmp_path):
@@ -65,14 +66,13 @@ def test_resume_at_epoch_boundary_reproduces_the_uninterrupted_run(small_digits_
             assert torch.equal(tensor, final_b[key][name]), (key, name)
 
 
-def test_sigterm_mid_epoch_saves_position_and_resume_reproduces_the_run(small_digits_dir, tmp_path, sigterm_at_step):
+def test_sigterm_mid_epoch_saves_position_and_resume_reproduces_the_run(small_digits_dir, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_main(STATEFUL, straight, small_digits_dir) == 0
-    sigterm_at_step(8)  # 100 images / 8 = 12 batches = 6 optimizer steps per epoch
-    assert run_main(STATEFUL, split, small_digits_dir) == 0
+    # 100 images / 8 = 12 batches = 6 optimizer steps per epoch
+    assert run_main(STATEFUL, split, small_digits_dir, hooks=sigterm_at_step(8)) == 0
     saved = checkpoint.load(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 4)  # 2 steps of 2 micro-batches into epoch 1
-    sigterm_at_step(None)
     assert run_main([*STATEFUL, "--resume", str(split / "checkpoint.pth.tar")], split, small_digits_dir) == 0
     expected, resumed = epoch_records(straight / "experiment_raport.json"), epoch_records(split / "experiment_raport.json")
     assert resumed[2]["train.loss"] == expected[2]["train.loss"]
@@ -438,20 +438,19 @@ def test_a_training_only_checkpoint_keeps_best_prec1_at_0(small_digits_dir, tmp_
 # --- issue 19: defects of the epoch loop and the checkpoint's state ---------------------------------
 
 def test_a_stop_on_the_epochs_last_step_keeps_its_training_record_and_skips_validation(
-        small_digits_dir, tmp_path, tiny_cnn, sigterm_at_step, monkeypatch):
+        small_digits_dir, tmp_path, tiny_cnn, monkeypatch):
     from image_classification.engine import trainer
     validated, validate = [], trainer.validate
     monkeypatch.setattr(trainer, "validate", lambda *a, **k: validated.append(k.get("epoch")) or validate(*a, **k))
     args = [*TINY, "--epochs", "2"]
-    sigterm_at_step(12)  # 100 images / 8 = 12 full batches: the signal comes with epoch 0's last step
-    assert run_main(args, tmp_path, small_digits_dir) == 0
+    # 100 images / 8 = 12 full batches: the signal comes with epoch 0's last step
+    assert run_main(args, tmp_path, small_digits_dir, hooks=sigterm_at_step(12)) == 0
     # Before: the epoch's record had no train.loss or throughput, and a full validation ran anyway.
     first = epoch_records(tmp_path / "experiment_raport.json")[0]
     assert first["train.loss"] > 0 and first["train.total_ips"] > 0 and "val.top1" not in first
     assert validated == []
     saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"], saved["validation_pending"]) == (1, 0, True)
-    sigterm_at_step(None)
     # The resumed run validates the trained epoch first, then goes on.
     assert run_main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, small_digits_dir) == 0
     assert validated == [0, 1]
@@ -519,3 +518,15 @@ def test_a_checkpoint_written_before_the_schema_owner_resumes_and_loads(small_di
     assert (final["epoch"], final["format_version"], final["ema_updates"]) == (2, checkpoint.FORMAT_VERSION, 4)
     assert final["eval_preprocessing"] == preprocessing.EvalPreprocessing(16, 20).as_dict()
     assert export.load_model(None, str(old)).preprocessing == preprocessing.EvalPreprocessing(16, 20)
+
+
+def test_the_training_loop_hooks_see_every_step_and_epoch(small_digits_dir, tmp_path, tiny_cnn):
+    from image_classification.engine.trainer import Hooks
+    steps, epochs = [], []
+    hooks = Hooks(after_step=lambda epoch, done: steps.append((epoch, done)),
+                  after_epoch=lambda state, metrics: epochs.append((state.epoch, round(metrics["train.loss"], 6))))
+    assert run_main([*TINY, "--epochs", "2", "--prof", "3", "--training-only"], tmp_path, small_digits_dir,
+                    hooks=hooks) == 0
+    assert steps == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    records = epoch_records(tmp_path / "experiment_raport.json")
+    assert epochs == [(1, round(records[0]["train.loss"], 6)), (2, round(records[1]["train.loss"], 6))]

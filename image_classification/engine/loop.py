@@ -150,6 +150,8 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
             metrics.update(val_metrics)
         reporter.log([epoch], metrics)
         save(state, epoch, is_best)
+        if parts.hooks.after_epoch is not None:
+            parts.hooks.after_epoch(state, metrics)
         if _early_stop(state, patience, reporter) or stop.agreed():
             break
     return state

@@ -31,6 +31,18 @@ class StepOutcome:
 
 
 @dataclass
+class Hooks:
+    """Public points where a caller joins the training loop (fault injection in tests, profilers,
+    extensions) instead of replacing the loop's private functions.
+
+    ``after_step(epoch, batches_done)``: after each optimizer step, before the stop flag is polled.
+    ``after_epoch(run_state, metrics)``: after an epoch is recorded and saved.
+    """
+    after_step: Callable[[int, int], None] | None = None
+    after_epoch: Callable[[object, dict], None] | None = None
+
+
+@dataclass
 class TrainComponents:
     model: nn.Module                 # what runs forward/backward (DDP-wrapped when distributed)
     module: nn.Module                # the plain model (EMA source, checkpoints)
@@ -43,6 +55,7 @@ class TrainComponents:
     ema: ModelEma | None = None
     batch_transform: Callable | None = None   # MixUp / CutMix on device batches
     world_size: int = 1
+    hooks: Hooks = field(default_factory=Hooks)
 
 
 class IntervalMeter:
@@ -139,6 +152,8 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
         if last_of_group:
             lr = parts.optimizer.param_groups[0]["lr"]  # the LR this step used (a float, no sync)
             _optimizer_step(parts)
+            if parts.hooks.after_step is not None:
+                parts.hooks.after_step(epoch, batch + 1)
         interval.loss += loss
         epoch_loss += loss
         interval.batches += 1
