@@ -205,8 +205,13 @@ def test_efficientnet_b0_learns_digits_and_resumes(digits_dir, tmp_path):
     starts = [r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER"]
     assert [s.get("resume_epoch") for s in starts] == [None, 1]
     assert epochs[1]["val.top1"] > 50.0  # chance is 10%
+    # --ema-best: the best is the better of the model and its EMA over both epochs, and
+    # model_best.pth.tar is the epoch that scored it (before: a comparison with best_prec1 itself).
+    scores = {epoch: max(record["val.top1"], record["val_ema.top1"]) for epoch, record in epochs.items()}
+    best_epoch = max(scores, key=lambda epoch: (scores[epoch], -epoch))
     best = checkpoint.load(tmp_path / "model_best.pth.tar")
-    assert best["best_prec1"] == max(epochs[1]["val.top1"], epochs[1]["val_ema.top1"], best["best_prec1"])
+    assert best["best_prec1"] == pytest.approx(scores[best_epoch]) and best["epoch"] == best_epoch + 1
+    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["best_prec1"] == pytest.approx(max(scores.values()))
     assert best["arch"] == "efficientnet-b0" and "state_dict_ema" in best
 
 

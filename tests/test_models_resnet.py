@@ -16,6 +16,7 @@ from torch import nn
 from image_classification.errors import UserError
 from image_classification.models import registry, weights
 from image_classification.models.resnet import ResNet, ResNetConfig
+from tests.helpers.models import randomise_batch_norm
 
 PARAM_COUNTS = {
     "resnet18": 11_689_512,
@@ -43,14 +44,7 @@ def logits(model: nn.Module, seed: int = 0) -> torch.Tensor:
 
 
 def randomise_bn_stats(model: nn.Module) -> nn.Module:
-    """Non-trivial running stats, so a load that skipped buffers would show in the logits."""
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model
+    return randomise_batch_norm(model, weight=True)
 
 
 def save(obj: object, path: Path) -> str:
@@ -138,8 +132,15 @@ def test_last_bn_0_init_zeroes_the_last_bn_of_each_block() -> None:
         assert all(torch.all(getattr(b, last).weight == 1) for s in default.layers for b in s)
 
 
-def test_conv_init_fan_out_accepted_and_bad_value_rejected() -> None:
-    model = build("resnet18", conv_init="fan_out")
+def test_conv_init_fan_out_sets_the_weight_std_and_bad_value_rejected() -> None:
+    # Kaiming normal: std = sqrt(2 / fan); the first 3x3 conv that widens 64 -> 128 channels has
+    # fan_in 64*9 = 576 and fan_out 128*9 = 1152, and 73,728 weights (std known to ~0.3 %).
+    for mode, fan in (("fan_in", 576), ("fan_out", 1152)):
+        torch.manual_seed(0)
+        model = build("resnet18", conv_init=mode)
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+                    and (m.in_channels, m.out_channels) == (64, 128))
+        assert conv.weight.std().item() == pytest.approx((2 / fan) ** 0.5, rel=0.02), mode
     assert torch.isfinite(logits(model)).all()
     with pytest.raises(UserError, match="conv_init"):
         build("resnet18", conv_init="xavier")
