@@ -251,12 +251,27 @@ def test_augmentation_policies_run(folder, policy):
     got = batches(loader("dali-cpu", cfg, True))
     assert len(got) == 6 and all(images.shape == (4, 3, SIZE, SIZE) for images, _ in got)
     assert all(torch.isfinite(images).all() for images, _ in got)
+    # the policy is applied: the same seed without it gives other pixels (same labels)
+    plain = batches(loader("dali-cpu", config(folder, interpolation="bicubic"), True))
+    assert [labels.tolist() for _, labels in got] == [labels.tolist() for _, labels in plain]
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(got, plain))
 
 
 def test_triangular_interpolation_and_crop_scale(folder):
     cfg = config(folder, interpolation="triangular", crop_scale=(0.5, 1.0))
     assert len(batches(loader("dali-cpu", cfg, True))) == 6
     assert len(batches(loader("dali-cpu", cfg, False))) == 3
+
+
+def test_the_interpolation_reaches_the_resize(folder):
+    # The deterministic val pass with bicubic differs from bilinear's, by a filter's worth. (DALI's
+    # antialiased linear resize is the triangular filter, so triangular gives bilinear's pixels.)
+    passes = {name: batches(loader("dali-cpu", config(folder, interpolation=name), False))
+              for name in ("bilinear", "bicubic", "triangular")}
+    differences = [(a - b).abs() for (a, _), (b, _) in zip(passes["bicubic"], passes["bilinear"])]
+    assert max(d.max().item() for d in differences) > 0.01
+    assert max(d.mean().item() for d in differences) < 0.5
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(passes["triangular"], passes["bilinear"]))
 
 
 # ---------------------------------------------------------------- errors: one clear line
