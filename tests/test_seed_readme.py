@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import math
 import os
 import re
 import runpy
@@ -42,6 +43,7 @@ for path in (ROOT, ROOT / "tests" / "helpers"):
         sys.path.insert(0, str(path))
 
 from tiny_data import write_imagefolder  # noqa: E402
+from image_classification.reporting.dllogger import read_raport  # noqa: E402
 from tests.helpers.net import free_port  # noqa: E402
 
 SEEDS = sorted((ROOT.parent / "shared" / "seeds").glob("000_*.txt"))
@@ -195,6 +197,16 @@ def _fresh(path: Path, since: float) -> bool:
     return path.is_file() and path.stat().st_mtime >= since
 
 
+def _logged(raport: Path, metric: str) -> list[float]:
+    """Every value of ``metric`` in the raport's LOG records (parsed, not searched for as text)."""
+    values = [record["data"][metric] for record in read_raport(raport)
+              if record.get("type") == "LOG" and metric in (record.get("data") or {})]
+    assert values and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values), (metric, values)
+    if metric.endswith("top1"):
+        assert all(0.0 <= v <= 100.0 for v in values), values
+    return values
+
+
 def check_outputs(command: str, argv: list[str], output: str, w: dict, since: float) -> None:
     """What each kind of command must leave behind."""
     cwd = w["cwd"]
@@ -212,14 +224,15 @@ def check_outputs(command: str, argv: list[str], output: str, w: dict, since: fl
         assert _fresh(cwd / "recipe_ws" / "checkpoint.pth.tar", since)
     elif "launch.py" in command:
         raport = cwd / "benchmark.json"
-        assert _fresh(raport, since) and ("val.top1" if "inference" in command else "train.loss") in raport.read_text()
+        assert _fresh(raport, since)
+        _logged(raport, "val.top1" if "inference" in command else "train.loss")
     elif "--evaluate" in command:
         assert _fresh(cwd / "experiment_raport.json", since)
-        assert "val.top1" in (cwd / "experiment_raport.json").read_text()
+        _logged(cwd / "experiment_raport.json", "val.top1")
     else:  # training (model_best.pth.tar only when val.top1 beat the best so far, which 0 % does not)
         for name in ("checkpoint.pth.tar", "experiment_raport.json"):
             assert _fresh(cwd / name, since), name
-        assert "train.loss" in (cwd / "experiment_raport.json").read_text()
+        _logged(cwd / "experiment_raport.json", "train.loss")
     if "--nproc_per_node" in command and NPROC > 1:
         assert _fresh(cwd / f"GPU_{NPROC - 1}.log", since)
 
