@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import classify  # noqa: E402
 import model2onnx  # noqa: E402
-from image_classification import checkpoint, cli, models, quantization  # noqa: E402
+from image_classification import checkpoint, cli, export, models, quantization  # noqa: E402
 from image_classification.models.registry import ModelSpec, register  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 
@@ -143,10 +143,16 @@ def test_triton_repository_config_parses_and_model_runs_at_1_and_max_batch(qat, 
     assert (inp.name, list(inp.dims), inp.data_type) == ("input", [3, 32, 32], model_config_pb2.TYPE_FP32)
     assert (out.name, list(out.dims), out.label_filename) == ("logits", [10], "labels.txt")
     assert (folder / "labels.txt").read_text().splitlines() == [str(d) for d in range(10)]
+    # Fed by the names and dims the config declares, the served file gives the logits that the ONNX
+    # runner of main.py --onnx and classify.py --onnx gives.
     session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    runner = export.onnx_runner(str(folder / "1" / "model.onnx"), torch.device("cpu"))
+    rng = np.random.default_rng(0)
     for batch in (1, config.max_batch_size):
-        (logits,) = session.run([out.name], {inp.name: np.random.rand(batch, *inp.dims).astype(np.float32)})
+        images = rng.random((batch, *inp.dims), dtype=np.float32)
+        (logits,) = session.run([out.name], {inp.name: images})
         assert logits.shape == (batch, 10) and np.isfinite(logits).all()
+        np.testing.assert_array_equal(logits, runner(torch.from_numpy(images)).numpy())
     # An existing model folder is never overwritten.
     assert model2onnx.main(["--weights", str(qat / "checkpoint.pth.tar"), "--triton-repository", str(repository),
                             "--device", "cpu"]) == 2
