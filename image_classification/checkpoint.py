@@ -166,7 +166,9 @@ def check_workspace(workspace: str | Path) -> None:
         raise UserError(f"--workspace {workspace} cannot be written: {error.strerror or error}") from None
 
 
-_UNSAFE_GLOBAL = re.compile(r"Unsupported (?:global|class): (?:GLOBAL )?([\w.]+)")
+# torch's words for a class or function weights_only refuses ("Unsupported global: GLOBAL x.y",
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked").
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported (?:global|class): (?:GLOBAL )?|unsupported GLOBAL )([\w.]+)")
 
 
 def read_pth(path: str | Path, kind: str = "weights file", hint: str = "") -> object:
