@@ -84,6 +84,14 @@ def test_qat_keeps_fp32_accuracy_and_saves_int8_quantizers(fp32, qat):
     # Every conv and the linear layer: a per-tensor input range and one weight range per output channel.
     assert amax["0.weight_quantizer._amax"].numel() == 16 and amax["11.weight_quantizer._amax"].numel() == 10
     assert amax["0.input_quantizer._amax"].numel() == 1 and all((v > 0).all() for v in amax.values())
+    # Max calibration: a weight range is the largest |weight| of its output channel in the fp32
+    # model that was calibrated; the first input's range is the largest |normalised pixel| seen,
+    # at most (1 - 0.406) / 0.225 = 2.64 (white in the blue channel), and above black's 2.12 in red.
+    start = checkpoint.load(fp32 / "model_best.pth.tar")["state_dict"]
+    for layer in ("0", "3", "6", "11"):
+        per_channel = start[f"{layer}.weight"].abs().flatten(1).amax(dim=1)
+        torch.testing.assert_close(amax[f"{layer}.weight_quantizer._amax"].flatten(), per_channel)
+    assert 2.12 < amax["0.input_quantizer._amax"].item() <= (1 - 0.406) / 0.225 + 1e-4
 
 
 def test_qat_resume_reproduces_the_uninterrupted_run(fp32, qat, digits_dir, tmp_path):
