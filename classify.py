@@ -24,10 +24,9 @@ from typing import Iterator, Sequence
 import torch
 from PIL import UnidentifiedImageError
 
-from image_classification import compiling, config, export, inference, models, quantization, runtime
+from image_classification import compiling, config, export, inference, models, preprocessing, quantization, runtime
 from image_classification.data.checks import is_image_file
-from image_classification.data.device import Normalize
-from image_classification.data.transforms import open_rgb, val_transform
+from image_classification.data.transforms import open_rgb
 from image_classification.errors import UserError, exit_status
 
 PRECISIONS = ("AMP", "FP32", "TF32")
@@ -103,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
     compiler = _compiler(args)
     clock = compiling.CompileClock(compiler)
     model = compiling.view(compiler)(model)
-    image_size, resize_size, interpolation = preprocessing(loaded, args)
-    transform = val_transform(image_size, resize_size, interpolation)
-    normalize = Normalize(device, rt.memory_format)
+    evaluation = resolve_preprocessing(loaded, args)
+    image_size, resize_size = evaluation.image_size, evaluation.resize_size
+    transform, normalize = evaluation.transform(), evaluation.normalize(device, rt.memory_format)
 
     results = []
     for start in range(0, len(images), args.batch_size):
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print_result(result)
     if args.json:
-        document = _json_document(results, loaded, image_size, resize_size, rt, args.precision)
+        document = _json_document(results, loaded, image_size, resize_size, rt)
         if compiler is not None:
             document["compile_time"] = clock.seconds
         json.dump(document, sys.stdout, indent=2)
@@ -154,8 +153,7 @@ def _load(args: argparse.Namespace, device: torch.device) -> export.LoadedModel:
     if model.num_classes is None:
         raise UserError(f"{args.onnx} does not output [batch, classes] logits")
     return export.LoadedModel(model=model, spec=models.get(args.arch or "resnet50"), num_classes=model.num_classes,
-                              class_names=model.class_names, trained_image_size=model.image_size,
-                              trained_resize_size=model.resize_size, trained_interpolation=model.interpolation)
+                              class_names=model.class_names, preprocessing=model.preprocessing)
 
 
 def _parse_topk(text: str) -> int:
@@ -204,18 +202,12 @@ def class_names(loaded: export.LoadedModel, labels: str | None) -> list[str]:
     return export.default_class_names(loaded)
 
 
-def preprocessing(loaded: export.LoadedModel, args: argparse.Namespace) -> tuple[int, int, str]:
-    """(crop size, resize size, interpolation): flags, else the checkpoint's, else the arch's."""
-    trained = args.image_size is None and loaded.trained_image_size is not None
-    image_size = args.image_size or (loaded.trained_image_size if trained else loaded.spec.default_image_size)
-    resize_size = args.resize_size or (loaded.trained_resize_size if trained and loaded.trained_resize_size
-                                       else image_size + 32)
-    interpolation = args.interpolation or loaded.trained_interpolation or "bilinear"
-    if interpolation not in ("bilinear", "bicubic"):
-        interpolation = "bilinear"  # e.g. DALI's "triangular", which PIL does not have
-    if resize_size < image_size:
-        raise UserError(f"--resize-size {resize_size} is smaller than the crop --image-size {image_size}")
-    return image_size, resize_size, interpolation
+def resolve_preprocessing(loaded: export.LoadedModel, args: argparse.Namespace) -> preprocessing.EvalPreprocessing:
+    """Flags, else the model's saved record, else the architecture's (an ONNX file's input size)."""
+    default_size = getattr(loaded.model, "image_size", None) or loaded.spec.default_image_size
+    return preprocessing.resolve(loaded.preprocessing, default_size, image_size=args.image_size,
+                                 resize_size=args.resize_size, interpolation=args.interpolation,
+                                 interpolations=preprocessing.PIL_INTERPOLATIONS)
 
 
 def print_result(result: dict) -> None:
@@ -225,9 +217,9 @@ def print_result(result: dict) -> None:
 
 
 def _json_document(results: list[dict], loaded: export.LoadedModel, image_size: int, resize_size: int,
-                   rt: runtime.Runtime, args_precision: str) -> dict:
+                   rt: runtime.Runtime) -> dict:
     return {"arch": loaded.arch, "num_classes": loaded.num_classes, "image_size": image_size,
-            "resize_size": resize_size, "precision": args_precision if args_precision == "TF32" and not rt.amp else rt.precision_name, "device": str(rt.device),
+            "resize_size": resize_size, "precision": rt.precision_name, "device": str(rt.device),
             **({"precision_note": " ".join(rt.notes)} if rt.notes else {}), "results": results}
 
 

@@ -21,10 +21,9 @@ import torch as _torch
 
 from image_classification import export as _export
 from image_classification import models as _models
+from image_classification import preprocessing as _preprocessing
 from image_classification.data import transforms as _transforms
 from image_classification.models import published as _published
-from image_classification.data.registry import IMAGENET_MEAN as _MEAN
-from image_classification.data.registry import IMAGENET_STD as _STD
 
 dependencies = ["torch", "torchvision", "PIL", "numpy"]
 
@@ -88,11 +87,9 @@ class _ProcessingUtils:
     def prepare_input_from_uri(uri, cuda=False, image_size=224):
         """A local path (or http(s) URL) -> normalised ``[1, 3, S, S]`` float tensor, evaluation
         preprocessing (resize the shorter side to S+32, center crop S)."""
+        evaluation = _preprocessing.resolve(None, image_size)
         image = _transforms.to_rgb(_open_uri(uri))
-        pixels = _transforms.val_transform(image_size, image_size + 32)(image).float().div_(255)
-        mean = _torch.tensor(_MEAN).view(3, 1, 1)
-        std = _torch.tensor(_STD).view(3, 1, 1)
-        batch = ((pixels - mean) / std).unsqueeze(0)
+        batch = evaluation.normalize(_torch.device("cpu"))(evaluation.transform()(image).unsqueeze(0))
         return batch.cuda() if cuda else batch
 
     @staticmethod

@@ -20,8 +20,7 @@ from typing import Sequence
 
 import torch
 
-from image_classification import config, export, ptq, quantization, runtime, triton
-from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD
+from image_classification import config, export, preprocessing, ptq, quantization, runtime, triton
 from image_classification.errors import UserError, exit_status
 
 CHECK_BATCHES = (1, 4)
@@ -109,24 +108,25 @@ def run(args: argparse.Namespace) -> int:
         if not 0.0 <= args.min_agreement <= 1.0:
             raise UserError(f"--min-agreement is a share of images, 0..1, got {args.min_agreement:g}")
     model = loaded.model.to(device).eval()
-    image_size = args.image_size or loaded.trained_image_size or loaded.spec.default_image_size
+    evaluation = preprocessing.resolve(loaded.preprocessing, loaded.spec.default_image_size, image_size=args.image_size)
+    image_size = evaluation.image_size
     tolerance = args.tolerance if args.tolerance is not None else INT8_TOLERANCE if quantized else 1e-4
     int8 = quantized or args.int8_calibration is not None
     output, folder = _output_path(args, loaded, int8)
     example = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
 
     if args.int8_calibration is not None:
-        return _post_training_int8(args, loaded, model.cpu(), image_size, output, folder)
+        return _post_training_int8(args, loaded, model.cpu(), evaluation, output, folder)
     if args.format == "onnx":
         used = export.export_onnx(model, example, output, opset=args.opset,
                                   exporter="legacy" if quantized else args.exporter)
-        export.write_onnx_metadata(output, loaded, image_size)
+        export.write_onnx_metadata(output, loaded, evaluation)
         print(f"=> wrote {output} (ONNX opset {args.opset}, {used} exporter, input '{export.INPUT_NAME}' "
               f"[batch, 3, {image_size}, {image_size}], output '{export.OUTPUT_NAME}' [batch, {loaded.num_classes}])")
     else:
         used = export.export_torchscript(model, example, output)
         print(f"=> wrote {output} (TorchScript via torch.jit.{used}, input [batch, 3, {image_size}, {image_size}])")
-    _write_triton_entry(args, loaded, image_size, folder)
+    _write_triton_entry(args, loaded, evaluation, folder)
     if not args.check:
         return 0
 
@@ -147,34 +147,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_triton_entry(args: argparse.Namespace, loaded: export.LoadedModel, image_size: int, folder) -> None:
+def _write_triton_entry(args: argparse.Namespace, loaded: export.LoadedModel,
+                        evaluation: preprocessing.EvalPreprocessing, folder) -> None:
     if folder is None:
         return
-    entry = triton.Entry(name=folder.name, platform=triton.PLATFORMS[args.format], image_size=image_size,
+    entry = triton.Entry(name=folder.name, platform=triton.PLATFORMS[args.format], image_size=evaluation.image_size,
                          num_classes=loaded.num_classes, max_batch_size=args.max_batch_size,
-                         preprocessing=_preprocessing(loaded, image_size))
+                         preprocessing=_preprocessing(loaded, evaluation))
     triton.write(folder, entry, export.default_class_names(loaded))
     print(f"=> wrote Triton model {folder} (config.pbtxt, {triton.LABELS_FILE}, 1/{entry.platform.filename}; "
           f"max_batch_size {args.max_batch_size}, dynamic batching)")
 
 
 def _post_training_int8(args: argparse.Namespace, loaded: export.LoadedModel, model: torch.nn.Module,
-                        image_size: int, output: str, folder) -> int:
+                        evaluation: preprocessing.EvalPreprocessing, output: str, folder) -> int:
     """``--int8-calibration``: ONNX Runtime static INT8 (see ``image_classification.ptq``), checked on
     the calibration images against the fp32 model."""
-    resize, interpolation = export.eval_preprocessing(loaded, image_size)
-    images = ptq.calibration_images(args.int8_calibration, args.calibration_images, image_size, resize, interpolation)
+    images = ptq.calibration_images(args.int8_calibration, args.calibration_images, evaluation)
 
     def report(tried: ptq.Tried) -> None:
         print(f"=> calibration {tried.recipe.describe()}: top-1 agreement with fp32 "
               f"{100 * tried.parity.top1_agreement:.1f}% on the calibration images", flush=True)
 
     chosen, tried = ptq.quantize_best(model, images, output, opset=args.opset, on_tried=report)
-    export.write_onnx_metadata(output, loaded, image_size)
+    export.write_onnx_metadata(output, loaded, evaluation)
     print(f"=> chose {chosen.recipe.describe()} of {len(tried)} calibration recipe(s) tried")
     print(f"=> wrote {output} (ONNX Runtime INT8: QLinearConv, U8S8, BatchNorm folded; calibrated on "
           f"{len(images)} images of {args.int8_calibration} with {chosen.recipe.describe()})")
-    _write_triton_entry(args, loaded, image_size, folder)
+    _write_triton_entry(args, loaded, evaluation, folder)
     if not args.check:
         return 0
     result = chosen.parity
@@ -203,13 +203,10 @@ def _output_path(args: argparse.Namespace, loaded: export.LoadedModel, quantized
     return str(folder / "1" / triton.PLATFORMS[args.format].filename), folder
 
 
-def _preprocessing(loaded: export.LoadedModel, image_size: int) -> str:
-    resize, interpolation = export.eval_preprocessing(loaded, image_size)
+def _preprocessing(loaded: export.LoadedModel, evaluation: preprocessing.EvalPreprocessing) -> str:
     return (f"{loaded.arch}, {loaded.num_classes} classes, exported by convnets model2onnx.py.\n"
-            f"Input: RGB image, shorter side resized to {resize} px ({interpolation}), center crop "
-            f"{image_size}x{image_size},\n"
-            f"scaled to [0, 1], normalised with mean {list(IMAGENET_MEAN)} and std {list(IMAGENET_STD)}, "
-            "float32 NCHW.\nOutput: logits (softmax gives probabilities); labels.txt names the classes.")
+            f"Input: RGB image, {evaluation.describe()}, float32 NCHW.\n"
+            "Output: logits (softmax gives probabilities); labels.txt names the classes.")
 
 
 if __name__ == "__main__":

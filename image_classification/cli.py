@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from image_classification import (checkpoint, compiling, config, distributed, export, models, precision,
-                                  quantization, runtime)
+                                  preprocessing, quantization, runtime)
 from image_classification.data import priority
 from image_classification.data import registry as data_registry
 from image_classification.data.registry import LoaderConfig
 from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma
 from image_classification.engine.losses import SmoothedCrossEntropy
-from image_classification.engine.optim import build_optimizer, load_optimizer_state
+from image_classification.engine.optim import build_optimizer
 from image_classification.engine.schedules import Batching, build_scheduler, scaled_lr
 from image_classification.engine.stages import Stage, StagedTraining, StageSchedule
 from image_classification.engine.trainer import TrainComponents
@@ -28,19 +28,21 @@ from image_classification.models import weights
 from image_classification.reporting.reporter import Reporter
 
 
-def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> int:
-    """Entry point; returns the exit status. User errors print one line and return 2."""
+def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None,
+         hooks: trainer.Hooks | None = None) -> int:
+    """Entry point; returns the exit status. User errors print one line and return 2. ``hooks``:
+    callbacks on the training loop (:class:`~image_classification.engine.trainer.Hooks`)."""
     def parse_and_run() -> int:
         args = config.parse_args(argv, defaults)
         config.validate(args)
-        return run(args)
+        return run(args, hooks)
     try:
         return exit_status(parse_and_run)
     finally:
         distributed.shutdown()
 
 
-def run(args) -> int:
+def run(args, hooks: trainer.Hooks | None = None) -> int:
     context = distributed.context_from_env()
     if args.gpu_affinity != "none" and runtime.uses_cuda(args.device):
         # Before select_device creates the CUDA context: its threads, and the loaders', inherit it.
@@ -67,7 +69,7 @@ def run(args) -> int:
                         f"{spec.family} model (set --conv-init instead)")
     args.quantize = args.quantize or spec.quantized
     onnx_model = _onnx_model(args, device)
-    _resolve_sizes(args, spec)
+    _resolve_sizes(args, spec, onnx_model)
     schedule = StageSchedule(n_stages=args.n_stages, epochs=args.epochs, base_size=args.base_image_size,
                              final_size=args.image_size, mixup=args.mixup, cutmix=args.cutmix,
                              randaugment_magnitude=args.randaugment_magnitude)
@@ -120,7 +122,7 @@ def run(args) -> int:
         del train_loader  # `staged` owns it now and lets it go (its workers too) when stage 0 ends
         reporter.message(batching.describe())
         return _train(args, model, staged, val_loader, rt, context, resume, reporter, batching,
-                      class_names=class_names, seed=seed, compiler=compiler)
+                      class_names=class_names, seed=seed, compiler=compiler, hooks=hooks or trainer.Hooks())
     finally:
         reporter.close()
 
@@ -147,33 +149,33 @@ def _compiler(args, schedule: StageSchedule) -> compiling.Compiler | None:
 
 
 def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
-    """--onnx: the exported file; its input size and recorded resize size become the defaults."""
+    """--onnx: the exported file; its input size and recorded preprocessing become the defaults."""
     if args.onnx is None:
         return None
     model = export.OnnxModel(args.onnx, device)
     if args.image_size and model.image_size and args.image_size != model.image_size:
         raise UserError(f"{args.onnx} takes {model.image_size} px images, not --image-size {args.image_size}")
-    args.image_size = args.image_size or model.image_size
-    args.val_resize_size = args.val_resize_size or model.resize_size
     return model
 
 
-def _resolve_sizes(args, spec) -> None:
-    """Fill in the size flags the user left to their defaults, in ``args`` itself, so the raport's
-    PARAMETER record and the checkpoint's config (read by classify.py) hold the sizes used.
+def _resolve_sizes(args, spec, onnx_model: export.OnnxModel | None) -> None:
+    """Fill in the size and interpolation flags the user left to their defaults, in ``args`` itself,
+    so the raport's PARAMETER record and the checkpoint hold what was used.
 
-    The validation resize keeps the ratio it has to the training size (default: size + 32) when
-    ``--eval-image-size`` sets another crop.
+    ``preprocessing.resolve`` decides, over the --onnx file's record or the architecture's default:
+    first at the training size (``--val-resize-size`` is the resize for ``--image-size``), then at
+    ``--eval-image-size``, whose resize keeps the ratio.
     """
-    args.image_size = args.image_size or spec.default_image_size
+    saved = onnx_model.preprocessing if onnx_model is not None else None
+    default_size = (onnx_model.image_size if onnx_model is not None else None) or spec.default_image_size
+    interpolations = data_registry.get(args.data_backend).interpolations
+    trained = preprocessing.resolve(saved, default_size, image_size=args.image_size, resize_size=args.val_resize_size,
+                                    interpolation=args.interpolation, interpolations=interpolations)
+    evaluation = preprocessing.resolve(trained, default_size, image_size=args.eval_image_size)
+    args.image_size, args.interpolation = trained.image_size, evaluation.interpolation
     args.base_image_size = args.base_image_size or (max(1, args.image_size // 2) if args.n_stages > 1
                                                     else args.image_size)
-    resize = args.val_resize_size or args.image_size + 32
-    if args.eval_image_size is None:
-        args.eval_image_size = args.image_size
-    else:
-        resize = round(args.eval_image_size * resize / args.image_size)
-    args.val_resize_size = resize
+    args.eval_image_size, args.val_resize_size = evaluation.image_size, evaluation.resize_size
 
 
 def _resume_marker(args, resume: dict | None) -> dict:
@@ -327,7 +329,7 @@ def _batching(args, world_size: int) -> Batching:
 
 
 def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume, reporter, batching: Batching, *,
-           class_names, seed, compiler: compiling.Compiler | None = None) -> int:
+           class_names, seed, compiler: compiling.Compiler | None = None, hooks: trainer.Hooks) -> int:
     steps = batching.accumulation_steps
     optimizer = build_optimizer(model, name=args.optimizer, lr=batching.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.nesterov,
@@ -345,9 +347,10 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     if compiler is not None:  # the DDP-wrapped model, so Dynamo splits the graph at DDP's buckets
         wrapped = compiler(wrapped)
     ema = ModelEma(model, args.use_ema) if args.use_ema else None
-    retention = checkpoint.Retention(args.gather_checkpoints, list((resume or {}).get("epoch_files", [])))
+    retention = checkpoint.Retention.resumed(args.gather_checkpoints, resume, args.resume)
     if resume is not None:
-        state = _restore(resume, optimizer, scaler, ema, context)
+        state = checkpoint.restore(resume, optimizer=optimizer, scaler=scaler, ema=ema, rank=context.rank,
+                                   world_size=context.world_size, local_rank=context.local_rank)
         reporter.message(f"resumed from {args.resume}: epoch {state.epoch}, batch {state.step_in_epoch}")
     # The schedule position is derived from (epoch, step in epoch), not stored, so a resume with
     # another batch size still lands on the right epoch.
@@ -364,13 +367,20 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     parts = TrainComponents(
         model=wrapped, module=module, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
-        accumulation_steps=steps, ema=ema, world_size=context.world_size, compiler=compiler)
+        accumulation_steps=steps, ema=ema, world_size=context.world_size, compiler=compiler, hooks=hooks)
     stop = loop.GracefulStop()
+    evaluation = preprocessing.EvalPreprocessing(args.eval_image_size, args.val_resize_size, args.interpolation)
+    last_saved = [(args.resume, state.epoch, state.step_in_epoch)] if resume is not None else []
 
     def save(run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
+        if not args.save_checkpoints:  # every rank sees the same flag: no rank gathers
+            return
+        last_saved[:] = [(str(Path(args.workspace) / args.checkpoint_filename), run_state.epoch,
+                          run_state.step_in_epoch)]
         rng = _gather_rng_states()
-        if context.is_main and args.save_checkpoints:
-            checkpoint.save(_checkpoint_state(parts, run_state, args, class_names, rng, seed), args.workspace,
+        if context.is_main:
+            checkpoint.save(checkpoint.capture(parts, run_state, args=args, class_names=class_names, rng=rng, seed=seed,
+                                               evaluation=evaluation), args.workspace,
                             epoch_index=epoch_index, is_best=is_best, filename=args.checkpoint_filename,
                             retention=retention)
 
@@ -381,6 +391,11 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
                          evals=loop.EvalPlan(args.eval_every, args.eval_offset, args.target_top1),
                          criterion_val=SmoothedCrossEntropy(args.label_smoothing), reporter=reporter, save=save,
                          stop=stop)
+    except RuntimeError as error:
+        reason = distributed.peer_lost(error)
+        if reason is None:
+            raise
+        raise UserError(_peer_lost_line(context.rank, reason, last_saved)) from None
     finally:
         stop.restore()
     # Throughput of the last epoch (what the benchmark modes report) and the best accuracy.
@@ -396,21 +411,13 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
     return 0
 
 
-def _restore(resume: dict, optimizer, scaler, ema: ModelEma | None, context) -> loop.RunState:
-    """Load optimizer, scaler, EMA and RNG state from a checkpoint (the weights are already in)."""
-    load_optimizer_state(optimizer, resume["optimizer"])
-    if resume.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(resume["scaler"])
-    if ema is not None and resume.get("state_dict_ema") is not None:
-        # Without a saved EMA (reference defect 3) the EMA simply starts from the loaded weights.
-        weights.load_state_dict_into(ema.module, resume["state_dict_ema"], source="state_dict_ema of the checkpoint")
-        ema.updates = int(resume.get("ema_updates", 0))
-    rng = resume.get("rng")
-    if rng and len(rng) == context.world_size:
-        runtime.set_rng_state(rng[context.rank], context.local_rank)
-    return loop.RunState(epoch=int(resume["epoch"]), step_in_epoch=int(resume.get("step_in_epoch", 0)),
-                         best_top1=float(resume.get("best_prec1", loop.NO_BEST)),
-                         epochs_since_best=int(resume.get("epochs_since_best", 0)))
+def _peer_lost_line(rank: int, reason: str, last_saved: list[tuple[str, int, int]]) -> str:
+    """What a surviving rank says when another rank's process is gone (instead of gloo's or NCCL's traceback)."""
+    if not last_saved:
+        return f"rank {rank}: another rank's process is gone ({reason}); no checkpoint was written yet: rerun the command"
+    path, epoch, step = last_saved[0]
+    return (f"rank {rank}: another rank's process is gone ({reason}); the last checkpoint is {path} (epoch {epoch}, "
+            f"batch {step}): rerun the same command with --auto-resume (or --resume {path})")
 
 
 def _wrap_distributed(model: nn.Module, device: torch.device, context) -> nn.Module:
@@ -440,20 +447,3 @@ def _gather_rng_states() -> list[dict]:
     states: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, state)
     return states
-
-
-def _checkpoint_state(parts: TrainComponents, state: loop.RunState, args, class_names, rng, seed) -> dict:
-    # best_prec1 keeps the reference's meaning and range (0 before any validation, e.g. --training-only);
-    # the sentinel below 0 lives only in memory.
-    saved = {
-        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "best_prec1": max(state.best_top1, 0.0),
-        "epochs_since_best": state.epochs_since_best, "arch": args.arch, "num_classes": len(class_names),
-        "class_names": class_names, "state_dict": parts.module.state_dict(),
-        "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
-        "config": {**vars(args), "seed": seed},
-    }
-    if quantization.is_quantized(parts.module):
-        saved[quantization.CHECKPOINT_KEY] = quantization.state(parts.module)
-    if parts.ema is not None:
-        saved.update(state_dict_ema=parts.ema.state_dict(), ema_updates=parts.ema.updates)
-    return saved

@@ -12,13 +12,13 @@ from typing import Any, Sequence
 
 from image_classification import machine
 from image_classification.data.priority import PRIORITIES
+from image_classification.data import registry as data_registry
 from image_classification.data.registry import AUGMENTATIONS, DATA_FORMATS, INTERPOLATIONS
 from image_classification.data.sampling import STREAMED_WINDOW
 from image_classification.engine.optim import OPTIMIZERS
 from image_classification.engine.schedules import LR_SCALINGS, POLICIES
 from image_classification.errors import UserError
 
-DATA_BACKENDS = ("pytorch", "synthetic", "dali-cpu", "dali-gpu")
 LR_SCHEDULES = tuple(POLICIES)
 # -c/--model-config presets of the ResNet model flags, as the reference's config table had them
 # (all four use ReLU; none zero-inits the last BN of a block).
@@ -83,12 +83,13 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                        help="dataset root: train/ and val/ in ImageFolder layout, TFRecord files (train-*, "
                             "validation-*) or WebDataset shards (train-*.tar, val-*.tar); see --data-format "
                             "(not needed with --data-backend synthetic)")
+    backends = data_registry.names()  # the registered ones, a test's or a plugin's too
     group.add_argument("--data-backend", "--data-backends", metavar="BACKEND", default="dali-cpu",
-                       choices=DATA_BACKENDS,
-                       help=f"data loader: {' | '.join(DATA_BACKENDS)} (default: dali-cpu)")
-    group.add_argument("--interpolation", metavar="INTERPOLATION", default="bilinear",
+                       choices=backends, help=f"data loader: {' | '.join(backends)} (default: dali-cpu)")
+    group.add_argument("--interpolation", metavar="INTERPOLATION", default=None,
                        choices=INTERPOLATIONS,
-                       help="resize filter: bilinear | bicubic | triangular (DALI only) (default: bilinear)")
+                       help="resize filter: bilinear | bicubic | triangular (DALI only) (default: the --onnx "
+                            "file's, else bilinear)")
     group.add_argument("-j", "--workers", default=None, type=int, metavar="N",
                        help="data loading workers (DALI: threads) per process (default: the reference's 5, or "
                             "the CPU cores this process may use when fewer)")

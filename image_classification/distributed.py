@@ -88,6 +88,18 @@ def check_one_process_per_device(store, context: DistributedContext, device_key:
     raise UserError("other ranks share a GPU (more processes than GPUs on a node); see their error")
 
 
+#: What gloo and NCCL say when a collective's peer process is gone (killed, crashed, lost its node).
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted")
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """The reason, when ``error`` is a collective failing because another rank's process is gone."""
+    if not isinstance(error, RuntimeError) or not dist.is_initialized():
+        return None
+    return next((marker for marker in _PEER_LOST if marker in str(error)), None)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -26,10 +26,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from image_classification import config, models, quantization
+from image_classification import config, models, preprocessing, quantization
 from image_classification.errors import UserError
 from image_classification.models import weights
 from image_classification.models.registry import ModelSpec
+from image_classification.preprocessing import EvalPreprocessing
 
 IMAGENET_CLASSES_FILE = Path(__file__).resolve().parent / "data" / "imagenet_classes.txt"
 FORMATS = ("onnx", "torchscript")
@@ -103,10 +104,8 @@ class LoadedModel:
     # From a training checkpoint (None for plain weights or random init).
     class_names: list[str] | None = None
     checkpoint: dict[str, Any] | None = None
-    # Evaluation preprocessing the checkpoint was trained with, if it recorded it.
-    trained_image_size: int | None = None
-    trained_resize_size: int | None = None
-    trained_interpolation: str | None = None
+    # The evaluation preprocessing saved with the model (checkpoint or ONNX metadata), if any.
+    preprocessing: EvalPreprocessing | None = None
 
     @property
     def arch(self) -> str:
@@ -188,10 +187,7 @@ def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool =
         names = checkpoint.get("class_names")
         if isinstance(names, (list, tuple)) and len(names) == num_classes:
             loaded.class_names = [str(n) for n in names]
-        config = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
-        loaded.trained_image_size = config.get("eval_image_size") or config.get("image_size")
-        loaded.trained_resize_size = config.get("val_resize_size")
-        loaded.trained_interpolation = config.get("interpolation")
+        loaded.preprocessing = preprocessing.from_checkpoint(checkpoint)
     return loaded
 
 
@@ -336,15 +332,7 @@ def onnx_runner(path: str, device: torch.device, session=None) -> Runner:
 METADATA_PREFIX = "convnets."
 
 
-def eval_preprocessing(loaded: LoadedModel, image_size: int) -> tuple[int, str]:
-    """(resize size, PIL interpolation) the model was evaluated with at crop ``image_size``: the
-    checkpoint's, else image size + 32 and bilinear (DALI's "triangular" has no PIL twin)."""
-    resize = loaded.trained_resize_size or image_size + 32
-    interpolation = loaded.trained_interpolation if loaded.trained_interpolation in ("bilinear", "bicubic") else "bilinear"
-    return resize, interpolation
-
-
-def write_onnx_metadata(path: str, loaded: LoadedModel, image_size: int) -> None:
+def write_onnx_metadata(path: str, loaded: LoadedModel, evaluation: EvalPreprocessing) -> None:
     """Record the evaluation preprocessing and class names in the ONNX file's metadata_props, so
     whoever runs the file (``--onnx``) preprocesses as the model was trained."""
     import json
@@ -352,10 +340,7 @@ def write_onnx_metadata(path: str, loaded: LoadedModel, image_size: int) -> None
     import onnx
 
     model = onnx.load(path)
-    values = {"arch": loaded.arch, "image_size": image_size,
-              "resize_size": eval_preprocessing(loaded, image_size)[0],
-              "interpolation": loaded.trained_interpolation or "bilinear",
-              "class_names": json.dumps(default_class_names(loaded))}
+    values = {"arch": loaded.arch, **evaluation.metadata(), "class_names": json.dumps(default_class_names(loaded))}
     for key, value in values.items():
         model.metadata_props.add(key=METADATA_PREFIX + key, value=str(value))
     onnx.save(model, path)
@@ -388,8 +373,7 @@ class OnnxModel(nn.Module):
         self.image_size = input_shape[-1] if len(input_shape) == 4 and isinstance(input_shape[-1], int) else None
         meta = {k[len(METADATA_PREFIX):]: v for k, v in session.get_modelmeta().custom_metadata_map.items()
                 if k.startswith(METADATA_PREFIX)}
-        self.resize_size = int(meta["resize_size"]) if meta.get("resize_size", "").isdigit() else None
-        self.interpolation = meta.get("interpolation")
+        self.preprocessing = preprocessing.EvalPreprocessing.from_dict(meta)
         names = _json_list(meta.get("class_names"))
         self.class_names = names if names and len(names) == self.num_classes else None
         self.path = path

@@ -34,9 +34,9 @@ from torch import nn
 
 from image_classification import checkpoint, export, inference
 from image_classification.data.checks import scan_split
-from image_classification.data.device import Normalize
-from image_classification.data.transforms import open_rgb, val_transform
+from image_classification.data.transforms import open_rgb
 from image_classification.errors import UserError
+from image_classification.preprocessing import EvalPreprocessing
 
 #: By default the quantized model must pick the fp32 model's top-1 class on at least this share of
 #: the calibration images, or model2onnx.py exits 1 (``--min-agreement``). Deep models keep it
@@ -44,8 +44,7 @@ from image_classification.errors import UserError
 MIN_AGREEMENT = 0.99
 
 
-def calibration_images(data_dir: str, count: int, image_size: int, resize_size: int,
-                       interpolation: str = "bilinear") -> torch.Tensor:
+def calibration_images(data_dir: str, count: int, evaluation: EvalPreprocessing) -> torch.Tensor:
     """``count`` images spread evenly over ``data_dir/train`` (or ``data_dir`` itself when it is a
     split), as a normalised float32 NCHW batch with the evaluation preprocessing."""
     if count < 1:
@@ -57,9 +56,9 @@ def calibration_images(data_dir: str, count: int, image_size: int, resize_size: 
     samples = scan_split(split_root, split).samples
     step = max(1, len(samples) // count)
     chosen = samples[::step][:count]
-    transform = val_transform(image_size, resize_size, interpolation)
+    transform = evaluation.transform()
     pixels = torch.stack([transform(open_rgb(path)) for path, _ in chosen])
-    return Normalize(torch.device("cpu"), torch.contiguous_format)(pixels)
+    return evaluation.normalize(torch.device("cpu"))(pixels)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class Runtime:
     memory_format: torch.memory_format
     notes: tuple[str, ...] = ()   # lines for the log at start: why this precision (precision.choose)
     warnings: tuple[str, ...] = ()  # for stderr: forced emulated bf16
+    tf32: bool = False  # fp32 matmuls and convolutions run as TF32 (CUDA only)
 
     @property
     def uses_grad_scaler(self) -> bool:
@@ -45,7 +46,7 @@ class Runtime:
     @property
     def precision_name(self) -> str:
         if not self.amp:
-            return "FP32"
+            return "TF32" if self.tf32 else "FP32"
         return "AMP-fp16" if self.amp_dtype == torch.float16 else "AMP-bf16"
 
     def autocast(self):
@@ -131,7 +132,8 @@ def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, mem
     chosen = precision.choose(device.type, amp, amp_dtype)
     return Runtime(device=device, amp=chosen.amp_dtype is not None, amp_dtype=chosen.amp_dtype,
                    memory_format=precision.memory_format(memory_format, device.type, path, chosen.amp_dtype),
-                   notes=tuple(filter(None, [chosen.note])), warnings=tuple(filter(None, [chosen.warning])))
+                   notes=tuple(filter(None, [chosen.note])), warnings=tuple(filter(None, [chosen.warning])),
+                   tf32=tf32 and device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,4 @@
 """Shared fixtures: small real datasets written once per test session."""
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -46,29 +44,6 @@ def cpu_features(monkeypatch):
         table = {"architecture": "x86_64", **{name: True for name in names}}
         monkeypatch.setattr(precision, "cpu_capabilities", lambda: table)
     return fake
-
-
-@pytest.fixture
-def sigterm_at_step(monkeypatch):
-    """``arm(n)``: this process's n-th optimizer step ends with a SIGTERM to itself (the graceful
-    stop path); ``arm(None)`` disarms it."""
-    from image_classification.engine import trainer
-    original = trainer._optimizer_step
-
-    def arm(step: int | None) -> None:
-        if step is None:
-            monkeypatch.setattr(trainer, "_optimizer_step", original)
-            return
-        count = [0]
-
-        def step_then_sigterm(parts):
-            original(parts)
-            count[0] += 1
-            if count[0] == step:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        monkeypatch.setattr(trainer, "_optimizer_step", step_then_sigterm)
-    return arm
 
 
 def pytest_configure(config):

@@ -34,7 +34,8 @@ def test_gather_checkpoints_keeps_what_its_help_says(tmp_path, keep, expected):
     kept = sorted(int(p.name[11:15]) for p in tmp_path.glob("checkpoint_*.pth.tar"))
     assert kept == expected
     final = checkpoint.load(tmp_path / "checkpoint.pth.tar")
-    assert final["epoch"] == 3 and final["epoch_files"] == [f"checkpoint_{e:04d}.pth.tar" for e in expected]
+    assert final["epoch"] == 3
+    assert final["epoch_files"] == [str(tmp_path.resolve() / f"checkpoint_{e:04d}.pth.tar") for e in expected]
 
 
 def test_retention_deletes_only_this_runs_own_files_named_after_checkpoint_filename(tmp_path):
@@ -47,7 +48,31 @@ def test_retention_deletes_only_this_runs_own_files_named_after_checkpoint_filen
                         retention=retention)
     assert all(path.read_bytes() == b"another run's file" for path in foreign)
     assert sorted(p.name for p in tmp_path.glob("mine*")) == ["mine.pth.tar", "mine_0002.pth.tar"]
-    assert retention.written == ["mine_0002.pth.tar"]
+    assert retention.written == [str(tmp_path.resolve() / "mine_0002.pth.tar")]
+
+
+def test_a_run_resumed_into_another_workspace_deletes_nothing_there_or_in_its_old_one(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    first_run = checkpoint.Retention(1)
+    checkpoint.save(_state(0), first, epoch_index=0, is_best=False, retention=first_run)
+    foreign = second / "checkpoint_0000.pth.tar"  # another run's file, named as ours
+    foreign.write_bytes(b"another run's file")
+    resumed = checkpoint.Retention.resumed(1, checkpoint.load(first / "checkpoint.pth.tar"),
+                                           first / "checkpoint.pth.tar")
+    checkpoint.save(_state(1), second, epoch_index=1, is_best=False, retention=resumed)
+    # Before: the kept names were bare, and keeping the last 1 deleted second/checkpoint_0000.pth.tar.
+    assert foreign.read_bytes() == b"another run's file"
+    assert (first / "checkpoint_0000.pth.tar").is_file()  # outside the workspace this run writes now
+    assert resumed.written == [str(second.resolve() / "checkpoint_0001.pth.tar")]
+
+
+def test_a_format_1_checkpoints_bare_epoch_files_are_its_own_directorys(tmp_path):
+    (tmp_path / "checkpoint_0000.pth.tar").write_bytes(b"written by the resumed run")
+    resumed = checkpoint.Retention.resumed(1, {"epoch_files": ["checkpoint_0000.pth.tar"]},
+                                           tmp_path / "checkpoint.pth.tar")
+    checkpoint.save(_state(1), tmp_path, epoch_index=1, is_best=False, retention=resumed)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == ["checkpoint_0001.pth.tar"]
 
 
 def test_a_failed_save_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -130,3 +155,35 @@ def test_unsafe_pickles_are_refused(tmp_path):
     torch.save({"epoch": 1, "state_dict": {}, "payload": Evil()}, path)
     with pytest.raises(UserError, match="cannot be loaded safely"):
         checkpoint.load(path)
+
+
+def test_a_checkpoint_of_a_newer_format_is_one_line(tmp_path):
+    path = tmp_path / "future.pth.tar"
+    torch.save({**_state(1), "format_version": checkpoint.FORMAT_VERSION + 1}, path)
+    with pytest.raises(UserError, match=f"has format_version {checkpoint.FORMAT_VERSION + 1}, newer than this "
+                                        "convnets reads") as error:
+        checkpoint.load(path)
+    assert "\n" not in str(error.value)
+
+
+def test_the_bytes_are_written_once_and_the_copies_are_links_that_later_saves_leave_alone(tmp_path, monkeypatch):
+    writes, write_atomic = [], checkpoint.write_atomic
+    monkeypatch.setattr(checkpoint, "write_atomic", lambda data, path: writes.append(path) or write_atomic(data, path))
+    written = checkpoint.save(_state(1), tmp_path, epoch_index=0, is_best=True, retention=checkpoint.Retention(-1))
+    # Before: the same bytes were serialized into each of the three files.
+    assert writes == [tmp_path / "checkpoint_0000.pth.tar"]
+    assert len({path.stat().st_ino for path in written}) == 1
+    checkpoint.save(_state(2), tmp_path, epoch_index=None, is_best=False)
+    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["epoch"] == 2
+    assert [checkpoint.load(tmp_path / name)["epoch"] for name in ("checkpoint_0000.pth.tar", "model_best.pth.tar")] \
+        == [1, 1]
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_without_hard_links_the_copies_are_atomic_copies(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    written = checkpoint.save(_state(1), tmp_path, epoch_index=None, is_best=True)
+    assert [checkpoint.load(path)["epoch"] for path in written] == [1, 1]
+    assert len({path.stat().st_ino for path in written}) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from image_classification.data.digits import write_digits
 from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
 from image_classification.data.transforms import open_rgb, train_transform, val_transform
 from image_classification.errors import UserError
+from tests.helpers.tiny_data import write_imagefolder
 
 SIZE = 16
 CLASSES = ("cat", "dog", "fox")
@@ -46,14 +48,8 @@ def save_image(path, size=(24, 20), value=None, mode="RGB", seed=0, fmt=None) ->
 
 def make_folder(root, classes=CLASSES, train_per_class=5, val_per_class=2, ext="jpg") -> str:
     """An ImageFolder of random images of varied sizes under ``root``."""
-    sizes = [(24, 20), (32, 48), (40, 24), (20, 20), (48, 36)]
-    seed = 0
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for name in classes:
-            for i in range(count):
-                seed += 1
-                save_image(os.path.join(root, split, name, f"{i}.{ext}"), size=sizes[seed % len(sizes)], seed=seed)
-    return str(root)
+    return str(write_imagefolder(Path(root), classes, train_per_class, val_per_class, ext=ext,
+                                 size=[(20, 20), (24, 20), (32, 48), (40, 24), (48, 36)]))
 
 
 def batches(loader, epoch=0, start_batch=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -407,3 +403,12 @@ def test_digits_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(UserError, match="not a digits export"):
         write_digits(str(tmp_path))
     assert os.listdir(tmp_path) == ["mine.txt"]
+
+
+def test_a_registered_backend_can_be_chosen_on_the_command_line(monkeypatch):
+    from image_classification import config
+    from image_classification.data import registry, synthetic
+    monkeypatch.setitem(registry._BACKENDS, "test-synthetic", lambda: synthetic.BACKEND)
+    # Before: config.py listed the built-in four, so argparse refused any other name.
+    args = config.parse_args(["--data-backend", "test-synthetic", "--arch", "resnet18"])
+    assert args.data_backend == "test-synthetic" and "test-synthetic" in config.build_parser().format_help()

@@ -151,11 +151,6 @@ def test_onnx_parity_on_cuda_disables_onnxruntime_tf32(monkeypatch, tmp_path):
     assert sessions == [[("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), "CPUExecutionProvider"]]
 
 
-dali_installed = pytest.mark.skipif(not __import__("importlib").util.find_spec("nvidia.dali"),
-                                    reason="DALI not installed")
-
-
-@dali_installed
 def test_dali_older_than_1_44_is_one_line_naming_the_version(monkeypatch):
     import nvidia.dali
     from image_classification.data import dali
@@ -180,7 +175,6 @@ class PinnedHostTensor:
         return self.array
 
 
-@dali_installed
 def test_dali_pinned_cpu_output_is_copied_not_imported():
     from image_classification.data import dali
     labels = np.array([3, 1, 4], dtype=np.int64)
@@ -191,7 +185,6 @@ def test_dali_pinned_cpu_output_is_copied_not_imported():
     assert tensor.tolist() == [3, 1, 4]
 
 
-@dali_installed
 def test_dali_labels_join_the_images_on_the_gpu():
     from unittest import mock
     from image_classification.data import dali

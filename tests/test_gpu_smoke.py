@@ -42,19 +42,31 @@ def summary(records: list[dict]) -> dict:
     return [r["data"] for r in records if r["step"] == []][-1]
 
 
-def check_learning(records: list[dict]) -> None:
+def check_learning(records: list[dict], reference: list[float] | None = None) -> None:
+    """Finite losses at every step and a validation score; with ``reference`` (an fp32 run's step
+    losses, same seed and data) the first step's loss -- the same weights on the same batch --
+    agrees within 2 %, so a precision path that computes garbage fails. (Not "the loss falls": this
+    one-epoch recipe does not learn yet, checked on the CPU: see issue 19's report.)"""
     losses = [d["train.loss"] for d in steps(records)]
-    assert losses and all(math.isfinite(loss) for loss in losses), losses
-    assert summary(records)["val.top1"] >= 0.0
+    assert len(losses) >= 8 and all(math.isfinite(loss) for loss in losses), losses
+    assert 0.0 <= summary(records)["val.top1"] <= 100.0
+    if reference is not None:
+        assert losses[0] == pytest.approx(reference[0], rel=0.02), (losses[0], reference[0])
+
+
+@pytest.fixture(scope="module")
+def fp32_losses(small_digits_dir, tmp_path_factory) -> list[float]:
+    records = train(small_digits_dir, tmp_path_factory.mktemp("fp32"), "--tf32", "false")
+    return [d["train.loss"] for d in steps(records)]
 
 
 @pytest.mark.parametrize("scaling", ["static", "dynamic"])
-def test_fp16_with_grad_scaler(small_digits_dir, tmp_path, scaling):
+def test_fp16_with_grad_scaler(small_digits_dir, tmp_path, scaling, fp32_losses):
     extra = ["--amp", "--amp-dtype", "float16", "--static-loss-scale", "128"]
     if scaling == "dynamic":
         extra.append("--dynamic-loss-scale")
     records = train(small_digits_dir, tmp_path, *extra)
-    check_learning(records)
+    check_learning(records, reference=fp32_losses)
     scales = [d["train.grad_scale"] for d in steps(records)]
     assert scales and scales[0] == 128.0, scales
     if scaling == "static":  # a fixed scale never moves, even after an overflow
@@ -62,13 +74,13 @@ def test_fp16_with_grad_scaler(small_digits_dir, tmp_path, scaling):
 
 
 @pytest.mark.parametrize("tf32", ["true", "false"])
-def test_fp32_with_tf32_on_and_off(small_digits_dir, tmp_path, tf32):
-    check_learning(train(small_digits_dir, tmp_path, "--tf32", tf32, "--memory-format", "nhwc"))
+def test_fp32_with_tf32_on_and_off(small_digits_dir, tmp_path, tf32, fp32_losses):
+    check_learning(train(small_digits_dir, tmp_path, "--tf32", tf32, "--memory-format", "nhwc"), reference=fp32_losses)
 
 
-def test_bf16(small_digits_dir, tmp_path):
+def test_bf16(small_digits_dir, tmp_path, fp32_losses):
     records = train(small_digits_dir, tmp_path, "--amp", "--amp-dtype", "bfloat16")
-    check_learning(records)
+    check_learning(records, reference=fp32_losses)
     assert not any("train.grad_scale" in d for d in steps(records))  # bf16 needs no scaler
 
 
@@ -101,7 +113,7 @@ def test_side_stream_prefetch_delivers_the_batches_unchanged():
 
 @pytest.mark.parametrize("backend", ["dali-gpu", "dali-cpu"])
 def test_dali_feeding_the_gpu(small_digits_dir, tmp_path, backend):
-    pytest.importorskip("nvidia.dali")
+    import nvidia.dali  # noqa: F401  (pinned: an import failure fails)
     check_learning(train(small_digits_dir, tmp_path, "--amp", backend=backend))
 
 

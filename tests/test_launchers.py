@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ if str(ROOT) not in sys.path:
 import launch  # noqa: E402
 import multiproc  # noqa: E402
 from image_classification import config  # noqa: E402
+from tests.helpers.net import free_port  # noqa: E402
 
 CFG = launch.load_config(ROOT / "configs.yml")
 MODES = list(CFG["mode"])
@@ -356,7 +356,7 @@ def _multiproc(*args, cwd, timeout=60, **kwargs):
 
 def test_multiproc_sets_the_distributed_environment_and_logs_rank_k_to_gpu_k_log(tmp_path):
     # Two "nodes" on this host: the static rendezvous needs node 0 (which hosts the store) to exist.
-    port = str(_free_port())
+    port = str(free_port())
     nodes = []
     for node in (0, 1):
         (tmp_path / f"node{node}").mkdir()
@@ -449,17 +449,18 @@ def test_signals_are_forwarded_to_every_rank(tmp_path, signum):
         assert (tmp_path / f"got_{rank}").read_text() == signal.Signals(signum).name
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_gloo_training_through_multiproc(tmp_path):
-    result = _multiproc("--nproc_per_node", "2", "--master_port", str(_free_port()), str(ROOT / "main.py"),
+    result = _multiproc("--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "main.py"),
                         "--data-backend", "synthetic", "--arch", "resnet18", "--image-size", "32", "-b", "4",
                         "--epochs", "1", "--prof", "3", "--device", "cpu", "--workers", "0",
                         "--workspace", str(tmp_path), cwd=tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:] + (tmp_path / "GPU_1.log").read_text()[-2000:]
     assert (tmp_path / "GPU_1.log").exists()
-    assert (tmp_path / "checkpoint.pth.tar").exists()
+    import torch
+    from image_classification import checkpoint
+    from image_classification.reporting.dllogger import read_raport
+    saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    # one RNG state per rank, each rank's own (seeded seed + rank), and a world of 2 in the raport
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
+    parameters = [r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER"]
+    assert [p["world_size"] for p in parameters] == [2]

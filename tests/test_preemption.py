@@ -4,7 +4,6 @@ group (``os.killpg``) while every rank is paused after a known optimizer step.""
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,24 +15,21 @@ import torch
 
 from image_classification import checkpoint
 from image_classification.engine import loop
+from tests.helpers.net import free_port
+from tests.helpers.tiny_data import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "helpers" / "run_main.py"
+TWO_CLASSES = {"classes": ("a", "b"), "train_per_class": 4, "val_per_class": 4, "size": 20}  # 8 + 8 images
 TINY = ["--arch", "tiny-cnn", "--image-size", "16", "--val-resize-size", "16", "-b", "4", "--lr", "0.1",
         "--epochs", "1", "--seed", "5", "--device", "cpu", "--print-freq", "1000"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _launch(launcher: str, nproc: int) -> list[str]:
     if launcher == "main":
         return [sys.executable, str(DRIVER)]
     module = [str(REPO / "multiproc.py")] if launcher == "multiproc" else ["-m", "torch.distributed.run"]
-    return [sys.executable, *module, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), str(DRIVER)]
+    return [sys.executable, *module, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), str(DRIVER)]
 
 
 def _start(command: list[str], workspace: Path, data: Path, args: list[str], **env) -> subprocess.Popen:
@@ -79,8 +75,6 @@ def _weights(workspace: Path) -> dict:
 
 @pytest.mark.parametrize("backend", ["pytorch", "dali-cpu"])
 def test_group_sigterm_mid_epoch_checkpoints_exits_0_and_resumes(small_digits_dir, tmp_path, backend):
-    if backend == "dali-cpu":
-        pytest.importorskip("nvidia.dali")
     args = ["--data-backend", backend, "--workers", "2"]
     split = tmp_path / "split"
     status, output = _preempt(_launch("main", 1), split, small_digits_dir, args, ranks=1, pause_at=5)
@@ -138,7 +132,7 @@ def _vote(rank: int, port: int, signalled_rank: int, results) -> None:
 @pytest.mark.parametrize("signalled_rank", [0, 1])
 def test_one_signalled_rank_stops_every_rank_at_the_next_step(signalled_rank):
     context = multiprocessing.get_context("fork")
-    results, port = context.Queue(), _free_port()
+    results, port = context.Queue(), free_port()
     ranks = [context.Process(target=_vote, args=(rank, port, signalled_rank, results)) for rank in (0, 1)]
     for process in ranks:
         process.start()
@@ -152,22 +146,18 @@ def test_one_signalled_rank_stops_every_rank_at_the_next_step(signalled_rank):
     assert outcome == [(0, 8, True), (1, 8, True)]
 
 
+def test_the_performance_notes_describe_the_stop_vote_the_code_runs():
+    text = " ".join((REPO / "docs" / "performance.md").read_text().split())
+    assert "every 20 steps" not in text  # the interval GracefulStop had before its vote after every step
+    assert "after every optimizer step" in text
+
+
 def _signal_set(status_path: str, field: str) -> set[int]:
     for line in open(status_path):
         if line.startswith(field + ":"):
             mask = int(line.split()[1], 16)
             return {signum for signum in (signal.SIGTERM, signal.SIGINT) if mask >> (signum - 1) & 1}
     raise AssertionError(f"no {field} in {status_path}")
-
-
-def _tiny_folder(root: Path) -> Path:
-    from PIL import Image
-    for split in ("train", "val"):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(root / split / label / f"{i}.jpg")
-    return root
 
 
 def _loader_config(data: Path, workers: int):
@@ -179,7 +169,7 @@ def _loader_config(data: Path, workers: int):
 
 def _started_workers(tmp_path):
     from image_classification.data import pytorch
-    loader = pytorch.train_loader(_loader_config(_tiny_folder(tmp_path), workers=2))
+    loader = pytorch.train_loader(_loader_config(write_imagefolder(tmp_path, **TWO_CLASSES), workers=2))
     batches = iter(loader)
     next(batches), next(batches)  # batch k comes from worker k % 2: both workers have started
     workers = loader.source._iterator._workers
@@ -246,7 +236,7 @@ print("done", flush=True)
 def test_a_process_whose_loader_outlives_it_exits_cleanly(tmp_path):
     # quant_main.py hung here forever: multiprocessing's exit hook terminated the workers (ignored)
     # and waited for them
-    data = _tiny_folder(tmp_path)
+    data = write_imagefolder(tmp_path, **TWO_CLASSES)
     process = subprocess.Popen([sys.executable, "-c", _LEAKED_LOADER, str(data)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -261,10 +251,10 @@ def test_a_process_whose_loader_outlives_it_exits_cleanly(tmp_path):
 
 
 def test_dali_threads_leave_the_shutdown_signals_to_the_main_thread(tmp_path):
-    pytest.importorskip("nvidia.dali")
+    import nvidia.dali  # noqa: F401  (pinned: an import failure fails)
     from image_classification.data import dali
     before = set(os.listdir("/proc/self/task"))
-    loader = dali.DaliLoader(_loader_config(_tiny_folder(tmp_path), workers=2), train=True)
+    loader = dali.DaliLoader(_loader_config(write_imagefolder(tmp_path, **TWO_CLASSES), workers=2), train=True)
     assert len(list(loader)) == 4
     threads = set(os.listdir("/proc/self/task")) - before
     assert threads  # DALI started its threads

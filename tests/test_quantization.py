@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import classify  # noqa: E402
 import model2onnx  # noqa: E402
-from image_classification import checkpoint, cli, models, quantization  # noqa: E402
+from image_classification import checkpoint, cli, export, models, quantization  # noqa: E402
 from image_classification.models.registry import ModelSpec, register  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 
@@ -84,6 +84,14 @@ def test_qat_keeps_fp32_accuracy_and_saves_int8_quantizers(fp32, qat):
     # Every conv and the linear layer: a per-tensor input range and one weight range per output channel.
     assert amax["0.weight_quantizer._amax"].numel() == 16 and amax["11.weight_quantizer._amax"].numel() == 10
     assert amax["0.input_quantizer._amax"].numel() == 1 and all((v > 0).all() for v in amax.values())
+    # Max calibration: a weight range is the largest |weight| of its output channel in the fp32
+    # model that was calibrated; the first input's range is the largest |normalised pixel| seen,
+    # at most (1 - 0.406) / 0.225 = 2.64 (white in the blue channel), and above black's 2.12 in red.
+    start = checkpoint.load(fp32 / "model_best.pth.tar")["state_dict"]
+    for layer in ("0", "3", "6", "11"):
+        per_channel = start[f"{layer}.weight"].abs().flatten(1).amax(dim=1)
+        torch.testing.assert_close(amax[f"{layer}.weight_quantizer._amax"].flatten(), per_channel)
+    assert 2.12 < amax["0.input_quantizer._amax"].item() <= (1 - 0.406) / 0.225 + 1e-4
 
 
 def test_qat_resume_reproduces_the_uninterrupted_run(fp32, qat, digits_dir, tmp_path):
@@ -143,10 +151,16 @@ def test_triton_repository_config_parses_and_model_runs_at_1_and_max_batch(qat, 
     assert (inp.name, list(inp.dims), inp.data_type) == ("input", [3, 32, 32], model_config_pb2.TYPE_FP32)
     assert (out.name, list(out.dims), out.label_filename) == ("logits", [10], "labels.txt")
     assert (folder / "labels.txt").read_text().splitlines() == [str(d) for d in range(10)]
+    # Fed by the names and dims the config declares, the served file gives the logits that the ONNX
+    # runner of main.py --onnx and classify.py --onnx gives.
     session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    runner = export.onnx_runner(str(folder / "1" / "model.onnx"), torch.device("cpu"))
+    rng = np.random.default_rng(0)
     for batch in (1, config.max_batch_size):
-        (logits,) = session.run([out.name], {inp.name: np.random.rand(batch, *inp.dims).astype(np.float32)})
+        images = rng.random((batch, *inp.dims), dtype=np.float32)
+        (logits,) = session.run([out.name], {inp.name: images})
         assert logits.shape == (batch, 10) and np.isfinite(logits).all()
+        np.testing.assert_array_equal(logits, runner(torch.from_numpy(images)).numpy())
     # An existing model folder is never overwritten.
     assert model2onnx.main(["--weights", str(qat / "checkpoint.pth.tar"), "--triton-repository", str(repository),
                             "--device", "cpu"]) == 2

@@ -21,6 +21,7 @@ for path in (ROOT, ROOT / "tests" / "helpers"):
 
 import classify  # noqa: E402
 from image_classification import cli, config  # noqa: E402
+from image_classification.data import registry as data_registry  # noqa: E402
 from image_classification.errors import UserError  # noqa: E402
 from image_classification.models import registry  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
@@ -126,7 +127,7 @@ def test_the_seed_help_choices_exist():
     assert [name for name in SEED_ARCHS if name not in registry.names()] == ["resnext101-32x8d-basic"]
     with pytest.raises(UserError, match="nearest: resnext101-32x8d "):
         registry.get("resnext101-32x8d-basic")
-    assert set(SEED_DATA_BACKENDS) <= set(config.DATA_BACKENDS)
+    assert set(SEED_DATA_BACKENDS) <= set(data_registry.names())
     assert list(config.MODEL_CONFIGS) == SEED_MODEL_CONFIGS
 
 

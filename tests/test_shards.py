@@ -7,7 +7,6 @@ was written by TensorFlow's own ``tf.io.TFRecordWriter``; WebDataset shards are 
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -26,6 +25,8 @@ from image_classification.data import registry, sampling, sources
 from image_classification.data.registry import LoaderConfig
 from image_classification.models import registry as models
 from image_classification.errors import UserError
+from tests.helpers.faults import sigterm_at_step
+from tests.helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TFSLIM = REPO / "tests" / "data" / "tfslim_digits"
@@ -380,9 +381,9 @@ def _classes(workspace: Path) -> int:
     return checkpoint.load(workspace / "checkpoint.pth.tar")["state_dict"]["4.weight"].shape[0]
 
 
-def _run(args, workspace, data, tmp_path) -> int:
+def _run(args, workspace, data, tmp_path, hooks=None) -> int:
     return cli.main([*TINY, *args, "--shard-cache", str(tmp_path / "cache"), "--data-idx-dir",
-                     str(tmp_path / "idx"), "--workspace", str(workspace), str(data)])
+                     str(tmp_path / "idx"), "--workspace", str(workspace), str(data)], hooks=hooks)
 
 
 @pytest.mark.parametrize("backend", ["pytorch", pytest.param("dali-cpu", marks=requires_dali)])
@@ -424,27 +425,20 @@ def test_a_1001_class_model_from_tfslim_labels(tmp_path):
                 tmp_path / "ws3", TFSLIM, tmp_path) == 2
 
 
-def test_sigterm_mid_epoch_on_shards_then_resume_gives_the_same_weights(tmp_path, sigterm_at_step):
+def test_sigterm_mid_epoch_on_shards_then_resume_gives_the_same_weights(tmp_path):
     data = wds_from_tfslim(tmp_path / "wds", per_shard=10)
     args = ["--data-backend", "pytorch", "--epochs", "2", "--augmentation", "trivialaugment",
             "--shard-shuffle-window", "2"]  # (the global shuffle is the folder's, tested there)
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _run(args, straight, data, tmp_path) == 0
-    sigterm_at_step(13)  # 80 samples / 8 = 10 steps per epoch: 3 steps into epoch 1
-    assert _run(args, split, data, tmp_path) == 0
+    # 80 samples / 8 = 10 steps per epoch: 3 steps into epoch 1
+    assert _run(args, split, data, tmp_path, hooks=sigterm_at_step(13)) == 0
     saved = checkpoint.load(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 3)
-    sigterm_at_step(None)
     assert _run([*args, "--resume", str(split / "checkpoint.pth.tar")], split, data, tmp_path) == 0
     expected = checkpoint.load(straight / "checkpoint.pth.tar")["state_dict"]
     resumed = checkpoint.load(split / "checkpoint.pth.tar")["state_dict"]
     assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_gloo_ranks_on_a_damaged_shard_stay_in_step(tmp_path):
@@ -452,7 +446,7 @@ def test_two_gloo_ranks_on_a_damaged_shard_stay_in_step(tmp_path):
     workspace = tmp_path / "ws"
     workspace.mkdir()
     command = [sys.executable, str(REPO / "multiproc.py"), "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "--grace_period", "1", str(DRIVER), "--arch", "tiny-cnn", "--data-backend",
+               str(free_port()), "--grace_period", "1", str(DRIVER), "--arch", "tiny-cnn", "--data-backend",
                "pytorch", "--image-size", "16", "--val-resize-size", "16", "-b", "4", "-j", "1", "--epochs", "2",
                "--lr", "0.1", "--seed", "1", "--device", "cpu", "--data-idx-dir", str(tmp_path / "idx"),
                "--shard-cache", str(tmp_path / "cache"), "--workspace", str(workspace), str(data)]

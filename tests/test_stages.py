@@ -10,6 +10,7 @@ from image_classification.engine.stages import StageSchedule
 from image_classification.errors import UserError
 from image_classification.models.registry import ModelSpec, register
 from image_classification.reporting.dllogger import read_raport
+from tests.helpers.faults import sigterm_at_step
 
 
 def _stage_cnn(num_classes: int = 10) -> nn.Module:
@@ -35,8 +36,8 @@ def parameters(raport) -> dict:
     return next(r["data"] for r in read_raport(raport) if r.get("step") == "PARAMETER")
 
 
-def run(args, workspace, data=None) -> int:
-    return cli.main([*args, "--workspace", str(workspace), *([str(data)] if data else [])])
+def run(args, workspace, data=None, hooks=None) -> int:
+    return cli.main([*args, "--workspace", str(workspace), *([str(data)] if data else [])], hooks=hooks)
 
 
 @pytest.fixture
@@ -108,8 +109,6 @@ def test_impossible_schedules_are_one_line_errors(argv, message, tmp_path, capsy
 
 @pytest.mark.parametrize("backend", ["synthetic", "pytorch", "dali-cpu"])
 def test_every_backend_trains_each_stage_at_its_size(backend, small_digits_dir, tmp_path, batch_sizes):
-    if backend == "dali-cpu":
-        pytest.importorskip("nvidia.dali")
     args = [*STAGED, "--data-backend", backend, "--epochs", "2", "--n-stages", "2", "--eval-image-size", "20",
             "--memory-format", "nhwc", "--prof", "2"]
     if backend == "synthetic":
@@ -138,20 +137,19 @@ def test_eval_image_size_sets_the_validation_crop_and_classify_uses_it(small_dig
     assert run(args, tmp_path, small_digits_dir) == 0
     assert crops and set(crops) == {(24, 24)}
     loaded = export.load_model("stage-cnn", str(tmp_path / "checkpoint.pth.tar"))
-    assert (loaded.trained_image_size, loaded.trained_resize_size) == (24, 30)  # the 16 -> 20 ratio kept
+    assert (loaded.preprocessing.image_size, loaded.preprocessing.resize_size) == (24, 30)  # the 16 -> 20 ratio kept
 
 
 # ---------------------------------------------------------------- exact mid-stage resume
 
-def test_interrupted_mid_stage_resume_reproduces_the_uninterrupted_run(small_digits_dir, tmp_path, sigterm_at_step):
+def test_interrupted_mid_stage_resume_reproduces_the_uninterrupted_run(small_digits_dir, tmp_path):
     args = [*STAGED, "--data-backend", "pytorch"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run(args, straight, small_digits_dir) == 0
-    sigterm_at_step(12 * 2 + 5)  # 5 batches into epoch 2, the first epoch of stage 1
-    assert run(args, split, small_digits_dir) == 0
+    # 5 batches into epoch 2, the first epoch of stage 1
+    assert run(args, split, small_digits_dir, hooks=sigterm_at_step(12 * 2 + 5)) == 0
     saved = checkpoint.load(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (2, 5)
-    sigterm_at_step(None)
     assert run([*args, "--resume", str(split / "checkpoint.pth.tar")], split, small_digits_dir) == 0
     expected, resumed = epoch_records(straight / "experiment_raport.json"), epoch_records(split / "experiment_raport.json")
     # (epoch 2's train.loss averages only the batches this invocation trained)
@@ -173,7 +171,7 @@ def test_schedule_errors_are_user_errors():
 def test_randaugment_flags_and_ramp_reach_the_backend(backend, small_digits_dir, tmp_path, monkeypatch):
     calls = []
     if backend == "dali-cpu":
-        rand_augment = pytest.importorskip("nvidia.dali.auto_aug.rand_augment")
+        from nvidia.dali.auto_aug import rand_augment
         original = rand_augment.rand_augment
 
         def record(images, n, m, **kwargs):

@@ -32,6 +32,7 @@ from image_classification.errors import UserError  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 from image_classification.reporting.reporter import Reporter  # noqa: E402
 from image_classification.reporting.tensorboard import TensorBoardWriter  # noqa: E402
+from tests.helpers.models import randomise_batch_norm  # noqa: E402
 
 LINE = re.compile(r"^(.+): (\d+\.\d)%$")
 
@@ -40,13 +41,7 @@ LINE = re.compile(r"^(.+): (\d+\.\d)%$")
 
 def _build(arch: str, num_classes: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = models.get(arch).build(num_classes=num_classes)
-    # Non-trivial BN statistics, so a wrong normalisation or crop changes the answer.
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomise_batch_norm(models.get(arch).build(num_classes=num_classes)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +140,22 @@ def test_classify_folder_and_amp(capsys, images, resnet18_weights, cpu_features)
     doc = _run_json(capsys, "--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32",
                     "--image", str(folder), "-b", "3")
     assert [r["image"] for r in doc["results"]] == sorted(str(p) for p in folder.iterdir())
-    # AMP (bf16 autocast on CPU) runs and gives a probability distribution.
-    assert classify.main(["--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32",
-                          "--image", str(images["png"]), "--precision", "AMP", "--cpu", "--json"]) == 0
+    # AMP (bf16 autocast on CPU) ranks the classes as fp32 does, with probabilities close to fp32's.
+    amp_args = ["--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32", "--topk", "3",
+                "--image", str(images["png"])]
+    fp32 = _run_json(capsys, *amp_args)["results"][0]["predictions"]
+    assert classify.main([*amp_args, "--precision", "AMP", "--cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["precision"] == "AMP-bf16"
-    assert 0 < sum(p["probability"] for p in result["results"][0]["predictions"]) <= 1.0001
+    amp = result["results"][0]["predictions"]
+    assert [p["index"] for p in amp] == [p["index"] for p in fp32]
+    np.testing.assert_allclose([p["probability"] for p in amp], [p["probability"] for p in fp32], atol=0.02)
+
+
+def test_classify_reports_the_precision_the_cpu_ran_not_tf32(capsys, images, resnet18_weights):
+    assert classify.main(["--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32",
+                          "--image", str(images["png"]), "--precision", "TF32", "--cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "FP32"  # before: "TF32" (a CUDA-only format)
 
 
 def test_classify_default_is_fp32_nchw_where_the_cpu_emulates_bf16(capsys, images, resnet18_weights, cpu_features,
@@ -198,7 +203,8 @@ def test_class_names_fall_back_to_imagenet_then_indices(tmp_path):
 def test_default_preprocessing_follows_the_architecture():
     args = classify.build_parser().parse_args(["--image", "x.jpg"])
     for arch, expected in [("resnet50", (224, 256, "bilinear")), ("efficientnet-b4", (380, 412, "bilinear"))]:
-        assert classify.preprocessing(export.LoadedModel(None, models.get(arch), 1000), args) == expected
+        resolved = classify.resolve_preprocessing(export.LoadedModel(None, models.get(arch), 1000), args)
+        assert (resolved.image_size, resolved.resize_size, resolved.interpolation) == expected
 
 
 # ---------------------------------------------------------------- checkpoint2model.py
@@ -291,6 +297,13 @@ def test_onnx_exporters_both_give_a_dynamic_batch(tmp_path, capsys, resnet18_wei
         assert model2onnx.main(["--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32",
                                 "--device", "cpu", "--exporter", exporter, "--output", str(output)]) == 0
         assert f"{exporter} exporter" in capsys.readouterr().out
+        # the batch axis is really dynamic: a batch the check never used (1, 4) runs and agrees
+        images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            expected = _build("resnet18", 10)(images)
+        got = export.onnx_runner(str(output), torch.device("cpu"))(images)
+        assert got.shape == (3, 10)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     if "dynamo" not in exporters:
         assert model2onnx.main(["--arch", "resnet18", "--exporter", "dynamo", "--output", str(output)]) == 2
         assert "needs the onnxscript package" in _one_error_line(capsys)
@@ -537,12 +550,7 @@ def test_pretrained_downloads_are_hash_checked(tmp_path, monkeypatch, capsys):
 def test_cpu_fast_path_folds_every_batchnorm_and_predicts_as_fp32(arch):
     from image_classification import inference, models
     torch.manual_seed(0)
-    model = models.get(arch).build(num_classes=10)
-    for module in model.modules():  # non-trivial BN statistics, so a wrong fold would show
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    model.eval()
+    model = randomise_batch_norm(models.get(arch).build(num_classes=10), mean=0.5, var=(0.5, 2.0)).eval()
     fast = inference.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
@@ -564,3 +572,50 @@ def test_cpu_fast_path_keeps_fp32_weights_when_a_norm_layer_cannot_be_folded():
     assert {p.dtype for p in fast.parameters()} == {torch.float32}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(torch.randn(2, 3, 8, 8)).shape == (2, 4 * 6 * 6)
+
+
+# ---------------------------------------------------------------- evaluation preprocessing (issue 19)
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    import onnx
+    return {p.key[len(export.METADATA_PREFIX):]: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def _evaluate_onnx(onnx_path: Path, tmp_path: Path) -> dict:
+    """main.py --evaluate --onnx on a 3-class folder; the flags it resolved (its PARAMETER record)."""
+    from tests.helpers.tiny_data import write_imagefolder
+    data = write_imagefolder(tmp_path / "data", classes=("bird", "cat", "dog"), train_per_class=1, val_per_class=2,
+                             size=80)
+    workspace = tmp_path / "eval"
+    assert cli.main(["--evaluate", "--onnx", str(onnx_path), "--data-backend", "pytorch", "-b", "6", "--workers",
+                     "0", "--device", "cpu", "--workspace", str(workspace), str(data)]) == 0
+    return [r["data"] for r in read_raport(workspace / "experiment_raport.json") if r.get("step") == "PARAMETER"][0]
+
+
+def test_an_export_at_another_size_scales_the_trained_resize_for_every_consumer(tmp_path, capsys, training_checkpoint):
+    # trained: crop 48 after a resize to 56; exported at 64 the resize keeps the ratio: round(64 * 56 / 48) = 75
+    repository = tmp_path / "models"
+    assert model2onnx.main(["--weights", str(training_checkpoint["path"]), "--image-size", "64", "--device", "cpu",
+                            "--triton-repository", str(repository), "--max-batch-size", "2"]) == 0
+    output = repository / "resnet18" / "1" / "model.onnx"
+    # Before: 56, a resize smaller than the crop, in the metadata, the Triton config and main.py --onnx.
+    assert (_onnx_metadata(output)["image_size"], _onnx_metadata(output)["resize_size"]) == ("64", "75")
+    assert "shorter side resized to 75 px (bilinear), center crop 64x64" in (
+        repository / "resnet18" / "config.pbtxt").read_text()
+    used = _evaluate_onnx(output, tmp_path)
+    assert (used["eval_image_size"], used["val_resize_size"]) == (64, 75)
+    capsys.readouterr()
+    assert classify.main(["--onnx", str(output), "--image", str(tmp_path / "data" / "val"), "--json", "--cpu"]) == 0
+    assert (json.loads(capsys.readouterr().out)["resize_size"]) == 75
+
+
+def test_main_evaluate_onnx_uses_the_interpolation_recorded_in_the_file(tmp_path, training_checkpoint):
+    saved = checkpoint.load(training_checkpoint["path"])
+    saved["config"] = {**saved["config"], "interpolation": "bicubic"}
+    checkpoint.save(saved, tmp_path, epoch_index=None, is_best=False, filename="bicubic.pth.tar")
+    output = tmp_path / "bicubic.onnx"
+    assert model2onnx.main(["--weights", str(tmp_path / "bicubic.pth.tar"), "--device", "cpu", "--output",
+                            str(output), "--no-check"]) == 0
+    assert _onnx_metadata(output)["interpolation"] == "bicubic"
+    # Before: main.py kept its own default, bilinear.
+    assert _evaluate_onnx(output, tmp_path)["interpolation"] == "bicubic"

@@ -1,6 +1,5 @@
 """Unreadable training files on a distributed run (issue 13 item 8): the ranks must stay in step."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +7,10 @@ from pathlib import Path
 from PIL import Image
 
 from image_classification import checkpoint, cli
+from tests.helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "helpers" / "run_main.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _folder(root: Path, *, per_class: int, unreadable_per_class: int) -> Path:
@@ -40,7 +34,7 @@ def test_ranks_stay_in_step_when_unreadable_files_empty_a_batch(tmp_path):
     workspace = tmp_path / "ws"
     workspace.mkdir()
     command = [sys.executable, str(REPO / "multiproc.py"), "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "--grace_period", "1", str(DRIVER), "--arch", "tiny-cnn", "--data-backend",
+               str(free_port()), "--grace_period", "1", str(DRIVER), "--arch", "tiny-cnn", "--data-backend",
                "pytorch", "--image-size", "16", "--val-resize-size", "16", "-b", "2", "-j", "0", "--epochs", "2",
                "--lr", "0.1", "--seed", "1", "--device", "cpu", "--workspace", str(workspace), str(data)]
     run = subprocess.run(command, cwd=workspace, capture_output=True, text=True, timeout=150,

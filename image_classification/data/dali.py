@@ -66,7 +66,8 @@ import torch
 
 from image_classification import signals
 from image_classification.data import priority
-from image_classification.data.registry import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, Backend, LoaderConfig
+from image_classification.data.registry import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Backend,
+                                                 LoaderConfig)
 from image_classification.data.sampling import source_sampler
 from image_classification.data.sources import SampleSource, ShardError, open_split
 from image_classification.errors import UserError
@@ -114,7 +115,8 @@ def backend(kind: str) -> Backend:
     description = ("DALI: CPU decoding (fused random crop) and CPU augmentation" if kind == "cpu" else
                    "DALI: nvJPEG (mixed) decoding and GPU augmentation")
     return Backend(name, train_loader=functools.partial(DaliLoader, train=True, kind=kind),
-                   val_loader=functools.partial(DaliLoader, train=False, kind=kind), description=description)
+                   val_loader=functools.partial(DaliLoader, train=False, kind=kind), description=description,
+                   interpolations=INTERPOLATIONS)
 
 
 # ---------------------------------------------------------------- what a pipeline does

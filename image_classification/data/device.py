@@ -16,10 +16,11 @@ from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD
 class Normalize:
     """uint8 ``[N,3,H,W]`` → float32 ``(x - 255·mean) / (255·std)`` in the requested memory format."""
 
-    def __init__(self, device: torch.device, memory_format: torch.memory_format):
+    def __init__(self, device: torch.device, memory_format: torch.memory_format, *,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         self.memory_format = memory_format
-        self.scale = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1).to(device)
-        self.shift = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1).to(device)
+        self.scale = (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1).to(device)
+        self.shift = (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1).to(device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.contiguous(memory_format=self.memory_format)

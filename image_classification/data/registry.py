@@ -82,6 +82,7 @@ class Backend:
     train_loader: Callable[[LoaderConfig], Loader]
     val_loader: Callable[[LoaderConfig], Loader]
     description: str = ""
+    interpolations: tuple[str, ...] = ("bilinear", "bicubic")  # the --interpolation names it can do
 
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}

@@ -1,6 +1,7 @@
 """The epoch loop: train, validate, checkpoint, early stopping, graceful interruption."""
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class RunState:
     step_in_epoch: int = 0     # batches of `epoch` already trained (after an interruption)
     best_top1: float = NO_BEST
     epochs_since_best: int = 0
+    validation_pending: bool = False  # epoch `epoch - 1` is trained (and saved) but not yet validated
     last_metrics: dict = field(default_factory=dict)  # the last epoch's record (not checkpointed)
     target_epoch: int | None = None  # the epoch whose validation reached --target-top1 (not checkpointed)
 
@@ -115,7 +117,25 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
         reporter, save: Callable[[RunState, int | None, bool], None], stop: GracefulStop) -> RunState:
     """Run epochs from ``state`` until ``epochs`` (or ``run_epochs`` more, early stop, target, signal).
     ``plan_epoch(epoch)`` gives the epoch's training loader and batch transform (stage-wise training).
-    Early-stopping patience counts validations (one per epoch unless ``evals`` spaces them)."""
+    Early-stopping patience counts validations (one per epoch unless ``evals`` spaces them).
+
+    A trained epoch is saved before it is validated (``validation_pending``): a validation cut
+    short -- by the SIGKILL that follows a launcher's grace period, or because a stop was agreed
+    at the epoch's end and validation is skipped -- loses no training, and the resumed run
+    validates that epoch first. Validation itself is not interrupted: ranks score uneven shards,
+    so a per-batch stop vote there would leave one rank waiting for a batch another never runs.
+    """
+    validate = functools.partial(_validate_epoch, parts, val_loader, state, prof=prof, topk=topk,
+                                 criterion=criterion_val, reporter=reporter, print_freq=print_freq, ema_best=ema_best)
+    if state.validation_pending and not training_only:
+        epoch = state.epoch - 1
+        reporter.message(f"epoch {epoch} was trained but not validated: validating it first")
+        is_best, metrics = validate(epoch)
+        reporter.log([epoch], metrics)
+        save(state, epoch, is_best)
+        if _early_stop(state, patience, reporter) or _target_reached(state, evals, metrics, epoch, ema_best, reporter):
+            return state
+    state.validation_pending = False
     last = epochs if run_epochs < 0 else min(epochs, state.epoch + run_epochs)
     while state.epoch < last:
         epoch = state.epoch
@@ -132,30 +152,66 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
                              "checkpoint saved, continue with --resume")
             return state
         metrics = {**outcome.metrics, **plan.record}
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        state.last_metrics = metrics
         is_best = False
         if not training_only and evals.due(epoch, epochs):
-            metrics.update(_validate_all(parts, val_loader, epoch, prof, topk, criterion_val, reporter, print_freq))
-            top1 = metrics["val.top1"]
-            if ema_best and "val_ema.top1" in metrics:
-                top1 = max(top1, metrics["val_ema.top1"])
-            is_best = top1 > state.best_top1
-            state.best_top1 = max(state.best_top1, top1)
-            state.epochs_since_best = 0 if is_best else state.epochs_since_best + 1
+            state.validation_pending = True
+            save(state, None, False)
+            if stop.agreed():
+                reporter.log([epoch], metrics)
+                reporter.message(f"stopped after training epoch {epoch}; checkpoint saved, continue with --resume "
+                                 "(it validates the epoch first)")
+                return state
+            is_best, val_metrics = validate(epoch)
+            metrics.update(val_metrics)
         reporter.log([epoch], metrics)
-        state.last_metrics = metrics
-        state.epoch, state.step_in_epoch = epoch + 1, 0
         save(state, epoch, is_best)
-        if 0 < patience <= state.epochs_since_best:
-            reporter.message(f"early stopping: no better val.top1 for {patience} epochs")
-            break
-        if evals.target_top1 is not None and "val.top1" in metrics and top1 >= evals.target_top1:
-            state.target_epoch = epoch
-            reporter.message(f"target val.top1 {evals.target_top1:g} % reached after epoch {epoch} "
-                             f"({epoch + 1} epochs): {top1:.2f} %")
-            break
-        if stop.agreed():
+        if parts.hooks.after_epoch is not None:
+            parts.hooks.after_epoch(state, metrics)
+        if (_early_stop(state, patience, reporter) or _target_reached(state, evals, metrics, epoch, ema_best, reporter)
+                or stop.agreed()):
             break
     return state
+
+
+def _validate_epoch(parts: TrainComponents, val_loader, state: RunState, epoch: int, *, prof, topk, criterion,
+                    reporter, print_freq, ema_best: bool) -> tuple[bool, dict]:
+    """Validate the trained ``epoch`` and update ``state``'s best; (is it a new best, its metrics)."""
+    metrics = _validate_all(parts, val_loader, epoch, prof, topk, criterion, reporter, print_freq)
+    top1 = _score(metrics, ema_best)
+    is_best = top1 > state.best_top1
+    state.best_top1 = max(state.best_top1, top1)
+    state.epochs_since_best = 0 if is_best else state.epochs_since_best + 1
+    state.validation_pending = False
+    state.last_metrics = {**state.last_metrics, **metrics}
+    return is_best, metrics
+
+
+def _score(metrics: dict, ema_best: bool) -> float:
+    """The top-1 that ranks an epoch: the model's, or the better of it and the EMA's (``--ema-best``)."""
+    top1 = metrics["val.top1"]
+    return max(top1, metrics["val_ema.top1"]) if ema_best and "val_ema.top1" in metrics else top1
+
+
+def _target_reached(state: RunState, evals: EvalPlan, metrics: dict, epoch: int, ema_best: bool, reporter) -> bool:
+    """``--target-top1``: whether this validation reached it (and record the epoch)."""
+    if evals.target_top1 is None or "val.top1" not in metrics:
+        return False
+    top1 = _score(metrics, ema_best)
+    if top1 < evals.target_top1:
+        return False
+    state.target_epoch = epoch
+    reporter.message(f"target val.top1 {evals.target_top1:g} % reached after epoch {epoch} "
+                     f"({epoch + 1} epochs): {top1:.2f} %")
+    return True
+
+
+def _early_stop(state: RunState, patience: int, reporter) -> bool:
+    if 0 < patience <= state.epochs_since_best:
+        reporter.message(f"early stopping: no better val.top1 for {patience} epochs")
+        return True
+    return False
 
 
 def _validate_all(parts: TrainComponents, val_loader, epoch, prof, topk, criterion, reporter, print_freq) -> dict:

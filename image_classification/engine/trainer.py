@@ -32,6 +32,18 @@ class StepOutcome:
 
 
 @dataclass
+class Hooks:
+    """Public points where a caller joins the training loop (fault injection in tests, profilers,
+    extensions) instead of replacing the loop's private functions.
+
+    ``after_step(epoch, batches_done)``: after each optimizer step, before the stop flag is polled.
+    ``after_epoch(run_state, metrics)``: after an epoch is recorded and saved.
+    """
+    after_step: Callable[[int, int], None] | None = None
+    after_epoch: Callable[[object, dict], None] | None = None
+
+
+@dataclass
 class TrainComponents:
     model: nn.Module                 # what runs forward/backward (DDP-wrapped when distributed)
     module: nn.Module                # the plain model (EMA source, checkpoints)
@@ -45,6 +57,7 @@ class TrainComponents:
     batch_transform: Callable | None = None   # MixUp / CutMix on device batches
     world_size: int = 1
     compiler: Compiler | None = None          # --compile: `model` is compiled by it (image_classification/compiling.py)
+    hooks: Hooks = field(default_factory=Hooks)
 
 
 class IntervalMeter:
@@ -120,7 +133,7 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
                 prof: int = -1, log: Callable[[list[int], dict], None] | None = None,
                 should_stop: Callable[[], bool] = lambda: False, progress=None) -> StepOutcome:
     """Train ``epoch`` from batch ``start_batch`` on. ``should_stop`` is polled after optimizer
-    steps; when it returns True the epoch ends early (at an accumulation-group boundary)."""
+    steps but the last; when it returns True the epoch ends early (at an accumulation-group boundary)."""
     model, runtime = parts.model, parts.runtime
     model.train()
     loader.set_epoch(epoch, start_batch)
@@ -144,6 +157,8 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
         if last_of_group:
             lr = parts.optimizer.param_groups[0]["lr"]  # the LR this step used (a float, no sync)
             _optimizer_step(parts)
+            if parts.hooks.after_step is not None:
+                parts.hooks.after_step(epoch, batch + 1)
         compiled = clock.compiled(time.perf_counter() - step_start)
         interval.loss += loss
         epoch_loss += loss
@@ -162,11 +177,11 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
             pending = _interval_report(parts, interval, lr, [epoch, batch + 1])
             interval.reset()
         end = time.perf_counter()
+        if batch + 1 == num_batches:  # a stop asked for now is the caller's to see (the epoch is complete)
+            break
         if last_of_group and should_stop():
             _log_report(log, pending)
-            return StepOutcome(batch + 1, interrupted=batch + 1 < num_batches)
-        if batch + 1 == num_batches:
-            break
+            return StepOutcome(batch + 1, interrupted=True)
     _log_report(log, pending)
     runtime.synchronize()
     elapsed = time.perf_counter() - timed_from - compiling_after_first if timed_from else 0.0

@@ -7,9 +7,6 @@ unwrapped here; key renames that depend on the target model live in :func:`adapt
 """
 from __future__ import annotations
 
-import argparse
-import os
-import pickle
 import re
 from typing import Callable, Mapping
 
@@ -28,7 +25,6 @@ _WRAPPER_KEYS = ("state_dict", "model")  # reference checkpoints, torchvision re
 _PREFIXES = ("module.", "_orig_mod.")
 _LAYER_RE = re.compile(r"^layer(\d+)\.")
 _SE_SUFFIXES = ("squeeze.weight", "expand.weight")
-_UNSAFE_GLOBAL_RE = re.compile(r"Unsupported (?:global|class): (?:GLOBAL )?([\w.]+)")
 
 
 def register_converter(family: str, fn: Converter) -> Converter:
@@ -52,31 +48,9 @@ def load_state_dict_file(path: str, key: str | None = None) -> StateDict:
 
 
 def read_file(path: str) -> object:
-    if not os.path.exists(path):
-        raise UserError(f"weights file {path} does not exist")
-    if os.path.isdir(path):
-        raise UserError(f"weights file {path} is a directory, not a file")
-    try:
-        # torchvision's reference checkpoints store their args as an argparse.Namespace: a plain
-        # attribute bag, safe to rebuild, so it is the one class allowed beyond torch's defaults.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        unsafe = _UNSAFE_GLOBAL_RE.search(str(exc))
-        if unsafe:
-            raise UserError(
-                f"weights file {path} holds a {unsafe.group(1)} object, which would need unsafe "
-                f"unpickling; re-save it as a plain state_dict of tensors"
-            ) from None
-        raise UserError(f"weights file {path} is not a readable PyTorch file "
-                        f"(corrupt, or not saved by torch.save)") from None
-    except PermissionError:
-        raise UserError(f"weights file {path} cannot be read: permission denied") from None
-    except (RuntimeError, EOFError, ValueError, OSError, TypeError, KeyError,
-            AttributeError, IndexError) as exc:
-        detail = f": {_first_sentence(exc)}" if isinstance(exc, RuntimeError) else ""
-        raise UserError(f"weights file {path} is not a readable PyTorch file "
-                        f"(truncated or corrupt?){detail}") from None
+    """The file's object, read safely (``checkpoint.read_pth``, the one reader)."""
+    from image_classification.checkpoint import read_pth
+    return read_pth(path, "weights file")
 
 
 def _first_sentence(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ rank that completes its N-th optimizer step writes ``DIR/ready.rank<R>`` and wai
 60 s) until it has received SIGTERM/SIGINT, so a test can signal it at a known point mid-epoch.
 """
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from image_classification import cli  # noqa: E402
 from image_classification.engine import loop  # noqa: E402
+from image_classification.engine.trainer import Hooks  # noqa: E402
 from image_classification.models.registry import ModelSpec, register  # noqa: E402
 
 
@@ -50,42 +52,51 @@ loop.fit = fit_and_dump
 RANK = os.environ.get("RANK", "0")
 MARKERS = Path(os.environ["MARKERS"]) if os.environ.get("MARKERS") else None
 
-if MARKERS and os.environ.get("PAUSE_AT_STEP"):
-    from image_classification.engine import trainer
-    _signalled, _steps, _optimizer_step, _handle = [], [0], trainer._optimizer_step, loop.GracefulStop._handle
 
-    def recording_handle(self, signum, frame):
-        _signalled.append(signum)
-        _handle(self, signum, frame)
 
-    def pausing_optimizer_step(parts):
-        _optimizer_step(parts)
-        _steps[0] += 1
-        if _steps[0] == int(os.environ["PAUSE_AT_STEP"]):
-            (MARKERS / f"ready.rank{RANK}").write_text(str(os.getpid()))
-            deadline = time.monotonic() + 60
-            while not _signalled and time.monotonic() < deadline:
-                time.sleep(0.01)
+def _pause_after(step: int):
+    """after_step hook for PAUSE_AT_STEP: write the ready marker, then wait (up to 60 s) until this
+    process has received SIGTERM/SIGINT; GracefulStop's own handler still runs."""
+    steps, received = [0], []
 
-    loop.GracefulStop._handle = recording_handle
-    trainer._optimizer_step = pausing_optimizer_step
+    def after_step(epoch: int, batches_done: int) -> None:
+        steps[0] += 1
+        if steps[0] != step:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            signal.signal(signum, lambda number, frame, handler=handler: (received.append(number),
+                                                                         handler(number, frame)))
+        (MARKERS / f"ready.rank{RANK}").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 60
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return after_step
 
-# FAIL_AT_BATCH=N: on its first attempt (torchrun restart count 0), rank 1 dies at training batch N.
-if os.environ.get("FAIL_AT_BATCH") and os.environ.get("RANK") == "1" \
-        and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-    from image_classification.engine import trainer
-    _forward_backward, _calls = trainer._forward_backward, [0]
 
-    def failing_forward_backward(*args, **kwargs):
-        _calls[0] += 1
-        if _calls[0] == int(os.environ["FAIL_AT_BATCH"]):
-            os._exit(3)  # a crash: no cleanup, no checkpoint
-        return _forward_backward(*args, **kwargs)
+def _die_before(batch: int):
+    """after_step hook for FAIL_AT_BATCH: a crash (no cleanup, no checkpoint) as batch ``batch``
+    would start (with one batch per step)."""
+    steps = [0]
 
-    trainer._forward_backward = failing_forward_backward
+    def after_step(epoch: int, batches_done: int) -> None:
+        steps[0] += 1
+        if steps[0] == batch - 1:
+            os._exit(3)
+    return after_step
+
+
+def hooks() -> Hooks:
+    if MARKERS and os.environ.get("PAUSE_AT_STEP"):
+        return Hooks(after_step=_pause_after(int(os.environ["PAUSE_AT_STEP"])))
+    # FAIL_AT_BATCH=N: on its first attempt (torchrun restart count 0), rank 1 dies at training batch N.
+    if os.environ.get("FAIL_AT_BATCH") and RANK == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        return Hooks(after_step=_die_before(int(os.environ["FAIL_AT_BATCH"])))
+    return Hooks()
+
 
 if __name__ == "__main__":
-    status = cli.main()
+    status = cli.main(hooks=hooks())
     if MARKERS:
         (MARKERS / f"exit.rank{RANK}").write_text(str(status))
     sys.exit(status)
