@@ -29,14 +29,17 @@ import torch
 NATIVE_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "sve_bf16", "bf16")
 
 #: (device type, path, dtype) -> memory format of ``auto``; path is "train" or "infer".
-#: CPU fp32: NCHW was faster than channels_last at 64 px on an Intel CPU without bf16 (issue 18,
-#: ResNet18 training). CPU bf16: oneDNN's bf16 convolutions want channels_last (classify.py's
-#: fast path, ResNet50 inference, README "Benchmarks"). CUDA keeps the reference's default NCHW
-#: (its AMP presets in configs.yml say nhwc explicitly). Re-measure with bench_precision.py.
+#: Measured with ``benchmarks/bench_precision.py`` (batch 32, 64 px, eager; docs/performance.md) on
+#: 2 cores of an AMD EPYC (Zen 4): channels_last was faster in every bf16 case (ResNet18/50,
+#: EfficientNet-B0; train 1.04-1.11x, infer 1.14-1.46x) and in fp32 in 10 of 12 cases (1.04-1.84x,
+#: EfficientNet-B0's depthwise convolutions most; ResNet18/50 fp32 with native bf16 present:
+#: 0.97-0.98x), both with native bf16 and with oneDNN capped below it (``ONEDNN_MAX_CPU_ISA``), so
+#: ``auto`` is channels_last on the CPU. CUDA keeps the reference's default NCHW (its AMP presets in
+#: configs.yml say nhwc explicitly).
 MEMORY_FORMAT_TABLE: dict[tuple[str, str, str], str] = {
-    ("cpu", "train", "fp32"): "nchw",
+    ("cpu", "train", "fp32"): "nhwc",
     ("cpu", "train", "bf16"): "nhwc",
-    ("cpu", "infer", "fp32"): "nchw",
+    ("cpu", "infer", "fp32"): "nhwc",
     ("cpu", "infer", "bf16"): "nhwc",
 }
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}

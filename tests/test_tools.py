@@ -158,7 +158,7 @@ def test_classify_reports_the_precision_the_cpu_ran_not_tf32(capsys, images, res
     assert json.loads(capsys.readouterr().out)["precision"] == "FP32"  # before: "TF32" (a CUDA-only format)
 
 
-def test_classify_default_is_fp32_nchw_where_the_cpu_emulates_bf16(capsys, images, resnet18_weights, cpu_features,
+def test_classify_default_is_fp32_where_the_cpu_emulates_bf16(capsys, images, resnet18_weights, cpu_features,
                                                                    monkeypatch):
     from image_classification import inference
     cpu_features("avx512_f", "avx512_vnni")
@@ -169,7 +169,7 @@ def test_classify_default_is_fp32_nchw_where_the_cpu_emulates_bf16(capsys, image
                           "--image", str(images["png"]), "--cpu", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["precision"] == "FP32" and doc["precision_note"].startswith("--amp: fp32 (this CPU has no native bf16")
-    assert prepared == [(None, torch.contiguous_format)]
+    assert prepared == [(None, torch.channels_last)]  # precision.MEMORY_FORMAT_TABLE: measured faster
 
 
 def test_classify_uses_checkpoint_class_names_arch_and_preprocessing(capsys, images, training_checkpoint):
