@@ -41,7 +41,7 @@ class ConvBn(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-register(ModelSpec("tiny-bn-cnn", "test", ConvBn, default_image_size=16))
+register(ModelSpec("lars-bn-cnn", "test", ConvBn, default_image_size=16))
 
 
 def _with_grads(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -267,7 +267,7 @@ def test_eval_cadence_follows_mlperf_offsets_and_always_ends_with_a_validation()
 # End to end: cadence and target, exact resume with LARS, presets
 # ---------------------------------------------------------------------------------------------
 
-TINY_LARS = ["--arch", "tiny-bn-cnn", "--data-backend", "pytorch", "--image-size", "20", "--val-resize-size", "20",
+TINY_LARS = ["--arch", "lars-bn-cnn", "--data-backend", "pytorch", "--image-size", "20", "--val-resize-size", "20",
              "-b", "8", "--optimizer-batch-size", "16", "--optimizer", "lars", "--lr", "1.0", "--lr-base-batch", "64",
              "--lr-schedule", "poly", "--warmup", "1", "--lr-granularity", "iteration", "--weight-decay", "5e-4",
              "--trust-coefficient", "0.01", "--label-smoothing", "0.1", "--use-ema", "0.9", "--amp",
@@ -370,7 +370,7 @@ def _dry_run(argv, capsys) -> dict:
 @pytest.mark.parametrize("recipe", ["mlperf-lars-3k", "mlperf-lars-4k"])
 def test_recipes_run_a_few_steps_on_the_cpu(recipe, small_digits_dir, tmp_path):
     argv = ["--model", "resnet50", "--precision", "FP32", "--platform", "CPU", "--mode", "convergence",
-            "--recipe", recipe, str(small_digits_dir), "--arch", "tiny-bn-cnn", "--image-size", "20",
+            "--recipe", recipe, str(small_digits_dir), "--arch", "lars-bn-cnn", "--image-size", "20",
             "--val-resize-size", "20", "-b", "4",
             "--optimizer-batch-size", "8", "--epochs", "2", "--prof", "2", "--workers", "0", "--print-freq", "1",
             "--workspace", str(tmp_path), "--no-checkpoints"]
