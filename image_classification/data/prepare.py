@@ -38,6 +38,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from image_classification import machine
 from image_classification.data import convert
 from image_classification.data.checks import is_image_file
 from image_classification.data.resize import load_capped, save_image
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest shorter side, in pixels, of an image in DST (required without --to)")
     parser.add_argument("--quality", type=int, default=90, metavar="Q",
                         help="JPEG/WebP quality of resized images, 1-100 (default: 90)")
-    parser.add_argument("-j", "--workers", type=int, default=len(os.sched_getaffinity(0)), metavar="N",
+    parser.add_argument("-j", "--workers", type=int, default=machine.usable_cores(), metavar="N",
                         help="parallel processes (default: the CPUs this process may use)")
     shards = parser.add_argument_group("shards (--to)")
     shards.add_argument("--to", choices=convert.FORMATS, default=None,
