@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from image_classification.reporting.dllogger import read_raport
+from tests.helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -120,7 +121,7 @@ def test_dali_feeding_the_gpu(small_digits_dir, tmp_path, backend):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_with_two_processes(small_digits_dir, tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29531", str(REPO / "main.py"), "--data-backend", "pytorch", *TINY,
+                             "--master_port", str(free_port()), str(REPO / "main.py"), "--data-backend", "pytorch", *TINY,
                              "--amp", "--workspace", str(tmp_path), str(small_digits_dir)],
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,7 +131,7 @@ def test_nccl_with_two_processes(small_digits_dir, tmp_path):
 def test_more_processes_than_gpus_is_one_line(small_digits_dir, tmp_path):
     count = torch.cuda.device_count()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(count + 1),
-                             "--master_port", "29532", str(REPO / "main.py"), "--data-backend", "pytorch", *TINY,
+                             "--master_port", str(free_port()), str(REPO / "main.py"), "--data-backend", "pytorch", *TINY,
                              "--workspace", str(tmp_path), str(small_digits_dir)],
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode != 0

@@ -10,6 +10,7 @@ import torch
 from image_classification import checkpoint, cli
 from image_classification.reporting.dllogger import read_raport
 from tests.helpers.faults import sigterm_at_step
+from tests.helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "helpers" / "run_main.py"
@@ -143,11 +144,11 @@ def test_same_seed_gives_identical_losses(small_digits_dir, tmp_path):
     assert losses[0] and losses[0] == losses[1]
 
 
-def _torchrun(nproc: int, args: list[str], workspace: Path, data: Path, port: int, *launcher_args: str,
+def _torchrun(nproc: int, args: list[str], workspace: Path, data: Path, *launcher_args: str,
               **env_extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DUMP_WEIGHTS": str(workspace / "weights"), "OMP_NUM_THREADS": "1", **env_extra}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(port), *launcher_args, str(DRIVER), *args, "--workspace", str(workspace),
+               "--master_port", str(free_port()), *launcher_args, str(DRIVER), *args, "--workspace", str(workspace),
                str(data)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
@@ -156,9 +157,9 @@ def test_two_process_gloo_run_matches_one_process_with_double_batch(small_digits
     common = ["--arch", "tiny-cnn", "--data-backend", "pytorch", "--image-size", "16", "--val-resize-size", "16",
               "--lr", "0.1", "--epochs", "2", "--workers", "0", "--seed", "3", "--device", "cpu",
               "--label-smoothing", "0.1"]
-    two = _torchrun(2, [*common, "-b", "4"], tmp_path / "two", small_digits_dir, port=29611)
+    two = _torchrun(2, [*common, "-b", "4"], tmp_path / "two", small_digits_dir)
     assert two.returncode == 0, two.stderr[-2000:]
-    one = _torchrun(1, [*common, "-b", "8"], tmp_path / "one", small_digits_dir, port=29612)
+    one = _torchrun(1, [*common, "-b", "8"], tmp_path / "one", small_digits_dir)
     assert one.returncode == 0, one.stderr[-2000:]
     rank0 = torch.load(tmp_path / "two" / "weights.rank0", weights_only=True)
     rank1 = torch.load(tmp_path / "two" / "weights.rank1", weights_only=True)
@@ -250,7 +251,7 @@ def test_ema_starts_from_the_weights_ddp_broadcast_from_rank_0(small_digits_dir,
     args = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "16", "--val-resize-size", "16",
             "-b", "4", "--epochs", "1", "--prof", "1", "--training-only", "--workers", "0", "--seed", "3",
             "--device", "cpu", "--use-ema", "0.9"]
-    run = _torchrun(2, args, tmp_path, small_digits_dir, port=29616)
+    run = _torchrun(2, args, tmp_path, small_digits_dir)
     assert run.returncode == 0, run.stderr[-2000:]
     ema = [torch.load(tmp_path / f"weights.ema.rank{rank}", weights_only=True) for rank in (0, 1)]
     # BN running statistics are each rank's own (DDP syncs them before a forward, not after), so
@@ -265,8 +266,8 @@ def test_torchrun_restart_after_a_rank_dies_resumes_and_completes(small_digits_d
               "--auto-resume"]
     # 100 images / (2 x 4) = 12 batches per epoch: rank 1 dies in epoch 1, after checkpoint 0 exists.
     # Restarts need the c10d rendezvous (the static one reuses the dead group's store entries).
-    run = _torchrun(2, common, tmp_path / "ws", small_digits_dir, 29613, "--rdzv-backend", "c10d",
-                    "--rdzv-endpoint", "localhost:29615", "--max-restarts", "1", FAIL_AT_BATCH="17")
+    run = _torchrun(2, common, tmp_path / "ws", small_digits_dir, "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", f"localhost:{free_port()}", "--max-restarts", "1", FAIL_AT_BATCH="17")
     assert run.returncode == 0, run.stderr[-3000:]
     # The survivor of the first attempt says so in one line (before: a 30-line gloo traceback).
     assert "Traceback" not in run.stderr
@@ -278,7 +279,7 @@ def test_torchrun_restart_after_a_rank_dies_resumes_and_completes(small_digits_d
     assert [s.get("resume_epoch") for s in starts] == [None, 1]  # the restart appended to the raport
     final = checkpoint.load(tmp_path / "ws" / "checkpoint.pth.tar")
     assert final["epoch"] == 3
-    expected = _torchrun(2, common, tmp_path / "clean", small_digits_dir, 29614)
+    expected = _torchrun(2, common, tmp_path / "clean", small_digits_dir)
     assert expected.returncode == 0, expected.stderr[-3000:]
     reference = checkpoint.load(tmp_path / "clean" / "checkpoint.pth.tar")["state_dict"]
     assert all(torch.equal(t, final["state_dict"][k]) for k, t in reference.items())
