@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from image_classification import (checkpoint, compiling, config, distributed, export, models, precision,
-                                  preprocessing, quantization, runtime)
+                                  preprocessing, quantization, runtime, settings)
 from image_classification.data import priority
 from image_classification.data import registry as data_registry
 from image_classification.data.registry import LoaderConfig
@@ -43,9 +43,66 @@ def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = No
 
 
 def run(args, hooks: trainer.Hooks | None = None) -> int:
+    """One run, top to bottom: runtime, settings (resolved once), data, model, then evaluate or train."""
     context = distributed.context_from_env()
+    rt = _start_runtime(args, context)
+    seed = _shared_seed(args.seed, rt.device)
+    runtime.seed_everything(seed + context.rank)
+    spec = models.get(args.arch)
+    if args.model_config and spec.family != "resnet":
+        raise UserError(f"-c/--model-config presets ResNet initialisation; --arch {args.arch} is an "
+                        f"{spec.family} model (set --conv-init instead)")
+    onnx_model = _onnx_model(args, rt.device)
+    resume_from = settings.resume_path(args)
+    resume = checkpoint.load(resume_from) if resume_from else None
+    resolved = settings.resolve(
+        args, default_image_size=spec.default_image_size, quantized_arch=spec.quantized,
+        saved=onnx_model.preprocessing if onnx_model else None, saved_image_size=onnx_model and onnx_model.image_size,
+        interpolations=data_registry.get(args.data_backend).interpolations, resume=resume_from,
+        resume_config=(resume or {}).get("config"))
+    flags, evaluation = resolved.flags, resolved.evaluation
+    schedule = StageSchedule(n_stages=flags.n_stages, epochs=flags.epochs, base_size=flags.base_image_size,
+                             final_size=flags.image_size, mixup=flags.mixup, cutmix=flags.cutmix,
+                             randaugment_magnitude=flags.randaugment_magnitude)
+    _check_known_kernel_bugs(rt, min(schedule.smallest_size, flags.eval_image_size))
+    compiler = _compiler(flags, schedule)
+    loader_config = _loader_config(flags, evaluation, rt, context, seed)
+    train_loader, val_loader = _build_loaders(flags, loader_config, schedule.stages[0])
+    num_classes, class_names = _resolve_classes(flags, train_loader or val_loader)
+    flags = settings.for_dataset(flags, num_classes)
+    model = _build_model(flags, spec, onnx_model, resume, rt, num_classes, schedule, train_loader)
+
+    if context.is_main:
+        checkpoint.check_workspace(flags.workspace)
+    reporter = _reporter(flags, context.is_main, train_loader, val_loader)
+    batching = None if flags.evaluate else _batching(flags, context.world_size)
+    try:
+        _show_runtime_notes(rt, reporter, context.is_main)
+        reporter.log("PARAMETER", {**vars(flags), "seed": seed, "num_classes": num_classes,
+                                   "world_size": context.world_size, "device": str(rt.device),
+                                   "precision": rt.precision_name,
+                                   "memory_format_used": precision.format_name(rt.memory_format),
+                                   **_resume_marker(flags, resume), **(batching.record() if batching else {})})
+        if flags.evaluate:
+            return _evaluate(flags, model, val_loader, rt, resume, reporter, compiler)
+        staged = StagedTraining(
+            schedule, first=train_loader,
+            build_loader=lambda stage: data_registry.get(flags.data_backend).train_loader(
+                _stage_loader_config(loader_config, stage)),
+            build_mixer=lambda stage: _batch_transform(stage.mixup, stage.cutmix, num_classes))
+        del train_loader  # `staged` owns it now and lets it go (its workers too) when stage 0 ends
+        reporter.message(batching.describe())
+        return _train(flags, model, staged, val_loader, rt, context, resume, reporter, batching,
+                      evaluation=evaluation, class_names=class_names, seed=seed, compiler=compiler,
+                      hooks=hooks or trainer.Hooks())
+    finally:
+        reporter.close()
+
+
+def _start_runtime(args, context: distributed.DistributedContext) -> runtime.Runtime:
+    """CPU affinity (before the CUDA context exists: its threads and the loaders' inherit it), the
+    device, the precision and memory format, then the process group."""
     if args.gpu_affinity != "none" and runtime.uses_cuda(args.device):
-        # Before select_device creates the CUDA context: its threads, and the loaders', inherit it.
         from image_classification.affinity import set_affinity
         bus_id = runtime.pci_bus_id(runtime.cuda_index(context.local_rank))
         if bus_id is None:
@@ -57,74 +114,36 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
                                memory_format=args.memory_format, tf32=args.tf32,
                                path="infer" if args.evaluate else "train")
     distributed.init(context, device)
-    seed = _shared_seed(args.seed, device)
-    runtime.seed_everything(seed + context.rank)
     if args.static_loss_scale not in (None, 1.0) and not rt.uses_grad_scaler:
         print("warning: --static-loss-scale only applies to fp16 AMP (--amp on CUDA, or --amp-dtype float16); "
               "ignored", file=sys.stderr)
+    return rt
 
-    spec = models.get(args.arch)
-    if args.model_config and spec.family != "resnet":
-        raise UserError(f"-c/--model-config presets ResNet initialisation; --arch {args.arch} is an "
-                        f"{spec.family} model (set --conv-init instead)")
-    args.quantize = args.quantize or spec.quantized
-    onnx_model = _onnx_model(args, device)
-    _resolve_sizes(args, spec, onnx_model)
-    schedule = StageSchedule(n_stages=args.n_stages, epochs=args.epochs, base_size=args.base_image_size,
-                             final_size=args.image_size, mixup=args.mixup, cutmix=args.cutmix,
-                             randaugment_magnitude=args.randaugment_magnitude)
-    _check_known_kernel_bugs(rt, min(schedule.smallest_size, args.eval_image_size))
-    compiler = _compiler(args, schedule)
-    loader_config = _loader_config(args, rt, context, seed)
-    train_loader, val_loader = _build_loaders(args, loader_config, schedule.stages[0])
-    num_classes, class_names = _resolve_classes(args, train_loader or val_loader)
-    args.topk = config.topk_for(args.topk, num_classes, "the dataset")
-    if args.auto_resume and (Path(args.workspace) / args.checkpoint_filename).is_file():
-        args.resume = str(Path(args.workspace) / args.checkpoint_filename)
-    resume = checkpoint.load(args.resume) if args.resume else None
-    if args.gather_checkpoints is None:  # a resumed run keeps the retention it was started with
-        args.gather_checkpoints = int((resume or {}).get("config", {}).get("gather_checkpoints") or 0)
 
+def _build_model(flags, spec, onnx_model, resume: dict | None, rt: runtime.Runtime, num_classes: int,
+                 schedule: StageSchedule, train_loader) -> nn.Module:
+    """The --onnx file, or the architecture with its initial weights on the device (INT8-calibrated
+    with --quantize)."""
     if onnx_model is not None:
-        model = onnx_model
-        model.check_classes(num_classes)
-    else:
-        model = spec.build(num_classes=num_classes, **config.model_options(args))
-        model = _load_initial_weights(model, args, spec, resume)
-        model = model.to(device, memory_format=rt.memory_format)
-        if not args.evaluate:
-            _check_batch_norm_batch(model, args.batch_size, schedule.smallest_size)
-        model = _quantize(model, args, train_loader)
+        onnx_model.check_classes(num_classes)
+        return onnx_model
+    model = spec.build(num_classes=num_classes, **config.model_options(flags))
+    model = _load_initial_weights(model, flags, spec, resume)
+    model = model.to(rt.device, memory_format=rt.memory_format)
+    if not flags.evaluate:
+        _check_batch_norm_batch(model, flags.batch_size, schedule.smallest_size)
+    return _quantize(model, flags, train_loader)
 
-    if context.is_main:
-        checkpoint.check_workspace(args.workspace)
-    reporter = Reporter(str(Path(args.workspace) / args.raport_file), enabled=context.is_main, topk=args.topk,
-                        tensorboard_dir=str(Path(args.workspace) / args.tensorboard) if args.tensorboard else None,
+
+def _reporter(flags, is_main: bool, train_loader, val_loader) -> Reporter:
+    """The raport (and TensorBoard) writer; its first lines say what data was found."""
+    reporter = Reporter(str(Path(flags.workspace) / flags.raport_file), enabled=is_main, topk=flags.topk,
+                        tensorboard_dir=str(Path(flags.workspace) / flags.tensorboard) if flags.tensorboard else None,
                         steps_per_epoch=len(train_loader) if train_loader is not None else None)
-    for loader in (train_loader, val_loader):  # the run's first lines say what data was found
+    for loader in (train_loader, val_loader):
         if loader is not None and loader.description:
             reporter.message(loader.description)
-    batching = None if args.evaluate else _batching(args, context.world_size)
-    try:
-        _show_runtime_notes(rt, reporter, context.is_main)
-        reporter.log("PARAMETER", {**vars(args), "seed": seed, "num_classes": num_classes,
-                                   "world_size": context.world_size, "device": str(device),
-                                   "precision": rt.precision_name,
-                                   "memory_format_used": precision.format_name(rt.memory_format),
-                                   **_resume_marker(args, resume), **(batching.record() if batching else {})})
-        if args.evaluate:
-            return _evaluate(args, model, val_loader, rt, resume, reporter, compiler)
-        staged = StagedTraining(
-            schedule, first=train_loader,
-            build_loader=lambda stage: data_registry.get(args.data_backend).train_loader(
-                _stage_loader_config(loader_config, stage)),
-            build_mixer=lambda stage: _batch_transform(stage.mixup, stage.cutmix, num_classes))
-        del train_loader  # `staged` owns it now and lets it go (its workers too) when stage 0 ends
-        reporter.message(batching.describe())
-        return _train(args, model, staged, val_loader, rt, context, resume, reporter, batching,
-                      class_names=class_names, seed=seed, compiler=compiler, hooks=hooks or trainer.Hooks())
-    finally:
-        reporter.close()
+    return reporter
 
 
 def _show_runtime_notes(rt: runtime.Runtime, reporter: Reporter, is_main: bool) -> None:
@@ -156,26 +175,6 @@ def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
     if args.image_size and model.image_size and args.image_size != model.image_size:
         raise UserError(f"{args.onnx} takes {model.image_size} px images, not --image-size {args.image_size}")
     return model
-
-
-def _resolve_sizes(args, spec, onnx_model: export.OnnxModel | None) -> None:
-    """Fill in the size and interpolation flags the user left to their defaults, in ``args`` itself,
-    so the raport's PARAMETER record and the checkpoint hold what was used.
-
-    ``preprocessing.resolve`` decides, over the --onnx file's record or the architecture's default:
-    first at the training size (``--val-resize-size`` is the resize for ``--image-size``), then at
-    ``--eval-image-size``, whose resize keeps the ratio.
-    """
-    saved = onnx_model.preprocessing if onnx_model is not None else None
-    default_size = (onnx_model.image_size if onnx_model is not None else None) or spec.default_image_size
-    interpolations = data_registry.get(args.data_backend).interpolations
-    trained = preprocessing.resolve(saved, default_size, image_size=args.image_size, resize_size=args.val_resize_size,
-                                    interpolation=args.interpolation, interpolations=interpolations)
-    evaluation = preprocessing.resolve(trained, default_size, image_size=args.eval_image_size)
-    args.image_size, args.interpolation = trained.image_size, evaluation.interpolation
-    args.base_image_size = args.base_image_size or (max(1, args.image_size // 2) if args.n_stages > 1
-                                                    else args.image_size)
-    args.eval_image_size, args.val_resize_size = evaluation.image_size, evaluation.resize_size
 
 
 def _resume_marker(args, resume: dict | None) -> dict:
@@ -226,11 +225,13 @@ def _shared_seed(seed: int | None, device: torch.device) -> int:
     return int(value.item())
 
 
-def _loader_config(args, rt: runtime.Runtime, context, seed: int) -> LoaderConfig:
+def _loader_config(args, evaluation: preprocessing.EvalPreprocessing, rt: runtime.Runtime, context,
+                   seed: int) -> LoaderConfig:
     """The validation loader's config; a training stage's is :func:`_stage_loader_config` of it."""
     return LoaderConfig(
-        data_dir=args.data, image_size=args.eval_image_size, val_resize_size=args.val_resize_size,
-        batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch, interpolation=args.interpolation,
+        data_dir=args.data, image_size=evaluation.image_size, val_resize_size=evaluation.resize_size,
+        interpolation=evaluation.interpolation, mean=evaluation.mean, std=evaluation.std,
+        batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch,
         augmentation=args.augmentation, memory_format=rt.memory_format, device=rt.device, rank=context.rank,
         world_size=context.world_size, seed=seed, num_classes=args.num_classes,
         synthetic_epoch_size=args.synthetic_epoch_size, crop_scale=tuple(args.crop_scale),
@@ -329,7 +330,8 @@ def _batching(args, world_size: int) -> Batching:
 
 
 def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume, reporter, batching: Batching, *,
-           class_names, seed, compiler: compiling.Compiler | None = None, hooks: trainer.Hooks) -> int:
+           evaluation: preprocessing.EvalPreprocessing, class_names, seed, compiler: compiling.Compiler | None = None,
+           hooks: trainer.Hooks) -> int:
     steps = batching.accumulation_steps
     optimizer = build_optimizer(model, name=args.optimizer, lr=batching.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.nesterov,
@@ -369,7 +371,6 @@ def _train(args, model, staged: StagedTraining, val_loader, rt, context, resume,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(args.label_smoothing), runtime=rt,
         accumulation_steps=steps, ema=ema, world_size=context.world_size, compiler=compiler, hooks=hooks)
     stop = loop.GracefulStop()
-    evaluation = preprocessing.EvalPreprocessing(args.eval_image_size, args.val_resize_size, args.interpolation)
     last_saved = [(args.resume, state.epoch, state.step_in_epoch)] if resume is not None else []
 
     def save(run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:

@@ -151,6 +151,19 @@ def test_val_pass_matches_the_pytorch_backend_pixel_for_pixel(folder, resize, cr
         assert difference.mean() < 0.01 and difference.max() < 0.07
 
 
+def test_a_recorded_mean_and_std_normalise_as_the_pytorch_backend_padding_included(folder):
+    """LoaderConfig's mean/std (an --onnx file's record) reach DALI's normalisation and its padding fill."""
+    mean, std = (0.3, 0.6, 0.2), (0.5, 0.1, 0.3)
+    cfg = config(folder, batch_size=4, val_resize_size=12, image_size=SIZE, mean=mean, std=std)
+    ours, theirs = batches(loader("dali-cpu", cfg, False)), batches(loader("pytorch", cfg, False))
+    scale = torch.tensor(std).view(1, 3, 1, 1)
+    for (images, _), (ref_images, _) in zip(ours, theirs):
+        pixels = (images - ref_images).abs().mul(scale)  # in [0, 1] pixel units: resampling differs a little
+        assert pixels.mean() < 0.5 / 255 and pixels.max() < 6 / 255
+    black = ours[0][0][0, :, 0, 0]  # a padded corner: pixel value 0, normalised
+    assert torch.allclose(black, -torch.tensor(mean) / torch.tensor(std), atol=1e-5)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_uniform_gray_is_normalised_exactly(levels, memory_format):
     root, order = levels

@@ -76,9 +76,6 @@ INSTALL_HINT = "pip install nvidia-dali-cuda120"
 # ``exec_dynamic`` (reference-counted outputs that torch may keep without a copy) got that name in
 # DALI 1.44; older builds (such as older NGC PyTorch images ship) reject it when the pipeline is built.
 MIN_DALI_VERSION = (1, 44)
-_MEAN = [255.0 * m for m in IMAGENET_MEAN]
-_STD = [255.0 * s for s in IMAGENET_STD]
-_BLACK = [-m / s for m, s in zip(_MEAN, _STD)]  # pixel value 0, normalised
 _ASPECT = [3 / 4, 4 / 3]
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop, then a center-crop fallback (as DALI)
 _POLICY_FILL = 0  # torchvision's policies fill uncovered pixels with black
@@ -136,6 +133,22 @@ class PipelineSpec:
     layout: str            # "CHW" (nchw) or "HWC" (nhwc: channels_last)
     decoder: str           # "cpu" or "mixed"
     gpu_tail: bool         # move to the GPU before crop_mirror_normalize (dali-cpu on a CUDA run)
+    mean: tuple[float, ...] = IMAGENET_MEAN  # normalisation, of [0, 1] pixels (LoaderConfig's)
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @property
+    def pixel_mean(self) -> list[float]:
+        """crop_mirror_normalize's mean and std are of 0..255 pixels."""
+        return [255.0 * m for m in self.mean]
+
+    @property
+    def pixel_std(self) -> list[float]:
+        return [255.0 * s for s in self.std]
+
+    @property
+    def black(self) -> list[float]:
+        """Pixel value 0, normalised: what torchvision's padding gives."""
+        return [-m / s for m, s in zip(self.mean, self.std)]
 
     @property
     def on_gpu(self) -> bool:
@@ -197,8 +210,8 @@ def _graph(dali, spec: PipelineSpec, source):
         mirror = 0
     if spec.gpu_tail:
         images = images.gpu()
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=spec.layout, mean=_MEAN,
-                                      std=_STD, mirror=mirror, **crop)
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=spec.layout, mean=spec.pixel_mean,
+                                      std=spec.pixel_std, mirror=mirror, **crop)
     if spec.on_gpu:
         # A CPU output of a pipeline with a device sits in pinned memory, which DLPack calls
         # kDLCUDAHost and torch.from_dlpack rejects; on the GPU it is handed over like the images.
@@ -234,7 +247,7 @@ def _val_geometry(dali, shape, spec: PipelineSpec) -> tuple[dict, dict]:
 
     crop = {"crop": [spec.image_size, spec.image_size], "crop_pos_y": position(new_height),
             "crop_pos_x": position(new_width), "rounding": "truncate", "out_of_bounds_policy": "pad",
-            "fill_values": _BLACK}  # torchvision pads with black; DALI fills the normalised output
+            "fill_values": spec.black}  # torchvision pads with black; DALI fills the normalised output
     return resize, crop
 
 
@@ -340,7 +353,8 @@ class DaliLoader:
             crop_scale=tuple(config.crop_scale), interpolation=config.interpolation,
             augmentation=config.augmentation if train else "none", randaugment_num_ops=config.randaugment_num_ops,
             randaugment_magnitude=config.randaugment_magnitude, layout="HWC" if self.channels_last else "CHW",
-            decoder="mixed" if kind == "gpu" else "cpu", gpu_tail=gpu and kind == "cpu")
+            decoder="mixed" if kind == "gpu" else "cpu", gpu_tail=gpu and kind == "cpu",
+            mean=tuple(config.mean), std=tuple(config.std))
         self.pipeline_args = {
             "batch_size": config.batch_size, "num_threads": max(1, config.workers),
             "device_id": (self.device.index if self.device.index is not None else torch.cuda.current_device())

@@ -38,11 +38,12 @@ class DeviceLoader:
     """
 
     def __init__(self, source: Iterable, *, device: torch.device, memory_format: torch.memory_format,
-                 length: int, num_classes: int, class_names: list[str], sampler=None, description: str = ""):
+                 length: int, num_classes: int, class_names: list[str], sampler=None, description: str = "",
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         self.source = source
         self.description = description  # where the batches come from, for the run's first lines
         self.device = device
-        self.normalize = Normalize(device, memory_format)
+        self.normalize = Normalize(device, memory_format, mean=mean, std=std)
         self.length = length
         self.num_classes = num_classes
         self.class_names = class_names

@@ -184,7 +184,8 @@ def _loader(config: LoaderConfig, split: str, transform: Transform,
     )
     return DeviceLoader(batches, device=config.device, memory_format=config.memory_format,
                         length=len(batches), num_classes=source.num_classes,
-                        class_names=list(source.class_names), sampler=sampler, description=source.describe())
+                        class_names=list(source.class_names), sampler=sampler, description=source.describe(),
+                        mean=config.mean, std=config.std)
 
 
 class HeldStartLoader(DataLoader):

@@ -54,6 +54,9 @@ class LoaderConfig:
     cache_dir: str | None = None  # --shard-cache: remote shard copies and built index files
     tfrecord_label_base: int = 1  # subtracted from TFRecord labels (TF-slim stores 1-based labels)
     shard_window: int | None = None  # --shard-shuffle-window; None: data.sampling's default for the source
+    # normalisation on the device: the run's preprocessing record (ImageNet's, or an --onnx file's)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 class Loader(Protocol):
