@@ -17,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from image_classification import checkpoint, export, models
+from image_classification import checkpoint, models
+from image_classification.deploy import loading
 from image_classification.errors import UserError, exit_status
 from image_classification.models import weights
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                         else f"checkpoint {source} is not a file")
     if out.exists() and out.resolve() == source.resolve():
         raise UserError("--weight-path must differ from --checkpoint-path (it would overwrite the checkpoint)")
-    loaded = export.read_weights(str(source), ema=args.ema)
+    loaded = loading.read_weights(str(source), ema=args.ema)
     state = loaded.checkpoint
     if state is None:
         print(f"=> note: {source} is not a training checkpoint; writing its weights unchanged "
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"=> wrote {len(state_dict)} tensors, {kind}, to {out}")
 
     if args.labels_path:
-        names = state.get("class_names")
+        names = checkpoint.model_record(state).class_names
         if not names:
             raise UserError(f"{source} stores no class names; nothing to write to --labels-path")
         checkpoint.write_atomic(("\n".join(map(str, names)) + "\n").encode("utf-8"), Path(args.labels_path))
@@ -74,13 +75,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _verify(state_dict: dict[str, torch.Tensor], state: dict, source: Path) -> None:
     """Load the weights strictly into the checkpoint's architecture before writing anything."""
-    arch = state.get("arch")
-    if not arch or arch not in models.names():
+    record = checkpoint.model_record(state)
+    if not record.arch or record.arch not in models.names():
         return
-    spec = models.get(arch)
-    num_classes = state.get("num_classes") or export.infer_num_classes(state_dict) or 1000
-    weights.load_state_dict_into(spec.build(num_classes=int(num_classes)), state_dict,
-                                 source=str(source), family=spec.family, arch=arch)
+    spec = models.get(record.arch)
+    num_classes = record.num_classes or loading.infer_num_classes(state_dict) or 1000
+    weights.load_state_dict_into(spec.build(num_classes=num_classes), state_dict,
+                                 source=str(source), family=spec.family, arch=record.arch)
 
 
 def _format(value) -> str:

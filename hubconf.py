@@ -19,10 +19,11 @@ import urllib.request as _urlrequest
 import numpy as _np
 import torch as _torch
 
-from image_classification import export as _export
 from image_classification import models as _models
 from image_classification import preprocessing as _preprocessing
 from image_classification.data import transforms as _transforms
+from image_classification.deploy import labels as _labels
+from image_classification.deploy import loading as _loading
 from image_classification.models import published as _published
 
 dependencies = ["torch", "torchvision", "PIL", "numpy"]
@@ -34,18 +35,18 @@ def _build(arch, pretrained=False, pretrained_from_file=None, state_dict_key_map
         raise ValueError("pretrained=True and pretrained_from_file exclude each other")
     num_classes = kwargs.pop("num_classes", None)
     if pretrained_from_file is not None:
-        state_dict, source = _export.read_weights(str(pretrained_from_file)).state_dict, str(pretrained_from_file)
+        state_dict, source = _loading.read_weights(str(pretrained_from_file)).state_dict, str(pretrained_from_file)
     elif pretrained:
         if arch not in _published.PUBLISHED:
             raise ValueError(f"no published weights for {arch}; use pretrained_from_file")
         source = _published.download_weights(arch)  # hash-checked, loaded with weights_only=True
-        state_dict = _export.read_weights(source).state_dict
+        state_dict = _loading.read_weights(source).state_dict
     else:
-        return _export.load_model(arch, num_classes=num_classes, options=kwargs).model
+        return _loading.load_model(arch, num_classes=num_classes, options=kwargs).model
     if state_dict_key_map_fn is not None:
         state_dict = {state_dict_key_map_fn(key): value for key, value in state_dict.items()}
-    return _export.load_model(arch, num_classes=num_classes, options=kwargs, state_dict=state_dict,
-                              source=source).model
+    return _loading.load_model(arch, num_classes=num_classes, options=kwargs, state_dict=state_dict,
+                               source=source).model
 
 
 def _entry(arch):
@@ -97,7 +98,7 @@ class _ProcessingUtils:
         """Per sample, the ``n`` most probable (class name, "pp.p%") pairs of ``[N, 1000]``
         probabilities (apply softmax first). Prints them and returns them."""
         probabilities = _torch.as_tensor(predictions).detach().float().cpu()
-        classes = _export.imagenet_classes()
+        classes = _labels.imagenet_classes()
         values, indices = probabilities.topk(n, dim=1)
         results = []
         for sample, (row_values, row_indices) in enumerate(zip(values.tolist(), indices.tolist())):
@@ -109,7 +110,7 @@ class _ProcessingUtils:
     @staticmethod
     def get_imgnet_classes():
         """The 1000 ImageNet class names as a NumPy array (index it with class ids)."""
-        return _np.array(_export.imagenet_classes())
+        return _np.array(_labels.imagenet_classes())
 
 
 def _open_uri(uri):

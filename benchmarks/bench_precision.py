@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from image_classification import compiling, inference, machine, models, precision  # noqa: E402
+from image_classification import compiling, machine, models, precision  # noqa: E402
+from image_classification.deploy import fast_cpu  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -44,7 +45,7 @@ def build_step(arch: str, task: str, dtype: torch.dtype | None, memory_format: t
     labels = torch.randint(0, 1000, (batch,))
     autocast = dict(device_type="cpu", dtype=dtype or torch.float32, enabled=dtype is not None)
     if task == "infer":
-        runner = compiling.view(compiler)(inference.cpu_fast_path(model.eval(), dtype, memory_format))
+        runner = compiling.view(compiler)(fast_cpu.cpu_fast_path(model.eval(), dtype, memory_format))
 
         def step():
             with torch.no_grad(), torch.autocast(**autocast):

@@ -87,12 +87,13 @@ def compare_paths(args) -> list[dict]:
     import onnxruntime as ort
     import torch
 
-    from image_classification import compiling, export, inference, models, precision, ptq, quantization
+    from image_classification import compiling, models, precision, quantization
+    from image_classification.deploy import exporting, fast_cpu, loading, ptq
 
     torch.manual_seed(0)
     model = models.get(args.arch).build(num_classes=1000).eval()
     if args.weights:
-        model = export.load_model(args.arch, args.weights).model
+        model = loading.load_model(args.arch, args.weights).model
     size = args.image_size or models.get(args.arch).default_image_size
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randn(args.batch_size, 3, size, size, generator=generator) for _ in range(args.iterations)]
@@ -102,8 +103,8 @@ def compare_paths(args) -> list[dict]:
         raise SystemExit("error: --calibration-batches must be at least 1 (INT8 needs a calibration set)")
     chosen = precision.choose("cpu", amp=True)  # classify.py's default: --precision AMP
     auto_format = precision.memory_format("auto", "cpu", "infer", chosen.amp_dtype)
-    default = inference.cpu_fast_path(model, chosen.amp_dtype, auto_format)
-    forced = inference.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
+    default = fast_cpu.cpu_fast_path(model, chosen.amp_dtype, auto_format)
+    forced = fast_cpu.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
 
     def torch_runner(module, dtype=None, memory_format=torch.contiguous_format):
         def run(x):
@@ -121,21 +122,21 @@ def compare_paths(args) -> list[dict]:
 
     def ort_runner(path):
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return lambda x: session.run(None, {export.INPUT_NAME: x.numpy()})[0]
+        return lambda x: session.run(None, {exporting.INPUT_NAME: x.numpy()})[0]
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32_onnx, ptq_qdq_onnx, ptq_qop_onnx, qdq_onnx = (
             str(Path(tmp) / n) for n in ("fp32.onnx", "ptq_qdq.onnx", "ptq_qop.onnx", "qdq.onnx"))
-        export.export_onnx(model, batches[0], fp32_onnx, exporter="legacy")
-        # model2onnx.py --int8-calibration's quantization (image_classification.ptq), in both forms
+        exporting.export_onnx(model, batches[0], fp32_onnx, exporter="legacy")
+        # model2onnx.py --int8-calibration's quantization (image_classification.deploy.ptq), in both forms
         calibration_images = torch.cat(calibration)
         for path, qdq in ((ptq_qdq_onnx, True), (ptq_qop_onnx, False)):
-            ptq.quantize(model, calibration_images, path, opset=export.DEFAULT_ONNX_OPSET,
+            ptq.quantize(model, calibration_images, path, opset=exporting.DEFAULT_ONNX_OPSET,
                          batch_size=args.batch_size, qdq=qdq)
         import copy
         quantized = quantization.calibrate(copy.deepcopy(model), calibration, len(calibration)).eval()
-        export.export_onnx(quantized, batches[0], qdq_onnx, exporter="legacy")
+        exporting.export_onnx(quantized, batches[0], qdq_onnx, exporter="legacy")
         default_name = f"classify.py default: {chosen.name}, {precision.format_name(auto_format)}, BN folded"
         paths = [("PyTorch fp32", torch_runner(model)),
                  (default_name, torch_runner(default, chosen.amp_dtype, auto_format)),

@@ -27,7 +27,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -216,6 +216,27 @@ def load(path: str | Path) -> dict[str, Any]:
                         "to start from plain weights use --pretrained-from-file")
     check_format(state, path)
     return state
+
+
+
+def is_training_checkpoint(obj: object) -> bool:
+    """A training checkpoint (``epoch`` and a ``state_dict``), as opposed to a plain weights file."""
+    return isinstance(obj, Mapping) and "epoch" in obj and isinstance(obj.get("state_dict"), Mapping)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What a checkpoint says about its model, for loading it outside training (None: not saved)."""
+    arch: str | None
+    num_classes: int | None
+    class_names: list[str] | None
+
+
+def model_record(saved: Mapping[str, Any]) -> ModelRecord:
+    """The ``arch``, ``num_classes`` and ``class_names`` that :func:`capture` wrote."""
+    names = saved.get("class_names")
+    return ModelRecord(saved.get("arch") or None, int(saved["num_classes"]) if saved.get("num_classes") else None,
+                       [str(name) for name in names] if isinstance(names, (list, tuple)) else None)
 
 
 # ---------------------------------------------------------------- the keys: written and read here only

@@ -11,11 +11,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from image_classification import (checkpoint, compiling, config, distributed, export, models, precision,
+from image_classification import (checkpoint, compiling, config, distributed, models, precision,
                                   preprocessing, quantization, runtime, settings)
 from image_classification.data import priority
 from image_classification.data import registry as data_registry
 from image_classification.data.registry import LoaderConfig
+from image_classification.deploy import loading, runners
 from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma
 from image_classification.engine.losses import SmoothedCrossEntropy
@@ -167,11 +168,11 @@ def _compiler(args, schedule: StageSchedule) -> compiling.Compiler | None:
     return compiling.Compiler(args.compile, shapes=len(sizes) + 2)
 
 
-def _onnx_model(args, device: torch.device) -> export.OnnxModel | None:
+def _onnx_model(args, device: torch.device) -> runners.OnnxModel | None:
     """--onnx: the exported file; its input size and recorded preprocessing become the defaults."""
     if args.onnx is None:
         return None
-    model = export.OnnxModel(args.onnx, device)
+    model = runners.OnnxModel(args.onnx, device)
     if args.image_size and model.image_size and args.image_size != model.image_size:
         raise UserError(f"{args.onnx} takes {model.image_size} px images, not --image-size {args.image_size}")
     return model
@@ -271,7 +272,7 @@ def _load_initial_weights(model: nn.Module, args, spec, resume: dict | None) -> 
         model = quantization.restore(model, resume)
         weights.load_state_dict_into(model, resume["state_dict"], source=args.resume, arch=args.arch)
     elif args.pretrained_from_file:
-        file = export.read_weights(args.pretrained_from_file)
+        file = loading.read_weights(args.pretrained_from_file)
         model = quantization.restore(model, file.checkpoint)
         weights.load_state_dict_into(model, file.state_dict, source=args.pretrained_from_file,
                                      family=spec.family, arch=args.arch)

@@ -135,7 +135,7 @@ def test_sgd_is_fused_on_cuda_and_resuming_keeps_this_runs_kernel():
 
 def test_onnx_parity_on_cuda_disables_onnxruntime_tf32(monkeypatch, tmp_path):
     import onnxruntime as ort
-    from image_classification import export
+    from image_classification.deploy import runners
     sessions = []
 
     class Session:
@@ -147,7 +147,7 @@ def test_onnx_parity_on_cuda_disables_onnxruntime_tf32(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", Session)
-    export.onnx_runner(str(tmp_path / "m.onnx"), torch.device("cuda", 1))
+    runners.onnx_runner(str(tmp_path / "m.onnx"), torch.device("cuda", 1))
     assert sessions == [[("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), "CPUExecutionProvider"]]
 
 

@@ -513,7 +513,8 @@ def test_a_checkpoint_written_before_the_schema_owner_resumes_and_loads(small_di
     # tests/data/format1_tiny_cnn.pth.tar: written by f15d9ea (format 1, bare epoch_files, no
     # has_best/eval_preprocessing): tiny-cnn, --image-size 16 --val-resize-size 20 --use-ema 0.9, 1 of 3 epochs.
     import shutil
-    from image_classification import export, preprocessing
+    from image_classification import preprocessing
+    from image_classification.deploy import loading
     old = Path(__file__).resolve().parent / "data" / "format1_tiny_cnn.pth.tar"
     resume = tmp_path / "checkpoint.pth.tar"
     shutil.copyfile(old, resume)
@@ -523,7 +524,7 @@ def test_a_checkpoint_written_before_the_schema_owner_resumes_and_loads(small_di
     final = checkpoint.load(resume)
     assert (final["epoch"], final["format_version"], final["ema_updates"]) == (2, checkpoint.FORMAT_VERSION, 4)
     assert final["eval_preprocessing"] == preprocessing.EvalPreprocessing(16, 20).as_dict()
-    assert export.load_model(None, str(old)).preprocessing == preprocessing.EvalPreprocessing(16, 20)
+    assert loading.load_model(None, str(old)).preprocessing == preprocessing.EvalPreprocessing(16, 20)
 
 
 def test_the_training_loop_hooks_see_every_step_and_epoch(small_digits_dir, tmp_path, tiny_cnn):

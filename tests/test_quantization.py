@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT))
 
 import classify  # noqa: E402
 import model2onnx  # noqa: E402
-from image_classification import checkpoint, cli, export, models, quantization  # noqa: E402
+from image_classification import checkpoint, cli, models, quantization  # noqa: E402
+from image_classification.deploy import runners  # noqa: E402
 from image_classification.models.registry import ModelSpec, register  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 
@@ -154,7 +155,7 @@ def test_triton_repository_config_parses_and_model_runs_at_1_and_max_batch(qat, 
     # Fed by the names and dims the config declares, the served file gives the logits that the ONNX
     # runner of main.py --onnx and classify.py --onnx gives.
     session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    runner = export.onnx_runner(str(folder / "1" / "model.onnx"), torch.device("cpu"))
+    runner = runners.onnx_runner(str(folder / "1" / "model.onnx"), torch.device("cpu"))
     rng = np.random.default_rng(0)
     for batch in (1, config.max_batch_size):
         images = rng.random((batch, *inp.dims), dtype=np.float32)
@@ -269,9 +270,10 @@ def test_post_training_int8_chooses_the_calibration_by_agreement_and_still_refus
                                                                                    capsys, monkeypatch):
     """Every recipe is tried when none agrees on every image; the best is chosen and reported, and
     a file below --min-agreement is still refused (agreement scores faked per recipe, in order)."""
-    from image_classification import export, ptq
+    from image_classification.deploy import ptq
+    from image_classification.deploy.parity import Parity
     scores = iter([0.90, 0.97, 0.93, 0.95, 0.96, 0.94])
-    monkeypatch.setattr(ptq, "agreement", lambda *args, **kwargs: export.Parity(
+    monkeypatch.setattr(ptq, "agreement", lambda *args, **kwargs: Parity(
         batch=16, max_abs_diff=1.0, max_abs_output=10.0, top1_agreement=next(scores)))
     output = tmp_path / "int8.onnx"
     status = model2onnx.main(["--weights", str(fp32 / "model_best.pth.tar"), "--int8-calibration", str(digits_dir),
@@ -288,9 +290,10 @@ def test_post_training_int8_chooses_the_calibration_by_agreement_and_still_refus
 
 def test_post_training_int8_stops_at_the_first_recipe_that_agrees_everywhere(fp32, digits_dir, tmp_path, capsys,
                                                                             monkeypatch):
-    from image_classification import export, ptq
+    from image_classification.deploy import ptq
+    from image_classification.deploy.parity import Parity
     scores = iter([0.98, 1.0])
-    monkeypatch.setattr(ptq, "agreement", lambda *args, **kwargs: export.Parity(
+    monkeypatch.setattr(ptq, "agreement", lambda *args, **kwargs: Parity(
         batch=16, max_abs_diff=0.1, max_abs_output=10.0, top1_agreement=next(scores)))
     assert model2onnx.main(["--weights", str(fp32 / "model_best.pth.tar"), "--int8-calibration", str(digits_dir),
                             "--calibration-images", "16", "--output", str(tmp_path / "int8.onnx"),

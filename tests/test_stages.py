@@ -123,7 +123,7 @@ def test_every_backend_trains_each_stage_at_its_size(backend, small_digits_dir, 
 
 
 def test_eval_image_size_sets_the_validation_crop_and_classify_uses_it(small_digits_dir, tmp_path, monkeypatch):
-    from image_classification import export
+    from image_classification.deploy import loading
     crops = []
     original = trainer.validate
 
@@ -136,7 +136,7 @@ def test_eval_image_size_sets_the_validation_crop_and_classify_uses_it(small_dig
             "--eval-image-size", "24", "-b", "8", "--epochs", "1", "--workers", "0", "--seed", "1", "--device", "cpu"]
     assert run(args, tmp_path, small_digits_dir) == 0
     assert crops and set(crops) == {(24, 24)}
-    loaded = export.load_model("stage-cnn", str(tmp_path / "checkpoint.pth.tar"))
+    loaded = loading.load_model("stage-cnn", str(tmp_path / "checkpoint.pth.tar"))
     assert (loaded.preprocessing.image_size, loaded.preprocessing.resize_size) == (24, 30)  # the 16 -> 20 ratio kept
 
 

@@ -25,9 +25,13 @@ import checkpoint2model  # noqa: E402
 import classify  # noqa: E402
 import hubconf  # noqa: E402
 import model2onnx  # noqa: E402
-from image_classification import checkpoint, cli, export, models, plot  # noqa: E402
+from image_classification import checkpoint, cli, models, plot  # noqa: E402
 from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from image_classification.data.transforms import open_rgb, val_transform  # noqa: E402
+from image_classification.deploy import classifying, export_and_check, parity, runners  # noqa: E402
+from image_classification.deploy.labels import class_names, imagenet_classes  # noqa: E402
+from image_classification.deploy.loading import LoadedModel  # noqa: E402
+from image_classification.deploy.metadata import METADATA_PREFIX  # noqa: E402
 from image_classification.errors import UserError  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 from image_classification.reporting.reporter import Reporter  # noqa: E402
@@ -160,11 +164,11 @@ def test_classify_reports_the_precision_the_cpu_ran_not_tf32(capsys, images, res
 
 def test_classify_default_is_fp32_where_the_cpu_emulates_bf16(capsys, images, resnet18_weights, cpu_features,
                                                                    monkeypatch):
-    from image_classification import inference
+    from image_classification.deploy import fast_cpu
     cpu_features("avx512_f", "avx512_vnni")
     prepared = []
-    original = inference.cpu_fast_path
-    monkeypatch.setattr(inference, "cpu_fast_path", lambda *a: prepared.append(a[1:]) or original(*a))
+    original = fast_cpu.cpu_fast_path
+    monkeypatch.setattr(fast_cpu, "cpu_fast_path", lambda *a: prepared.append(a[1:]) or original(*a))
     assert classify.main(["--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32",
                           "--image", str(images["png"]), "--cpu", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -188,22 +192,22 @@ def test_classify_uses_checkpoint_class_names_arch_and_preprocessing(capsys, ima
 
 
 def test_class_names_fall_back_to_imagenet_then_indices(tmp_path):
-    names = export.imagenet_classes()
+    names = imagenet_classes()
     assert len(names) == len(set(names)) == 1000 and names[0] == "tench" and names[281] == "tabby"
     spec = models.get("resnet18")
-    assert classify.class_names(export.LoadedModel(None, spec, 1000), None) == names
-    assert classify.class_names(export.LoadedModel(None, spec, 3), None) == ["0", "1", "2"]
+    assert class_names(LoadedModel(None, spec, 1000), None) == names
+    assert class_names(LoadedModel(None, spec, 3), None) == ["0", "1", "2"]
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\n")
-    assert classify.class_names(export.LoadedModel(None, spec, 3), str(labels)) == ["a", "b", "c"]
+    assert class_names(LoadedModel(None, spec, 3), str(labels)) == ["a", "b", "c"]
     with pytest.raises(UserError, match="has 3 names but the model has 4"):
-        classify.class_names(export.LoadedModel(None, spec, 4), str(labels))
+        class_names(LoadedModel(None, spec, 4), str(labels))
 
 
 def test_default_preprocessing_follows_the_architecture():
     args = classify.build_parser().parse_args(["--image", "x.jpg"])
     for arch, expected in [("resnet50", (224, 256, "bilinear")), ("efficientnet-b4", (380, 412, "bilinear"))]:
-        resolved = classify.resolve_preprocessing(export.LoadedModel(None, models.get(arch), 1000), args)
+        resolved = classifying.resolve_preprocessing(LoadedModel(None, models.get(arch), 1000), args)
         assert (resolved.image_size, resolved.resize_size, resolved.interpolation) == expected
 
 
@@ -301,7 +305,7 @@ def test_onnx_exporters_both_give_a_dynamic_batch(tmp_path, capsys, resnet18_wei
         images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             expected = _build("resnet18", 10)(images)
-        got = export.onnx_runner(str(output), torch.device("cpu"))(images)
+        got = runners.onnx_runner(str(output), torch.device("cpu"))(images)
         assert got.shape == (3, 10)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     if "dynamo" not in exporters:
@@ -310,15 +314,15 @@ def test_onnx_exporters_both_give_a_dynamic_batch(tmp_path, capsys, resnet18_wei
 
 
 def test_export_fails_loudly_above_tolerance(tmp_path, capsys, monkeypatch, resnet18_weights):
-    monkeypatch.setattr(export, "check_parity",
-                        lambda *a, **k: [export.Parity(1, 0.0, 1.0), export.Parity(4, 0.5, 2.0)])
+    monkeypatch.setattr(parity, "check_parity",
+                        lambda *a, **k: [parity.Parity(1, 0.0, 1.0), parity.Parity(4, 0.5, 2.0)])
     output = tmp_path / "m.pt"
     assert model2onnx.main(["--arch", "resnet18", "--weights", str(resnet18_weights), "--image-size", "32",
                             "--device", "cpu", "--format", "torchscript", "--output", str(output)]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "differs from PyTorch by 0.5 at batch 4" in error[0]
-    assert export.default_output("run/model_best.pth.tar", "resnet50", "onnx") == "run/model_best.onnx"
-    assert export.default_output(None, "resnet50", "onnx") == "resnet50.onnx"
+    assert export_and_check.default_output("run/model_best.pth.tar", "resnet50", "onnx") == "run/model_best.onnx"
+    assert export_and_check.default_output(None, "resnet50", "onnx") == "resnet50.onnx"
 
 
 # ---------------------------------------------------------------- hubconf.py
@@ -490,6 +494,19 @@ def test_classify_bad_inputs(capsys, tmp_path, images, resnet18_weights, trainin
         assert message in _one_error_line(capsys), argv
 
 
+def test_tools_refuse_a_checkpoint_of_a_newer_format_in_one_line(capsys, tmp_path, images, training_checkpoint):
+    newer = tmp_path / "newer.pth.tar"
+    saved = checkpoint.load(training_checkpoint["path"])
+    torch.save({**saved, "format_version": checkpoint.FORMAT_VERSION + 1}, newer)
+    out = tmp_path / "out.pth"
+    for tool, argv in ((classify, ["--weights", str(newer), "--image", str(images["png"])]),
+                       (model2onnx, ["--weights", str(newer), "--output", str(tmp_path / "m.onnx")]),
+                       (checkpoint2model, ["--checkpoint-path", str(newer), "--weight-path", str(out)])):
+        assert tool.main(argv) == 2
+        assert f"has format_version {checkpoint.FORMAT_VERSION + 1}, newer than" in _one_error_line(capsys)
+    assert not out.exists() and not (tmp_path / "m.onnx").exists()
+
+
 def test_checkpoint2model_bad_inputs(capsys, tmp_path, training_checkpoint, resnet18_weights):
     out = str(tmp_path / "out.pth")
     assert checkpoint2model.main(["--checkpoint-path", str(tmp_path / "nope.tar"), "--weight-path", out]) == 2
@@ -548,10 +565,11 @@ def test_pretrained_downloads_are_hash_checked(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet-b0"])
 def test_cpu_fast_path_folds_every_batchnorm_and_predicts_as_fp32(arch):
-    from image_classification import inference, models
+    from image_classification import models
+    from image_classification.deploy import fast_cpu
     torch.manual_seed(0)
     model = randomise_batch_norm(models.get(arch).build(num_classes=10), mean=0.5, var=(0.5, 2.0)).eval()
-    fast = inference.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
+    fast = fast_cpu.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
     convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
@@ -566,9 +584,9 @@ def test_cpu_fast_path_folds_every_batchnorm_and_predicts_as_fp32(arch):
 
 
 def test_cpu_fast_path_keeps_fp32_weights_when_a_norm_layer_cannot_be_folded():
-    from image_classification import inference
+    from image_classification.deploy import fast_cpu
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten()).eval()
-    fast = inference.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
+    fast = fast_cpu.cpu_fast_path(model, torch.bfloat16, torch.channels_last)
     assert {p.dtype for p in fast.parameters()} == {torch.float32}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(torch.randn(2, 3, 8, 8)).shape == (2, 4 * 6 * 6)
@@ -578,7 +596,7 @@ def test_cpu_fast_path_keeps_fp32_weights_when_a_norm_layer_cannot_be_folded():
 
 def _onnx_metadata(path: Path) -> dict[str, str]:
     import onnx
-    return {p.key[len(export.METADATA_PREFIX):]: p.value for p in onnx.load(str(path)).metadata_props}
+    return {p.key[len(METADATA_PREFIX):]: p.value for p in onnx.load(str(path)).metadata_props}
 
 
 def _evaluate_onnx(onnx_path: Path, tmp_path: Path) -> dict:

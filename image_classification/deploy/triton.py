@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+from image_classification.deploy.exporting import INPUT_NAME, OUTPUT_NAME
 from image_classification.errors import UserError
-from image_classification.export import INPUT_NAME, OUTPUT_NAME
+from image_classification.preprocessing import EvalPreprocessing
 
 
 class Platform(NamedTuple):
@@ -39,7 +40,19 @@ class Entry:
     image_size: int
     num_classes: int
     max_batch_size: int
-    preprocessing: str  # a human-readable description, written as a comment
+    preprocessing: str  # a human-readable description, written as a comment (see describe)
+
+
+def model_name(arch: str, int8: bool, requested: str | None = None) -> str:
+    """``requested`` (--triton-model-name), else the arch, plus ``-int8`` for an INT8 export."""
+    return requested or arch + ("-int8" if int8 else "")
+
+
+def describe(arch: str, num_classes: int, evaluation: EvalPreprocessing) -> str:
+    """What the config's comment tells a client: the model, its input preprocessing, its output."""
+    return (f"{arch}, {num_classes} classes, exported by convnets model2onnx.py.\n"
+            f"Input: RGB image, {evaluation.describe()}, float32 NCHW.\n"
+            "Output: logits (softmax gives probabilities); labels.txt names the classes.")
 
 
 def prepare(repository: str, name: str) -> Path:

@@ -28,13 +28,14 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from image_classification import checkpoint, export, inference
+from image_classification import checkpoint
 from image_classification.data.checks import scan_split
 from image_classification.data.transforms import open_rgb
+from image_classification.deploy import exporting, fast_cpu, runners
+from image_classification.deploy.parity import Parity, compare
 from image_classification.errors import UserError
 from image_classification.preprocessing import EvalPreprocessing
 
@@ -87,7 +88,7 @@ RECIPES = (Recipe("MinMax"), Recipe("Percentile"), Recipe("Entropy"), Recipe("Mi
 @dataclass(frozen=True)
 class Tried:
     recipe: Recipe
-    parity: export.Parity
+    parity: Parity
 
 
 def quantize(model: nn.Module, images: torch.Tensor, output: str, *, opset: int, batch_size: int = 32,
@@ -128,7 +129,7 @@ def _prepare(model: nn.Module, images: torch.Tensor, folder: str, opset: int) ->
     """The BatchNorm-folded fp32 export, pre-processed for quantization (``quant_pre_process``)."""
     from onnxruntime import quantization as ortq
     fp32, prepared = os.path.join(folder, "fp32.onnx"), os.path.join(folder, "prepared.onnx")
-    export.export_onnx(inference.fold_batchnorm(model), images[:1], fp32, opset=opset, exporter="legacy")
+    exporting.export_onnx(fast_cpu.fold_batchnorm(model), images[:1], fp32, opset=opset, exporter="legacy")
     ortq.quant_pre_process(fp32, prepared)
     return prepared
 
@@ -142,7 +143,7 @@ def _quantize_prepared(prepared: str, images: torch.Tensor, output: str, *, batc
 
     class Reader(ortq.CalibrationDataReader):
         def __init__(self):
-            self.items = iter([{export.INPUT_NAME: batch} for batch in batches])
+            self.items = iter([{exporting.INPUT_NAME: batch} for batch in batches])
 
         def get_next(self):
             return next(self.items, None)
@@ -158,12 +159,10 @@ def _quantize_prepared(prepared: str, images: torch.Tensor, output: str, *, batc
                          extra_options={"ActivationSymmetric": recipe.symmetric_activations})
 
 
-def agreement(model: nn.Module, output: str, images: torch.Tensor, batch_size: int = 32) -> export.Parity:
+def agreement(model: nn.Module, output: str, images: torch.Tensor, batch_size: int = 32) -> Parity:
     """The quantized file against the fp32 PyTorch model on ``images``: top-1 agreement, max abs diff."""
-    runner = export.onnx_runner(output, torch.device("cpu"))
+    runner = runners.onnx_runner(output, torch.device("cpu"))
     with torch.no_grad():
         reference = torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
     logits = torch.cat([runner(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-    return export.Parity(batch=len(images), max_abs_diff=float((logits - reference).abs().max()),
-                         max_abs_output=float(reference.abs().max()),
-                         top1_agreement=float(np.mean((logits.argmax(1) == reference.argmax(1)).numpy())))
+    return compare(logits, reference)

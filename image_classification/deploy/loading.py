@@ -1,0 +1,160 @@
+"""A trained model outside the training loop: the model flags, reading the weights file once, and
+building the model with what the file knows about it.
+
+:func:`load_model` builds ``--arch`` and fills it from a plain weights file (ours, NGC,
+torchvision) or from a training checkpoint (optionally its EMA weights), read once with
+``weights_only=True``. A training checkpoint (``image_classification.checkpoint`` owns its keys)
+also supplies the architecture, the number of classes, the class names and the evaluation
+preprocessing it was trained with.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Collection, Mapping
+
+import torch
+from torch import nn
+
+from image_classification import checkpoint, config, models, preprocessing, quantization
+from image_classification.errors import UserError
+from image_classification.models import weights
+from image_classification.models.registry import ModelSpec
+from image_classification.preprocessing import EvalPreprocessing
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """main.py's model flags (both spellings), plus ``--weights`` and ``--ema``, worded for tools
+    that load a trained model."""
+    parser.add_argument("--weights", dest="pretrained_from_file", default=None, metavar="PATH",
+                        help="same as --pretrained-from-file")
+    parser.add_argument("--ema", action="store_true",
+                        help="use the EMA weights (state_dict_ema) of a training checkpoint")
+    config.add_model_flags(parser)
+    helps = {
+        "num_classes": "output classes (default: the checkpoint's, else the classifier size in the "
+                       "weights file, else 1000)",
+        "pretrained_from_file": "weights file (ours, NGC or torchvision) or training checkpoint",
+    }
+    for action in parser._actions:
+        if action.dest in helps and action.option_strings[0] != "--weights":
+            action.help = helps[action.dest]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference (eval mode, on the CPU) and what is known about it."""
+
+    model: nn.Module
+    spec: ModelSpec
+    num_classes: int
+    # From a training checkpoint (None for plain weights or random init).
+    class_names: list[str] | None = None
+    checkpoint: dict[str, Any] | None = None
+    # The evaluation preprocessing saved with the model (checkpoint or ONNX metadata), if any.
+    preprocessing: EvalPreprocessing | None = None
+    # The input size the model is fixed to (an ONNX file's), if any: the default crop.
+    input_size: int | None = None
+
+    @property
+    def arch(self) -> str:
+        return self.spec.name
+
+
+def resolve_preprocessing(loaded: LoadedModel, *, image_size: int | None = None, resize_size: int | None = None,
+                          interpolation: str | None = None,
+                          interpolations: Collection[str] | None = None) -> EvalPreprocessing:
+    """``preprocessing.resolve`` for ``loaded``: flags, else the model's saved record, else its
+    default size (a fixed input size, else the architecture's)."""
+    default_size = loaded.input_size or loaded.spec.default_image_size
+    return preprocessing.resolve(loaded.preprocessing, default_size, image_size=image_size, resize_size=resize_size,
+                                 interpolation=interpolation, interpolations=interpolations)
+
+
+@dataclass
+class WeightsFile:
+    state_dict: Mapping[str, torch.Tensor]
+    checkpoint: dict[str, Any] | None = field(default=None)  # the whole training checkpoint
+
+
+def read_weights(path: str, ema: bool = False) -> WeightsFile:
+    """Read ``path`` once (``weights_only``): a training checkpoint or a plain weights file.
+
+    ``ema`` selects a training checkpoint's ``state_dict_ema``; a clear error when it has none.
+    """
+    obj = weights.read_file(path)  # one-line UserErrors for missing, unreadable and unsafe files
+    if checkpoint.is_training_checkpoint(obj):
+        saved = dict(obj)
+        checkpoint.check_format(saved, path)
+        key = "state_dict"
+        if ema:
+            if not isinstance(saved.get("state_dict_ema"), Mapping):
+                raise UserError(f"checkpoint {path} has no EMA weights (state_dict_ema): it was trained "
+                                "without --use-ema; drop --ema")
+            key = "state_dict_ema"
+        state_dict = weights.strip_prefixes(weights.unwrap(saved, path, key), path)
+        return WeightsFile(state_dict, saved)
+    if ema:
+        raise UserError(f"--ema needs a training checkpoint with state_dict_ema; {path} is a plain "
+                        "weights file")
+    return WeightsFile(weights.strip_prefixes(weights.unwrap(obj, path, None), path))
+
+
+def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The classifier's output size, when the file has exactly one ``...fc.weight`` matrix."""
+    found = [t.shape[0] for k, t in state_dict.items() if k.endswith("fc.weight") and t.dim() == 2]
+    return found[0] if len(found) == 1 else None
+
+
+def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool = False,
+               num_classes: int | None = None, options: Mapping[str, Any] | None = None,
+               state_dict: Mapping[str, torch.Tensor] | None = None, source: str | None = None) -> LoadedModel:
+    """Build ``arch`` (or the checkpoint's arch when ``arch`` is None) and load its weights strictly.
+
+    The number of classes is, in order: ``num_classes``, the checkpoint's, the classifier shape
+    in the file, 1000. ``state_dict`` (with ``source`` naming it) replaces ``weights_path`` for
+    weights already in memory (torch.hub downloads).
+    """
+    file = None
+    if weights_path is not None:
+        file = read_weights(weights_path, ema=ema)
+        state_dict, source = file.state_dict, weights_path
+    elif ema:
+        raise UserError("--ema needs a training checkpoint (--pretrained-from-file CKPT)")
+    saved = file.checkpoint if file else None
+    record = checkpoint.model_record(saved) if saved is not None else checkpoint.ModelRecord(None, None, None)
+    if arch is None:
+        arch = record.arch or "resnet50"
+    elif record.arch and record.arch != arch:
+        raise UserError(f"{weights_path} was trained with --arch {record.arch}, not --arch {arch}")
+    spec = models.get(arch)
+    num_classes = num_classes or record.num_classes or (infer_num_classes(state_dict) if state_dict else None) or 1000
+    model = quantization.restore(spec.build(num_classes=num_classes, **dict(options or {})), saved)
+    if state_dict is not None:
+        weights.load_state_dict_into(model, state_dict, source=source or "state dict",
+                                     family=spec.family, arch=arch)
+    model.eval()
+    names = record.class_names if record.class_names and len(record.class_names) == num_classes else None
+    return LoadedModel(model=model, spec=spec, num_classes=num_classes, class_names=names, checkpoint=saved,
+                       preprocessing=preprocessing.from_checkpoint(saved))
+
+
+def weights_path(args: argparse.Namespace, without_weights: str) -> str | None:
+    """The weights file the model flags ask for: ``--pretrained-from-file``/``--weights``, or the
+    published download for ``--pretrained``; None (with ``without_weights`` as a warning) for none."""
+    if args.pretrained and args.pretrained_from_file:
+        raise UserError("--pretrained and --pretrained-from-file/--weights exclude each other")
+    if args.pretrained:
+        from image_classification.models.published import download_weights
+        return download_weights(args.arch or "resnet50")
+    if args.pretrained_from_file is None:
+        print(f"warning: no --weights/--pretrained-from-file/--pretrained given: {without_weights}", file=sys.stderr)
+    return args.pretrained_from_file
+
+
+def load_from_flags(args: argparse.Namespace, without_weights: str) -> LoadedModel:
+    """:func:`load_model` as the flags of :func:`add_model_flags` ask (``without_weights``: the
+    warning when they name no weights)."""
+    return load_model(args.arch, weights_path(args, without_weights), ema=args.ema, num_classes=args.num_classes,
+                      options=config.model_options(args))
