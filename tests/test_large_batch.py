@@ -1,6 +1,5 @@
 """Large-batch training: LARS, LAMB and AdamW against hand-computed steps, the poly schedule, the LR
 scaling rule, evaluation cadence, the accuracy target, exact resume with LARS and the MLPerf presets."""
-import argparse
 import math
 import sys
 from pathlib import Path
