@@ -5,6 +5,7 @@ Every dataset here is a handful of tiny images generated in ``tmp_path``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from pathlib import Path
 
@@ -412,3 +413,44 @@ def test_a_registered_backend_can_be_chosen_on_the_command_line(monkeypatch):
     # Before: config.py listed the built-in four, so argparse refused any other name.
     args = config.parse_args(["--data-backend", "test-synthetic", "--arch", "resnet18"])
     assert args.data_backend == "test-synthetic" and "test-synthetic" in config.build_parser().format_help()
+
+
+# ---------------------------------------------------------------- forked workers inherit no garbage
+
+class _Finalised:
+    """A garbage cycle whose finaliser records the process that ran it (a stand-in for a left-over
+    DALI Pipeline, whose __del__ joins threads that only the parent has: in a worker it hangs)."""
+
+    def __init__(self, record: Path):
+        self.record, self.cycle = record, self
+
+    def __del__(self):
+        with open(self.record, "a") as file:
+            file.write(f"{os.getpid()}\n")
+
+
+class _CollectingDataset(torch.utils.data.Dataset):
+    """Each worker runs its GC while it serves a sample, as any allocation-heavy worker may."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        gc.collect()
+        return torch.tensor(index)
+
+
+def test_loader_workers_fork_without_inheriting_garbage(tmp_path):
+    from image_classification.data.pytorch import HeldStartLoader
+    record = tmp_path / "finalised-by"
+    gc.disable()  # keep the cycle alive as garbage until the loader starts its workers
+    try:
+        _Finalised(record)
+        loader = HeldStartLoader(_CollectingDataset(), batch_size=2, num_workers=2, persistent_workers=True)
+        assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]
+        assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]  # the persistent workers again
+        del loader
+    finally:
+        gc.enable()
+    # Before: the first worker's GC ran the finaliser in the child, and the parent's never did.
+    assert record.read_text().split() == [str(os.getpid())]

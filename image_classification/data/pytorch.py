@@ -19,6 +19,8 @@ Three things differ from a plain ``ImageFolder`` + ``DataLoader``:
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import hashlib
 import io
 import logging
@@ -198,16 +200,41 @@ class HeldStartLoader(DataLoader):
     PyTorch still watches them: a "worker exited unexpectedly" traceback on a good run. An exit hook
     registered after multiprocessing's runs before it and stops them the way the iterator's own
     finaliser does; it holds only a weak reference, so a loader let go earlier is freed as usual.
+
+    Workers are forked with no garbage to inherit (:func:`_without_garbage`).
     """
 
     def __iter__(self):
-        with signals.held():
+        starting = self.num_workers > 0 and getattr(self, "_iterator", None) is None  # persistent: once
+        with signals.held(), _without_garbage(starting):
             iterator = super().__iter__()
         hooked = getattr(self, "_exit_hooked", None)
         if self.num_workers > 0 and (hooked is None or hooked() is not iterator):  # persistent: once
             self._exit_hooked = weakref.ref(iterator)
             atexit.register(_stop_workers, self._exit_hooked)
         return iterator
+
+
+@contextlib.contextmanager
+def _without_garbage(forking: bool):
+    """Collect the garbage before worker processes fork, and keep what they inherit out of their GC.
+
+    A forked child inherits every object of the parent, garbage cycles included. If the child's GC
+    collects one whose finaliser waits on threads of the parent -- a DALI ``Pipeline`` left over
+    from an earlier loader joins its worker threads in ``__del__``, threads the child does not
+    have -- the worker hangs and the epoch never ends (seen in a test process that had run DALI
+    loaders). Collected here, such finalisers run in the parent; ``gc.freeze`` then puts what the
+    worker inherits beyond its GC (it only touches its dataset and indices).
+    """
+    if not forking:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _stop_workers(iterator_ref: weakref.ref) -> None:
