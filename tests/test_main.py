@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_classification import checkpoint, cli
+from image_classification import assembly, checkpoint, cli
 from image_classification.reporting.dllogger import read_raport
 from tests.helpers.faults import sigterm_at_step
 from tests.helpers.net import free_port
@@ -217,7 +217,7 @@ def test_efficientnet_b0_learns_digits_and_resumes(digits_dir, tmp_path):
 
 
 def test_cutmix_and_mixup_together_and_tensorboard(small_digits_dir, tmp_path, monkeypatch):
-    kinds, build = [], cli._batch_transform
+    kinds, build = [], assembly.batch_transform
 
     def spy(mixup, cutmix, num_classes):
         transform = build(mixup, cutmix, num_classes)
@@ -233,7 +233,7 @@ def test_cutmix_and_mixup_together_and_tensorboard(small_digits_dir, tmp_path, m
             kinds.append("cutmix" if pasted.all() else "mixup")
             return mixed, soft
         return apply
-    monkeypatch.setattr(cli, "_batch_transform", spy)
+    monkeypatch.setattr(assembly, "batch_transform", spy)
     args = [*STATEFUL[:-4], "--epochs", "1", "--cutmix", "1.0", "--label-smoothing", "0", "--tensorboard"]
     assert run_main(args, tmp_path, small_digits_dir) == 0
     assert len(kinds) == 12 and kinds.count("mixup") >= 3 and kinds.count("cutmix") >= 3, kinds
