@@ -12,7 +12,8 @@ prefix), ``optimizer`` and ``state_dict_ema``, plus what an exact resume needs: 
 (batches already done in epoch ``epoch``, non-zero only after an interruption), ``scaler``,
 ``ema_updates``, ``rng`` (one state per rank), ``arch``, ``num_classes``, ``class_names``,
 ``epochs_since_best``, ``has_best`` (``best_prec1`` is a score, not the 0 before any validation),
-``validation_pending`` (epoch ``epoch - 1`` is trained, not yet validated), ``config`` (the
+``validation_pending`` (epoch ``epoch - 1`` is trained, not yet validated), ``target_epoch`` (the
+epoch whose validation reached ``--target-top1``, or None), ``config`` (the
 resolved flags) and ``epoch_files`` (the per-epoch files this run keeps, see :class:`Retention`).
 """
 from __future__ import annotations
@@ -251,8 +252,8 @@ def capture(parts: TrainComponents, state: RunState, *, args, class_names: list[
     saved = {
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "best_prec1": max(state.best_top1, 0.0),
         "has_best": state.best_top1 != NO_BEST, "validation_pending": state.validation_pending,
-        "epochs_since_best": state.epochs_since_best, "arch": args.arch, "num_classes": len(class_names),
-        "class_names": class_names, "state_dict": parts.module.state_dict(),
+        "epochs_since_best": state.epochs_since_best, "target_epoch": state.target_epoch, "arch": args.arch,
+        "num_classes": len(class_names), "class_names": class_names, "state_dict": parts.module.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
         "config": {**vars(args), "seed": seed}, "eval_preprocessing": evaluation.as_dict(),
     }
@@ -285,4 +286,5 @@ def restore(saved: dict[str, Any], *, optimizer, scaler, ema: ModelEma | None, r
     return RunState(epoch=int(saved["epoch"]), step_in_epoch=int(saved.get("step_in_epoch", 0)),
                     best_top1=float(saved["best_prec1"]) if has_best else NO_BEST,
                     epochs_since_best=int(saved.get("epochs_since_best", 0)),
-                    validation_pending=bool(saved.get("validation_pending", False)))
+                    validation_pending=bool(saved.get("validation_pending", False)),
+                    target_epoch=None if saved.get("target_epoch") is None else int(saved["target_epoch"]))

@@ -304,6 +304,13 @@ def test_eval_every_and_target_top1_stop_the_run_and_record_the_epoch(small_digi
     summary = [r["data"] for r in _records(raport) if r["step"] == []][-1]
     assert summary["target_top1_epoch"] == 1 and summary["epochs_completed"] == 2
     assert checkpoint.load(tmp_path / "target" / "checkpoint.pth.tar")["epoch"] == 2
+    # A resume of a run that reached its target trains nothing (before: it went on to --epochs).
+    assert _run([*args, "--target-top1", "1", "--auto-resume"], tmp_path / "target", small_digits_dir) == 0
+    assert "reached --target-top1 1 after epoch 1; nothing to train" in capsys.readouterr().out
+    assert sorted(_epochs(raport)) == [0, 1]
+    assert checkpoint.load(tmp_path / "target" / "checkpoint.pth.tar")["epoch"] == 2
+    summary = [r["data"] for r in _records(raport) if r["step"] == []][-1]
+    assert summary["target_top1_epoch"] == 1 and summary["epochs_completed"] == 2
     # Without a target: validations after epochs 2 and 4 and the last (5), counted from 1.
     assert _run([*args, "--eval-offset", "0"], tmp_path / "cadence", small_digits_dir) == 0
     epochs = _epochs(tmp_path / "cadence" / "experiment_raport.json")

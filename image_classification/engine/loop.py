@@ -27,7 +27,7 @@ class RunState:
     epochs_since_best: int = 0
     validation_pending: bool = False  # epoch `epoch - 1` is trained (and saved) but not yet validated
     last_metrics: dict = field(default_factory=dict)  # the last epoch's record (not checkpointed)
-    target_epoch: int | None = None  # the epoch whose validation reached --target-top1 (not checkpointed)
+    target_epoch: int | None = None  # the epoch whose validation reached --target-top1
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,15 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
         reporter.message(f"epoch {epoch} was trained but not validated: validating it first")
         is_best, metrics = validate(epoch)
         reporter.log([epoch], metrics)
+        reached = _target_reached(state, evals, metrics, epoch, ema_best, reporter)
         save(state, epoch, is_best)
-        if _early_stop(state, patience, reporter) or _target_reached(state, evals, metrics, epoch, ema_best, reporter):
+        if _early_stop(state, patience, reporter) or reached:
             return state
     state.validation_pending = False
+    if state.target_epoch is not None and evals.target_top1 is not None and state.best_top1 >= evals.target_top1:
+        reporter.message(f"val.top1 {state.best_top1:.2f} % reached --target-top1 {evals.target_top1:g} after epoch "
+                         f"{state.target_epoch}; nothing to train")
+        return state
     last = epochs if run_epochs < 0 else min(epochs, state.epoch + run_epochs)
     while state.epoch < last:
         epoch = state.epoch
@@ -166,11 +171,11 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
             is_best, val_metrics = validate(epoch)
             metrics.update(val_metrics)
         reporter.log([epoch], metrics)
+        reached = _target_reached(state, evals, metrics, epoch, ema_best, reporter)  # before the save records it
         save(state, epoch, is_best)
         if parts.hooks.after_epoch is not None:
             parts.hooks.after_epoch(state, metrics)
-        if (_early_stop(state, patience, reporter) or _target_reached(state, evals, metrics, epoch, ema_best, reporter)
-                or stop.agreed()):
+        if _early_stop(state, patience, reporter) or reached or stop.agreed():
             break
     return state
 
