@@ -92,7 +92,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                             "file's, else bilinear)")
     group.add_argument("-j", "--workers", default=None, type=int, metavar="N",
                        help="data loading workers (DALI: threads) per process (default: the reference's 5, or "
-                            "the CPU cores this process may use when fewer)")
+                            "this process's share of the usable CPU cores when fewer)")
     group.add_argument("--loader-priority", default="auto", choices=PRIORITIES, metavar="PRIORITY",
                        help="CPU priority of the loader's workers/threads: auto | normal | idle; idle runs them "
                             "only on cycles the model leaves free (auto: idle when the model trains on the CPU, "
@@ -488,9 +488,10 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | Non
 
 
 def default_workers() -> int:
-    """The reference's 5, or fewer on a machine (or affinity mask) with fewer usable cores: more
-    workers than cores only compete with each other and the model (and PyTorch warns every run)."""
-    return min(5, machine.usable_cores())
+    """The reference's 5, or fewer where this process's share of the usable cores (its affinity
+    mask, divided among the node's training processes) is smaller: more workers than cores only
+    compete with each other and the model (and PyTorch warns every run)."""
+    return min(5, machine.cores_per_process())
 
 
 def _bare_gather_checkpoints(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

@@ -7,6 +7,7 @@ two figures from different machines are never compared as if alike.
 from __future__ import annotations
 
 import os
+import re
 from importlib import metadata
 from typing import Mapping
 
@@ -39,6 +40,22 @@ def _present(caps: Mapping[str, object], names: tuple[str, ...]) -> str:
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity mask: SLURM, ``docker --cpuset-cpus``, taskset)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def local_processes(env: Mapping[str, str] | None = None) -> int:
+    """Training processes on this node: torchrun's ``LOCAL_WORLD_SIZE``, else SLURM's tasks per node
+    (``SLURM_NTASKS_PER_NODE``, e.g. ``4`` or ``4(x2)``), else 1."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        leading = re.match(r"\d+", env.get(name, ""))
+        if leading and int(leading.group()) > 0:
+            return int(leading.group())
+    return 1
+
+
+def cores_per_process(env: Mapping[str, str] | None = None) -> int:
+    """This process's share of the cores it may use, when the node's training processes share them."""
+    return max(1, usable_cores() // local_processes(env))
 
 
 def dali_version() -> str | None:

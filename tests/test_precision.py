@@ -113,6 +113,20 @@ def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     assert config.parse_args(["-j", "7"]).workers == 7 and config.parse_args(["--workers", "0"]).workers == 0
 
 
+@pytest.mark.parametrize("env, workers", [
+    ({"LOCAL_WORLD_SIZE": "4"}, 4), ({"LOCAL_WORLD_SIZE": "8"}, 2), ({"SLURM_NTASKS_PER_NODE": "4(x2)"}, 4),
+    ({"LOCAL_WORLD_SIZE": "32"}, 1), ({}, 5),
+])
+def test_default_workers_share_the_cores_among_the_nodes_processes(monkeypatch, env, workers):
+    """16 cores and 4 processes per node: 4 workers each (before: 5 each, 20 on 16 cores)."""
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert config.parse_args([]).workers == workers
+
+
 # ---------------------------------------------------------------- the machine line of every benchmark
 
 def test_machine_line_names_cpu_cores_capabilities_and_versions(cpu_features, monkeypatch):
