@@ -128,7 +128,9 @@ def test_compiled_ddp_on_gloo_trains_and_ranks_agree(small_digits_dir, tmp_path)
         # std::thread destroyed while joinable) right after Dynamo's first DDP capture; never
         # reproduced alone or under load. One retry, so that CI does not hinge on it; a second
         # abort, or any other failure, fails. PYTHONFAULTHANDLER prints the ranks' Python stacks.
-        warnings.warn(f"compiled DDP run aborted upstream; retrying once:\n{run.stderr[-3000:]}")
+        fatal = run.stderr.find("Fatal Python error")
+        warnings.warn("compiled DDP run aborted upstream; retrying once:\n"
+                      + (run.stderr[fatal:fatal + 8000] if fatal >= 0 else run.stderr[-3000:]))
         run = launch()
     assert run.returncode == 0, run.stderr[-3000:]
     rank0 = torch.load(tmp_path / "weights.rank0", weights_only=True)
