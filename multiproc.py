@@ -83,7 +83,8 @@ def launch(args: argparse.Namespace) -> int:
     if "OMP_NUM_THREADS" not in os.environ and args.nproc_per_node > 1:
         # N processes each using every core would oversubscribe the CPU. torchrun would set 1
         # thread, which starves CPU training: give each rank a fair share instead.
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
+        from image_classification import machine
+        os.environ["OMP_NUM_THREADS"] = str(max(1, machine.usable_cores() // args.nproc_per_node))
     try:
         with _grace_period_for_failures():
             torchrun.run(torchrun.parse_args(torchrun_argv(args)))
