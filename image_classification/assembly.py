@@ -189,7 +189,9 @@ def training_parts(flags, model, staged: StagedTraining, rt, context, resume, ba
                                 rmsprop_eps=flags.rmsprop_eps, trust_coefficient=flags.trust_coefficient,
                                 trust_clip=flags.trust_clip, betas=flags.adam_betas, eps=flags.optimizer_eps,
                                 max_grad_norm=flags.max_grad_norm, device=rt.device)
-    steps_per_epoch = -(-len(staged(0).loader) // steps)  # every stage has the same batches per epoch
+    loader = staged(0).loader  # every stage splits an epoch the same way
+    loader.set_epoch(0)
+    steps_per_epoch = -(-len(loader) // steps)
     scaler = rt.grad_scaler(flags.static_loss_scale, flags.dynamic_loss_scale)
     module = torch.jit.script(model) if flags.jit == "script" else model
     # DDP broadcasts rank 0's weights when it wraps the model; the EMA copy is taken after that,
@@ -202,9 +204,14 @@ def training_parts(flags, model, staged: StagedTraining, rt, context, resume, ba
     if resume is not None:
         state = checkpoint.restore(resume, optimizer=optimizer, scaler=scaler, ema=ema, rank=context.rank,
                                    world_size=context.world_size, local_rank=context.local_rank)
-    # The schedule position is derived from (epoch, step in epoch), not stored, so a resume with
-    # another batch size still lands on the right epoch.
-    start_step = state.epoch * steps_per_epoch + -(-state.step_in_epoch // steps)
+    # The schedule position is derived from where the epoch stands, not stored: a resume with
+    # another split (processes, -b) takes the steps the rest of its epoch needs, so that the epoch
+    # still ends where the schedule's next epoch begins.
+    start_step = state.epoch * steps_per_epoch
+    if state.progress.started:
+        loader.set_epoch(state.epoch, state.progress)
+        state.progress = loader.progress_after(0)  # in positions (an older file said batches)
+        start_step = (state.epoch + 1) * steps_per_epoch - -(-len(loader) // steps)
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, granularity=flags.lr_granularity,
                                 base=batching.lr, start_step=start_step, policy=flags.lr_schedule,
                                 epochs=flags.epochs, warmup=flags.warmup, end_lr=flags.end_lr,
@@ -233,14 +240,14 @@ class CheckpointWriter:
         self.flags, self.parts, self.context = flags, parts, context
         self.class_names, self.seed, self.evaluation = class_names, seed, evaluation
         self.retention = checkpoint.Retention.resumed(flags.gather_checkpoints, resume, flags.resume)
-        self.last = [(flags.resume, state.epoch, state.step_in_epoch)] if resume is not None else []
+        self.last = [(flags.resume, state.epoch, state.progress.samples)] if resume is not None else []
 
     def __call__(self, run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
         flags = self.flags
         if not flags.save_checkpoints:  # every rank sees the same flag: no rank gathers
             return
         self.last = [(str(Path(flags.workspace) / flags.checkpoint_filename), run_state.epoch,
-                      run_state.step_in_epoch)]
+                      run_state.progress.samples)]
         rng = _gather_rng_states()
         if self.context.is_main:
             checkpoint.save(checkpoint.capture(self.parts, run_state, args=flags, class_names=self.class_names,

@@ -8,8 +8,11 @@ holding the latest state, ``checkpoint_XXXX.pth.tar`` after epoch XXXX (0-based;
 top-1 improves.
 
 Keys: the reference's ``epoch`` (epochs completed), ``best_prec1``, ``state_dict`` (no ``module.``
-prefix), ``optimizer`` and ``state_dict_ema``, plus what an exact resume needs: ``step_in_epoch``
-(batches already done in epoch ``epoch``, non-zero only after an interruption), ``scaler``,
+prefix), ``optimizer`` and ``state_dict_ema``, plus what an exact resume needs: ``epoch_progress``
+(the ranges of epoch ``epoch``'s permutation already trained, non-empty only after an
+interruption; it does not depend on the split, so a resume may change the number of processes,
+``-b`` or the workers), ``step_in_epoch`` (the same in batches of the saving run's split, for
+older readers), ``split`` (the saving run's processes, ``-b`` and global batch), ``scaler``,
 ``ema_updates``, ``rng`` (one state per rank), ``arch``, ``num_classes``, ``class_names``,
 ``epochs_since_best``, ``has_best`` (``best_prec1`` is a score, not the 0 before any validation),
 ``validation_pending`` (epoch ``epoch - 1`` is trained, not yet validated), ``target_epoch`` (the
@@ -35,6 +38,7 @@ import torch
 from image_classification.errors import UserError
 
 if TYPE_CHECKING:
+    from image_classification.data.sampling import EpochProgress
     from image_classification.engine.ema import ModelEma
     from image_classification.engine.loop import RunState
     from image_classification.engine.trainer import TrainComponents
@@ -250,7 +254,12 @@ def capture(parts: TrainComponents, state: RunState, *, args, class_names: list[
     # best_prec1 keeps the reference's meaning and range (0 before any validation, e.g. --training-only);
     # has_best says whether it is a score, so a resumed run's first validation is a new best.
     saved = {
-        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "best_prec1": max(state.best_top1, 0.0),
+        "epoch": state.epoch, "epoch_progress": state.progress.record(),
+        "step_in_epoch": state.progress.samples // (args.batch_size * parts.world_size),
+        "split": {"processes": parts.world_size, "batch_size": args.batch_size,
+                  "global_batch": args.batch_size * parts.world_size * parts.accumulation_steps,
+                  "lr": parts.optimizer.param_groups[0].get("initial_lr")},  # the schedule's base LR
+        "best_prec1": max(state.best_top1, 0.0),
         "has_best": state.best_top1 != NO_BEST, "validation_pending": state.validation_pending,
         "epochs_since_best": state.epochs_since_best, "target_epoch": state.target_epoch, "arch": args.arch,
         "num_classes": len(class_names), "class_names": class_names, "state_dict": parts.module.state_dict(),
@@ -262,6 +271,38 @@ def capture(parts: TrainComponents, state: RunState, *, args, class_names: list[
     if parts.ema is not None:
         saved.update(state_dict_ema=parts.ema.state_dict(), ema_updates=parts.ema.updates)
     return saved
+
+
+def saved_split(saved: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(processes, global batch) of the run that wrote ``saved``; None when it did not say."""
+    split = saved.get("split")
+    if split:
+        return int(split["processes"]), int(split["global_batch"])
+    return None
+
+
+def saved_lr(saved: Mapping[str, Any]) -> float | None:
+    """The base LR (after --lr-base-batch scaling) of the run that wrote ``saved``, if it said."""
+    lr = (saved.get("split") or {}).get("lr")
+    return None if lr is None else float(lr)
+
+
+def saved_rng_processes(saved: Mapping[str, Any]) -> int:
+    """How many processes' RNG states ``saved`` holds (0: none)."""
+    return len(saved.get("rng") or ())
+
+
+def saved_progress(saved: Mapping[str, Any]) -> "EpochProgress":
+    """Where epoch ``saved['epoch']`` stands. A file written before ``epoch_progress`` existed says
+    only ``step_in_epoch`` batches of its split (its ``-b``, and one RNG state per process)."""
+    from image_classification.data.sampling import EpochProgress
+    if "epoch_progress" in saved:
+        return EpochProgress.from_record(saved["epoch_progress"])
+    batches = int(saved.get("step_in_epoch", 0))
+    if not batches:
+        return EpochProgress()
+    return EpochProgress.after_batches(batches, batch_size=int((saved.get("config") or {})["batch_size"]),
+                                       world_size=max(1, saved_rng_processes(saved)))
 
 
 def restore(saved: dict[str, Any], *, optimizer, scaler, ema: ModelEma | None, rank: int, world_size: int,
@@ -283,7 +324,7 @@ def restore(saved: dict[str, Any], *, optimizer, scaler, ema: ModelEma | None, r
     if rng and len(rng) == world_size:
         runtime.set_rng_state(rng[rank], local_rank)
     has_best = saved.get("has_best", "best_prec1" in saved)  # format 1: best_prec1 was always a score
-    return RunState(epoch=int(saved["epoch"]), step_in_epoch=int(saved.get("step_in_epoch", 0)),
+    return RunState(epoch=int(saved["epoch"]), progress=saved_progress(saved),
                     best_top1=float(saved["best_prec1"]) if has_best else NO_BEST,
                     epochs_since_best=int(saved.get("epochs_since_best", 0)),
                     validation_pending=bool(saved.get("validation_pending", False)),

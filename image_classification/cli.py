@@ -192,7 +192,8 @@ def _train(flags, model, staged: StagedTraining, val_loader, rt, context, resume
            hooks: trainer.Hooks) -> int:
     parts, state = assembly.training_parts(flags, model, staged, rt, context, resume, batching, compiler, hooks)
     if resume is not None:
-        reporter.message(f"resumed from {flags.resume}: epoch {state.epoch}, batch {state.step_in_epoch}")
+        for line in _resume_lines(flags.resume, resume, state, staged(0).loader.epoch_size, batching):
+            reporter.message(line)
     if state.epoch >= flags.epochs:
         reporter.message(f"{flags.resume} has already completed {state.epoch} of --epochs {flags.epochs}; "
                          "nothing to train")
@@ -216,6 +217,26 @@ def _train(flags, model, staged: StagedTraining, val_loader, rt, context, resume
         stop.restore()
     reporter.log([], _summary(flags, state, compiler))
     return 0
+
+
+def _resume_lines(path: str, resume: dict, state: loop.RunState, epoch_size: int, batching: Batching) -> list[str]:
+    """Where a resumed run continues, what changed in the split, and what of the saved run's
+    randomness cannot carry over to another number of processes."""
+    where = (f"epoch {state.epoch} at sample {state.progress.samples} of {epoch_size}" if state.progress.started
+             else f"epoch {state.epoch}")
+    line = f"resumed from {path}: {where} on {batching.processes} process(es)"
+    split = checkpoint.saved_split(resume)
+    saved_lr = checkpoint.saved_lr(resume)
+    if split is not None and (split[0] != batching.processes or split[1] != batching.global_batch):
+        line += (f" (saved on {split[0]}); global batch {split[1]} -> {batching.global_batch}, LR "
+                 f"{saved_lr:g} -> {batching.lr:g}" if saved_lr is not None else f" (saved on {split[0]})")
+    lines = [line]
+    saved_rng = checkpoint.saved_rng_processes(resume)
+    if saved_rng and saved_rng != batching.processes:
+        lines.append(f"RNG states were saved for {saved_rng} process(es), this run has {batching.processes}: each "
+                     "starts from --seed + rank instead, so MixUp/CutMix, dropout and DALI's augmentation draw "
+                     "differently than the saved run would have; which samples the epoch trains does not change")
+    return lines
 
 
 def _summary(flags, state: loop.RunState, compiler: compiling.Compiler | None) -> dict:

@@ -24,6 +24,7 @@ from image_classification.data import registry, sampling
 from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
 from image_classification.errors import UserError
 from image_classification.reporting.dllogger import read_raport
+from image_classification.data.sampling import EpochProgress
 
 # DALI is pinned in requirements.txt: a DALI that fails to import fails this module, never skips it.
 import nvidia.dali  # noqa: F401,E402
@@ -50,7 +51,8 @@ def loader(backend: str, cfg: LoaderConfig, train: bool):
 
 
 def batches(loader_, epoch=0, start_batch=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    loader_.set_epoch(epoch, start_batch)
+    loader_.set_epoch(epoch, EpochProgress.after_batches(start_batch, batch_size=loader_.sampler.batch_size,
+                                                         world_size=loader_.sampler.world_size))
     return [(images.clone(), labels.clone()) for images, labels in loader_]
 
 
@@ -208,7 +210,7 @@ def test_mid_epoch_resume_yields_the_rest_of_the_epoch(levels):
     cfg = config(root, batch_size=2)
     straight = batches(loader("dali-cpu", cfg, True), epoch=1)
     resumed_loader = loader("dali-cpu", cfg, True)
-    resumed_loader.set_epoch(1, start_batch=2)
+    resumed_loader.set_epoch(1, EpochProgress.after_batches(2, batch_size=2, world_size=1))
     assert len(resumed_loader) == len(straight) - 2
     resumed = batches(resumed_loader, epoch=1, start_batch=2)
     assert len(resumed) == len(straight) - 2

@@ -21,6 +21,7 @@ from image_classification.data.digits import write_digits
 from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
 from image_classification.data.transforms import open_rgb, train_transform, val_transform
 from image_classification.errors import UserError
+from image_classification.data.sampling import EpochProgress
 from tests.helpers.tiny_data import write_imagefolder
 
 SIZE = 16
@@ -54,7 +55,8 @@ def make_folder(root, classes=CLASSES, train_per_class=5, val_per_class=2, ext="
 
 
 def batches(loader, epoch=0, start_batch=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    loader.set_epoch(epoch, start_batch)
+    loader.set_epoch(epoch, EpochProgress.after_batches(start_batch, batch_size=loader.sampler.batch_size,
+                                                        world_size=loader.sampler.world_size))
     return [(images.clone(), labels.clone()) for images, labels in loader]
 
 
@@ -204,7 +206,8 @@ def test_device_loader_drops_empty_batches():
     empty = (torch.empty(0, 3, 2, 2, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), ["x.jpg"])
     full = (torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), [])
     loader = DeviceLoader([empty, full], device=torch.device("cpu"), memory_format=torch.contiguous_format,
-                          length=2, num_classes=1, class_names=["0"])
+                          num_classes=1, class_names=["0"],
+                          sampler=sampling.ShardSampler(2, batch_size=1, rank=0, world_size=1, seed=0, train=False))
     assert [labels.tolist() for _, labels in loader] == [[0]]
     assert loader.take_skipped() == ["x.jpg"]
 

@@ -13,6 +13,7 @@ from image_classification.engine.optim import build_optimizer, parameter_groups
 from image_classification.engine.trainer import TrainComponents, train_epoch
 from image_classification.runtime import build_runtime
 from image_classification import models
+from image_classification.data.sampling import SamplerEpochs, ShardSampler
 
 
 def _scheduled_lrs(policy, granularity="epoch", steps_per_epoch=1, epochs=10, **kwargs):
@@ -111,22 +112,20 @@ def test_batchnorm_parameters_get_no_weight_decay_by_module_type():
     assert parameter_groups(model, 1e-4, bn_weight_decay=True)[1]["weight_decay"] == 1e-4
 
 
-class _ListLoader:
-    """The Loader protocol over a fixed list of batches; counts the batches handed out."""
+class _ListLoader(SamplerEpochs):
+    """The Loader protocol over a fixed list of batches (one sample each, for the epoch's
+    arithmetic); counts the batches handed out."""
 
     def __init__(self, batches):
         self.batches = batches
-        self.start = 0
+        self.sampler = ShardSampler(len(batches), batch_size=1, rank=0, world_size=1, seed=0, train=True)
         self.fetched = 0
 
     def __len__(self):
-        return len(self.batches) - self.start
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.start = start_batch
+        return len(self.sampler)
 
     def __iter__(self):
-        for batch in self.batches[self.start:]:
+        for batch in self.batches[self.batches_trained:]:
             self.fetched += 1
             yield batch
 

@@ -15,6 +15,7 @@ from torch import nn
 from image_classification import affinity, distributed, runtime
 from image_classification.engine import optim
 from image_classification.errors import UserError
+from image_classification.data.sampling import SamplerEpochs, ShardSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,8 +229,9 @@ def test_step_metrics_are_read_one_interval_late_without_device_syncs(monkeypatc
                             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
                             scaler=rt.grad_scaler(1.0), criterion=criterion, runtime=rt)
     batches = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])) for _ in range(4)]
-    loader = type("Loader", (), {"__len__": lambda self: 4, "set_epoch": lambda self, *a: None,
-                                 "__iter__": lambda self: iter(batches)})()
+    loader = type("Loader", (SamplerEpochs,), {"__len__": lambda self: 4, "__iter__": lambda self: iter(batches),
+                                               "sampler": ShardSampler(4, batch_size=1, rank=0, world_size=1,
+                                                                       seed=0, train=True)})()
     train_epoch(parts, loader, epoch=0, print_freq=1,
                 log=lambda step, data: logged.append((step, len(losses), data["train.loss"])))
     assert [(step, seen) for step, seen, _ in logged] == [([0, 1], 2), ([0, 2], 3), ([0, 3], 4), ([0, 4], 4)]

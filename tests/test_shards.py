@@ -25,6 +25,7 @@ from image_classification.data import registry, sampling, sources
 from image_classification.data.registry import LoaderConfig
 from image_classification.models import registry as models
 from image_classification.errors import UserError
+from image_classification.data.sampling import EpochProgress
 from tests.helpers.faults import sigterm_at_step
 from tests.helpers.net import free_port
 
@@ -90,7 +91,8 @@ def wds_from_tfslim(root: Path, per_shard: int = 16) -> Path:
 
 
 def batches(loader, epoch=0, start_batch=0):
-    loader.set_epoch(epoch, start_batch)
+    loader.set_epoch(epoch, EpochProgress.after_batches(start_batch, batch_size=loader.sampler.batch_size,
+                                                        world_size=loader.sampler.world_size))
     return list(loader)
 
 

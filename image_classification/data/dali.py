@@ -19,8 +19,8 @@ mid-epoch resume would have to decode the batches it skips. (``fn.readers.tfreco
 ``fn.readers.webdataset`` have the same limits.) Here the sample order is
 :class:`~image_classification.data.sampling.ShardSampler`'s -- the one definition every backend
 uses -- and the source hands DALI the encoded bytes (``SampleSource.read``: a file, a tar member,
-a TFRecord's ``image/encoded``) of exactly the batches this rank gets in this epoch, from
-``start_batch`` on. Both backends therefore see the same samples
+a TFRecord's ``image/encoded``) of exactly the batches this rank gets in this epoch, leaving out
+what a mid-epoch resume says is trained. Both backends therefore see the same samples
 in the same batches; reading a batch of files in the main thread costs a few milliseconds, against
 the tens spent decoding it on the pipeline's threads.
 
@@ -68,7 +68,7 @@ from image_classification import signals
 from image_classification.data import priority
 from image_classification.data.registry import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Backend,
                                                  LoaderConfig)
-from image_classification.data.sampling import source_sampler
+from image_classification.data.sampling import SamplerEpochs, source_sampler
 from image_classification.data.sources import SampleSource, ShardError, open_split
 from image_classification.errors import UserError
 
@@ -326,7 +326,7 @@ class Feeder:
 
 # ---------------------------------------------------------------- the loader
 
-class DaliLoader:
+class DaliLoader(SamplerEpochs):
     """A :class:`~image_classification.data.registry.Loader` over one split, driving one pipeline."""
 
     def __init__(self, config: LoaderConfig, *, train: bool, kind: str = "cpu"):
@@ -371,9 +371,6 @@ class DaliLoader:
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_batch)
 
     def take_skipped(self) -> list[str]:
         return []  # DALI cannot leave a file out of a batch: an unreadable one stops the run (UserError)

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator
 import torch
 
 from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD
+from image_classification.data.sampling import SamplerEpochs, ShardSampler
 
 
 class Normalize:
@@ -28,7 +29,7 @@ class Normalize:
         return torch.addcmul(self.shift, images.float(), self.scale).contiguous(memory_format=self.memory_format)
 
 
-class DeviceLoader:
+class DeviceLoader(SamplerEpochs):
     """Wraps an iterable of ``(uint8 images, int64 labels)`` CPU batches.
 
     Yields normalised float images and labels on ``device``. ``source`` may also yield a third
@@ -38,26 +39,19 @@ class DeviceLoader:
     """
 
     def __init__(self, source: Iterable, *, device: torch.device, memory_format: torch.memory_format,
-                 length: int, num_classes: int, class_names: list[str], sampler=None, description: str = "",
+                 num_classes: int, class_names: list[str], sampler: ShardSampler, description: str = "",
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         self.source = source
         self.description = description  # where the batches come from, for the run's first lines
         self.device = device
         self.normalize = Normalize(device, memory_format, mean=mean, std=std)
-        self.length = length
         self.num_classes = num_classes
         self.class_names = class_names
         self.sampler = sampler
         self._skipped: list[str] = []
 
     def __len__(self) -> int:
-        if self.sampler is not None:
-            return -(-len(self.sampler) // self.sampler.batch_size)
-        return self.length
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch, start_batch)
+        return -(-len(self.sampler) // self.sampler.batch_size)
 
     def take_skipped(self) -> list[str]:
         skipped, self._skipped = self._skipped, []

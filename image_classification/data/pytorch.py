@@ -185,7 +185,7 @@ def _loader(config: LoaderConfig, split: str, transform: Transform,
         **_worker_options(config),
     )
     return DeviceLoader(batches, device=config.device, memory_format=config.memory_format,
-                        length=len(batches), num_classes=source.num_classes,
+                        num_classes=source.num_classes,
                         class_names=list(source.class_names), sampler=sampler, description=source.describe(),
                         mean=config.mean, std=config.std)
 

@@ -11,11 +11,14 @@ LR schedule and the checkpoints mean the same thing whichever backend produced t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
 
 from image_classification.errors import UserError
+
+if TYPE_CHECKING:
+    from image_classification.data.sampling import EpochProgress
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,12 +68,17 @@ class Loader(Protocol):
     num_classes: int
     class_names: list[str]
     description: str  # where the samples come from (format, shards, samples), for the run's first lines
+    epoch_size: int   # samples in an epoch's permutation (all processes together)
 
     def __len__(self) -> int:
         """Batches this process yields per epoch."""
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's shuffle and skip the first ``start_batch`` batches (mid-epoch resume)."""
+    def set_epoch(self, epoch: int, progress: EpochProgress | None = None) -> None:
+        """Select the epoch's shuffle; a training epoch leaves out the samples ``progress`` says are
+        trained (a mid-epoch resume, on any number of processes)."""
+
+    def progress_after(self, batches: int) -> EpochProgress:
+        """Where the epoch stands once every process has trained ``batches`` batches since ``set_epoch``."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ...

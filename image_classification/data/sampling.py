@@ -18,13 +18,23 @@ node fetches its share, not every shard) -- at the cost of a less global shuffle
 Validation does not shuffle and does not pad: ranks get uneven strided shares and the engine sums
 correct counts across ranks, so every image is scored exactly once.
 
+A mid-epoch position is an :class:`EpochProgress`: the positions of the epoch's permutation
+already trained, which does not depend on the number of processes, the batch size or the workers.
+A resumed epoch lays out only the remaining positions, with the rules above, over however many
+processes it now has; so each sample of the epoch is trained once, whatever changed (fewer than
+``world_size * batch_size`` of the rest are left out, as in any epoch). Resumed with the split it
+was saved with, the layout of the rest is exactly what the uninterrupted run would have trained.
+
 Written by hand (rather than using DistributedSampler directly) because a mid-epoch resume must
-skip the batches already trained on without decoding them, and DALI needs the same index list.
+skip the samples already trained on without decoding them, on any number of processes, and DALI
+needs the same index list.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -40,22 +50,93 @@ if TYPE_CHECKING:
 STREAMED_WINDOW = 8
 
 
-def epoch_indices(num_samples: int, *, rank: int, world_size: int, epoch: int, seed: int,
-                  train: bool, shard_ids=None, window: int = 0) -> list[int]:
-    """Indices of the samples this rank sees in ``epoch`` (before batching).
+@dataclass(frozen=True)
+class EpochProgress:
+    """How far an epoch's training has got, independent of how it was split.
 
-    ``shard_ids`` (the shard of each sample) and ``window`` select the shard-window shuffle.
+    ``done``: sorted, disjoint half-open ranges of positions in the epoch's permutation (see
+    :func:`epoch_order`) already trained. ``then_batches``: on top of those, the first batches of
+    every rank of a layout with ``(batches, batch_size, world_size)`` -- how checkpoints written
+    before positions were recorded (``step_in_epoch`` only) still resume; the sampler turns it into
+    ranges. ``EpochProgress()`` is an epoch's start.
     """
-    if not train:
-        return list(range(rank, num_samples, world_size))
+    done: tuple[tuple[int, int], ...] = ()
+    then_batches: tuple[int, int, int] | None = None
+
+    @property
+    def started(self) -> bool:
+        return bool(self.done) or bool(self.then_batches and self.then_batches[0])
+
+    @property
+    def samples(self) -> int:
+        """Samples of the epoch trained (``then_batches`` counted as its ranks trained them)."""
+        extra = self.then_batches[0] * self.then_batches[1] * self.then_batches[2] if self.then_batches else 0
+        return sum(stop - start for start, stop in self.done) + extra
+
+    def record(self) -> list[list[int]]:
+        """For the checkpoint (``epoch_progress``); only ranges (the sampler resolved the rest)."""
+        if self.then_batches and self.then_batches[0]:
+            raise ValueError("resolve then_batches with ShardSampler.progress_after first")
+        return [[start, stop] for start, stop in self.done]
+
+    @classmethod
+    def after_batches(cls, batches: int, *, batch_size: int, world_size: int) -> "EpochProgress":
+        """An epoch's first ``batches`` batches on every rank of a split (``-b``, processes)."""
+        return cls(then_batches=(batches, batch_size, world_size)) if batches else cls()
+
+    @classmethod
+    def from_record(cls, ranges) -> "EpochProgress":
+        return cls(done=tuple((int(start), int(stop)) for start, stop in ranges))
+
+    @classmethod
+    def from_positions(cls, positions: np.ndarray) -> "EpochProgress":
+        """The ranges covering a set of positions."""
+        if len(positions) == 0:
+            return cls()
+        positions = np.unique(positions)
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        starts = positions[np.concatenate(([0], breaks))]
+        stops = positions[np.concatenate((breaks - 1, [len(positions) - 1]))] + 1
+        return cls(done=tuple(zip(starts.tolist(), stops.tolist())))
+
+
+def epoch_order(num_samples: int, *, epoch: int, seed: int, shard_ids=None, window: int = 0) -> torch.Tensor:
+    """The epoch's permutation of the training samples: the same on every rank, for any world size."""
     generator = torch.Generator()
     generator.manual_seed(seed + epoch)
-    per_rank = num_samples // world_size
     if window > 0 and shard_ids is not None:
-        order = _windowed_order(torch.as_tensor(shard_ids, dtype=torch.int64), window, generator)
-        return order[rank * per_rank:(rank + 1) * per_rank].tolist()
-    order = torch.randperm(num_samples, generator=generator)
-    return order[rank:per_rank * world_size:world_size].tolist()
+        return _windowed_order(torch.as_tensor(shard_ids, dtype=torch.int64), window, generator)
+    return torch.randperm(num_samples, generator=generator)
+
+
+def rank_positions(positions: np.ndarray, *, rank: int, world_size: int, batch_size: int | None = None,
+                   windowed: bool = False) -> np.ndarray:
+    """The positions (of the epoch's permutation) that ``rank`` trains, out of ``positions`` still to
+    train: every ``world_size``-th from the ``rank``-th on, or (``windowed``) the ``rank``-th of
+    ``world_size`` contiguous blocks; cut to whole batches of ``batch_size`` when given."""
+    per_rank = len(positions) // world_size
+    mine = (positions[rank * per_rank:(rank + 1) * per_rank] if windowed
+            else positions[rank:per_rank * world_size:world_size])
+    return mine if batch_size is None else mine[:len(mine) // batch_size * batch_size]
+
+
+def remaining_positions(num_samples: int, progress: EpochProgress) -> np.ndarray:
+    """The positions of an epoch not in ``progress.done``, in order."""
+    todo = np.ones(num_samples, dtype=bool)
+    for start, stop in progress.done:
+        todo[start:stop] = False
+    return np.flatnonzero(todo)
+
+
+def epoch_indices(num_samples: int, *, rank: int, world_size: int, epoch: int, seed: int,
+                  train: bool, shard_ids=None, window: int = 0) -> list[int]:
+    """Indices of the samples this rank sees in a whole ``epoch`` (before batching)."""
+    if not train:
+        return list(range(rank, num_samples, world_size))
+    order = epoch_order(num_samples, epoch=epoch, seed=seed, shard_ids=shard_ids, window=window)
+    mine = rank_positions(np.arange(num_samples), rank=rank, world_size=world_size,
+                          windowed=window > 0 and shard_ids is not None)
+    return order[torch.from_numpy(mine)].tolist()
 
 
 def _windowed_order(shard_ids: torch.Tensor, window: int, generator: torch.Generator) -> torch.Tensor:
@@ -84,7 +165,8 @@ def require_full_batch(num_samples: int, *, batch_size: int, world_size: int, so
 
 
 class ShardSampler(Sampler[int]):
-    """A sampler over :func:`epoch_indices` that can start part-way into an epoch."""
+    """A sampler over an epoch's permutation that can start part-way into an epoch
+    (:meth:`set_epoch` with an :class:`EpochProgress`), on any number of processes."""
 
     def __init__(self, num_samples: int, *, batch_size: int, rank: int, world_size: int, seed: int, train: bool,
                  shard_ids=None, window: int = 0):
@@ -97,25 +179,73 @@ class ShardSampler(Sampler[int]):
         self.seed = seed
         self.train = train
         self.epoch = 0
-        self.start_batch = 0
+        self.progress = EpochProgress()
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, progress: EpochProgress | None = None) -> None:
+        """Select the epoch's shuffle and (training) leave out what ``progress`` says is trained."""
         self.epoch = epoch
-        self.start_batch = start_batch
+        progress = progress or EpochProgress()
+        if progress.then_batches and progress.then_batches[0]:
+            progress = self._trained(EpochProgress(progress.done), *progress.then_batches)
+        if progress.started and not self.train:
+            raise ValueError("a validation split has no mid-epoch position")
+        self.progress = progress
+
+    @property
+    def _windowed(self) -> bool:
+        return self.window > 0 and self.shard_ids is not None
+
+    def _trained(self, progress: EpochProgress, batches: int, batch_size: int, world_size: int) -> EpochProgress:
+        """``progress`` plus the first ``batches`` batches of every rank of that layout of the rest."""
+        rest = remaining_positions(self.num_samples, progress)
+        taken = [rank_positions(rest, rank=rank, world_size=world_size, batch_size=batch_size,
+                                windowed=self._windowed)[:batches * batch_size] for rank in range(world_size)]
+        done = [np.arange(start, stop) for start, stop in progress.done]
+        return EpochProgress.from_positions(np.concatenate([*done, *taken]).astype(np.int64))
+
+    def progress_after(self, batches: int) -> EpochProgress:
+        """Where the epoch stands once every rank has trained ``batches`` batches since :meth:`set_epoch`."""
+        return self._trained(self.progress, batches, self.batch_size, self.world_size)
 
     def indices(self) -> list[int]:
-        indices = epoch_indices(self.num_samples, rank=self.rank, world_size=self.world_size,
-                                epoch=self.epoch, seed=self.seed, train=self.train,
-                                shard_ids=self.shard_ids, window=self.window)
-        if self.train:  # drop the last incomplete batch
-            indices = indices[: len(indices) // self.batch_size * self.batch_size]
-        return indices[self.start_batch * self.batch_size:]
+        if not self.train:
+            return list(range(self.rank, self.num_samples, self.world_size))
+        order = epoch_order(self.num_samples, epoch=self.epoch, seed=self.seed, shard_ids=self.shard_ids,
+                            window=self.window)
+        mine = rank_positions(remaining_positions(self.num_samples, self.progress), rank=self.rank,
+                              world_size=self.world_size, batch_size=self.batch_size, windowed=self._windowed)
+        return order[torch.from_numpy(mine)].tolist()
 
     def __iter__(self):
         return iter(self.indices())
 
     def __len__(self) -> int:
-        return len(self.indices())
+        if not self.train:
+            return len(range(self.rank, self.num_samples, self.world_size))
+        remaining = self.num_samples - sum(stop - start for start, stop in self.progress.done)
+        return remaining // self.world_size // self.batch_size * self.batch_size
+
+
+class SamplerEpochs:
+    """The :class:`~image_classification.data.registry.Loader` protocol's epoch methods, for a loader
+    whose batches follow ``self.sampler`` (every backend's)."""
+    sampler: ShardSampler
+
+    def set_epoch(self, epoch: int, progress: EpochProgress | None = None) -> None:
+        self.sampler.set_epoch(epoch, progress)
+
+    def progress_after(self, batches: int) -> EpochProgress:
+        return self.sampler.progress_after(batches)
+
+    @property
+    def epoch_size(self) -> int:
+        return self.sampler.num_samples
+
+    @property
+    def batches_trained(self) -> int:
+        """The epoch's trained samples in batches of this split (where a resumed epoch's count starts)."""
+        sampler = self.sampler
+        return sampler.progress.samples // (sampler.batch_size * sampler.world_size)
 
 
 def shuffle_window(requested: int | None, streamed: bool) -> int:

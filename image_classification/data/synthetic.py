@@ -5,8 +5,8 @@ in the normalised range, so no normalisation runs) in the run's memory format; t
 uniform in ``[0, num_classes)``. Both come from a generator seeded with ``LoaderConfig.seed``.
 
 Unlike the reference, an epoch is finite: ``synthetic_epoch_size`` samples across all processes
-(default: 64 global batches), split into batches by :func:`sampling.num_batches`, the same epoch
-arithmetic as the real backends. The same tensors are yielded every step: callers must not modify
+(default: 64 global batches), split by a :class:`sampling.ShardSampler` as the real backends'
+samples are (a mid-epoch resume counts its samples the same way), though the samples are one batch. The same tensors are yielded every step: callers must not modify
 them in place.
 """
 from __future__ import annotations
@@ -16,39 +16,34 @@ from typing import Iterator
 import torch
 
 from image_classification.data.registry import Backend, LoaderConfig
-from image_classification.data.sampling import num_batches
+from image_classification.data.sampling import SamplerEpochs, ShardSampler
 from image_classification.errors import UserError
 
 DEFAULT_BATCHES = 64
 DEFAULT_CLASSES = 1000  # without --num-classes
 
 
-class SyntheticLoader:
+class SyntheticLoader(SamplerEpochs):
     """Yields ``len(self)`` batches, all views of one device-resident batch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, length: int, last_batch: int,
-                 class_names: list[str]):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, sampler: ShardSampler, class_names: list[str]):
         self.images = images
         self.labels = labels
-        self.length = length
-        self.last_batch = last_batch  # size of the final batch (smaller only when validating)
+        self.sampler = sampler
         self.num_classes = len(class_names)
         self.class_names = class_names
         self.description = ""  # nothing worth a line of its own
-        self.start_batch = 0
 
     def __len__(self) -> int:
-        return self.length
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.start_batch = start_batch
+        return -(-len(self.sampler) // self.sampler.batch_size)
 
     def take_skipped(self) -> list[str]:
         return []
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step in range(self.start_batch, self.length):
-            size = self.last_batch if step == self.length - 1 else len(self.labels)
+        samples, batch = len(self.sampler), len(self.labels)
+        for start in range(0, samples, batch):
+            size = min(batch, samples - start)
             yield self.images[:size], self.labels[:size]
 
 
@@ -66,16 +61,13 @@ def _loader(config: LoaderConfig, *, train: bool) -> SyntheticLoader:
         raise UserError(f"the synthetic backend needs --num_classes >= 1, got {num_classes}")
     global_batch = config.batch_size * config.world_size
     epoch_size = config.synthetic_epoch_size or DEFAULT_BATCHES * global_batch
-    length = num_batches(epoch_size, world_size=config.world_size, batch_size=config.batch_size,
-                         train=train, rank=config.rank)
-    if train and length == 0:
+    sampler = ShardSampler(epoch_size, batch_size=config.batch_size, rank=config.rank,
+                           world_size=config.world_size, seed=config.seed, train=train)
+    if train and len(sampler) == 0:
         raise UserError(f"synthetic epoch size {epoch_size} is smaller than one global batch "
                         f"({config.batch_size} x {config.world_size} processes)")
-    shard = len(range(config.rank, epoch_size, config.world_size))
-    last_batch = config.batch_size if train else shard - (length - 1) * config.batch_size
     images, labels = _fixed_batch(config, num_classes)
-    return SyntheticLoader(images, labels, length=length, last_batch=last_batch,
-                           class_names=[str(i) for i in range(num_classes)])
+    return SyntheticLoader(images, labels, sampler=sampler, class_names=[str(i) for i in range(num_classes)])
 
 
 def _fixed_batch(config: LoaderConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from image_classification import compiling
+from image_classification.data.sampling import EpochProgress
 from image_classification.engine import trainer
 from image_classification.engine.stages import EpochPlan
 from image_classification.engine.trainer import TrainComponents
@@ -22,7 +23,7 @@ NO_BEST = -1.0
 @dataclass
 class RunState:
     epoch: int = 0             # the epoch to run next (= epochs completed)
-    step_in_epoch: int = 0     # batches of `epoch` already trained (after an interruption)
+    progress: EpochProgress = field(default_factory=EpochProgress)  # what of `epoch` is trained (after an interruption)
     best_top1: float = NO_BEST
     epochs_since_best: int = 0
     validation_pending: bool = False  # epoch `epoch - 1` is trained (and saved) but not yet validated
@@ -146,18 +147,18 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
         epoch = state.epoch
         plan = plan_epoch(epoch)
         train_loader, parts.batch_transform = plan.loader, plan.batch_transform
-        outcome = trainer.train_epoch(parts, train_loader, epoch=epoch, start_batch=state.step_in_epoch,
+        outcome = trainer.train_epoch(parts, train_loader, epoch=epoch, start=state.progress,
                                       print_freq=print_freq, prof=prof, log=reporter.log, should_stop=stop,
                                       progress=reporter.progress)
         _report_skipped(train_loader, reporter, epoch)
         if outcome.interrupted:
-            state.step_in_epoch = outcome.batches_done
+            state.progress = outcome.progress
             save(state, None, False)
             reporter.message(f"interrupted in epoch {epoch} after {outcome.batches_done} batches; "
                              "checkpoint saved, continue with --resume")
             return state
         metrics = {**outcome.metrics, **plan.record}
-        state.epoch, state.step_in_epoch = epoch + 1, 0
+        state.epoch, state.progress = epoch + 1, EpochProgress()
         state.last_metrics = metrics
         is_best = False
         if not training_only and evals.due(epoch, epochs):

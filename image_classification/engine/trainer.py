@@ -19,6 +19,7 @@ from torch import nn
 
 from image_classification import distributed
 from image_classification.compiling import CompileClock, Compiler, plain
+from image_classification.data.sampling import EpochProgress
 from image_classification.engine.ema import ModelEma
 from image_classification.runtime import Runtime
 
@@ -26,8 +27,9 @@ from image_classification.runtime import Runtime
 @dataclass
 class StepOutcome:
     """How a training epoch ended."""
-    batches_done: int           # batches of this epoch completed (including those before a resume)
-    interrupted: bool = False   # stopped early by a signal (checkpoint must record batches_done)
+    batches_done: int           # batches of this epoch completed (in this run's split, including those before a resume)
+    interrupted: bool = False   # stopped early by a signal (the checkpoint records `progress`)
+    progress: EpochProgress = field(default_factory=EpochProgress)  # where an interrupted epoch stands
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -129,29 +131,33 @@ def _no_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int = 0, print_freq: int = 10,
-                prof: int = -1, log: Callable[[list[int], dict], None] | None = None,
+def train_epoch(parts: TrainComponents, loader, *, epoch: int, start: EpochProgress | None = None,
+                print_freq: int = 10, prof: int = -1, log: Callable[[list[int], dict], None] | None = None,
                 should_stop: Callable[[], bool] = lambda: False, progress=None) -> StepOutcome:
-    """Train ``epoch`` from batch ``start_batch`` on. ``should_stop`` is polled after optimizer
-    steps but the last; when it returns True the epoch ends early (at an accumulation-group boundary)."""
+    """Train ``epoch``'s samples that ``start`` does not say are trained (all of them by default). ``should_stop`` is polled
+    after optimizer steps but the last; when it returns True the epoch ends early (at an
+    accumulation-group boundary) and the outcome says where the epoch stands."""
     model, runtime = parts.model, parts.runtime
     model.train()
-    loader.set_epoch(epoch, start_batch)
+    loader.set_epoch(epoch, start)
+    # Batches are numbered (logs, hooks) in this run's split, from where the trained samples reach.
+    start_batch = loader.batches_trained
     # --prof N: exactly N batches (the last accumulation group ends there), no extra one fetched.
-    num_batches = start_batch + (min(len(loader), prof) if prof > 0 else len(loader))
+    total = min(len(loader), prof) if prof > 0 else len(loader)
     steps = parts.accumulation_steps
     interval, pending = IntervalMeter(runtime.device), None
     epoch_images, epoch_loss, data_wait, timed_from = 0, torch.zeros((), device=runtime.device), 0.0, None
     clock, compiling_after_first = CompileClock(parts.compiler), 0.0
-    batch = start_batch
+    done = 0
     lr = parts.optimizer.param_groups[0]["lr"]
     end = time.perf_counter()
     batches = progress(loader, len(loader), f"epoch {epoch}") if progress else loader
-    for batch, (images, target) in enumerate(batches, start=start_batch):
+    for done, (images, target) in enumerate(batches, start=1):
+        batch = start_batch + done - 1
         waited = time.perf_counter() - end
-        group_start = batch - batch % steps
-        group_size = min(steps, num_batches - group_start)
-        last_of_group = batch == group_start + group_size - 1
+        group_start = (done - 1) - (done - 1) % steps
+        group_size = min(steps, total - group_start)
+        last_of_group = done == group_start + group_size
         step_start = time.perf_counter()
         loss = _forward_backward(parts, images, target, group_size, sync=last_of_group)
         if last_of_group:
@@ -177,20 +183,19 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
             pending = _interval_report(parts, interval, lr, [epoch, batch + 1])
             interval.reset()
         end = time.perf_counter()
-        if batch + 1 == num_batches:  # a stop asked for now is the caller's to see (the epoch is complete)
+        if done == total:  # a stop asked for now is the caller's to see (the epoch is complete)
             break
         if last_of_group and should_stop():
             _log_report(log, pending)
-            return StepOutcome(batch + 1, interrupted=True)
+            return StepOutcome(start_batch + done, interrupted=True, progress=loader.progress_after(done))
     _log_report(log, pending)
     runtime.synchronize()
     elapsed = time.perf_counter() - timed_from - compiling_after_first if timed_from else 0.0
-    done = batch + 1 - start_batch
     metrics = {"train.loss": distributed.all_reduce_mean(epoch_loss / max(done, 1)).item(),
                **_throughput("train", epoch_images * parts.world_size, elapsed, data_wait), "train.lr": lr}
     if parts.compiler is not None:
         metrics["train.compile_time"] = clock.seconds
-    return StepOutcome(batch + 1, metrics=metrics)
+    return StepOutcome(start_batch + done, metrics=metrics)
 
 
 def _forward_backward(parts: TrainComponents, images, target, group_size: int, sync: bool) -> torch.Tensor:

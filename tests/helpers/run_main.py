@@ -5,7 +5,7 @@ BatchNorm statistics depend on the per-process batch, so comparing a 2-process r
 write its final weights to ``PREFIX.rank<R>`` (and its EMA weights to ``PREFIX.ema.rank<R>``).
 
 ``MARKERS=DIR`` makes every rank write ``DIR/exit.rank<R>`` (its exit status) and
-``DIR/stopped.rank<R>`` ("epoch step_in_epoch" where fit ended); with ``PAUSE_AT_STEP=N`` too, a
+``DIR/stopped.rank<R>`` ("epoch samples-trained-of-it" where fit ended); with ``PAUSE_AT_STEP=N`` too, a
 rank that completes its N-th optimizer step writes ``DIR/ready.rank<R>`` and waits there (up to
 60 s) until it has received SIGTERM/SIGINT, so a test can signal it at a known point mid-epoch.
 """
@@ -44,7 +44,7 @@ def fit_and_dump(parts, *args, **kwargs):
         if parts.ema is not None:
             torch.save(parts.ema.state_dict(), f"{prefix}.ema.rank{RANK}")
     if MARKERS:
-        (MARKERS / f"stopped.rank{RANK}").write_text(f"{state.epoch} {state.step_in_epoch}")
+        (MARKERS / f"stopped.rank{RANK}").write_text(f"{state.epoch} {state.progress.samples}")
     return state
 
 
