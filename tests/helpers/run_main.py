@@ -2,7 +2,8 @@
 
 BatchNorm statistics depend on the per-process batch, so comparing a 2-process run with a
 1-process run of double batch needs a model without it. ``DUMP_WEIGHTS=PREFIX`` makes every rank
-write its final weights to ``PREFIX.rank<R>`` (and its EMA weights to ``PREFIX.ema.rank<R>``).
+write its final weights to ``PREFIX.rank<R>`` (and its EMA weights to ``PREFIX.ema.rank<R>``; the
+``sample-recorder`` model writes the numbers of the samples it trained on to ``PREFIX.seen.rank<R>``).
 
 ``MARKERS=DIR`` makes every rank write ``DIR/exit.rank<R>`` (its exit status) and
 ``DIR/stopped.rank<R>`` ("epoch samples-trained-of-it" where fit ended); with ``PAUSE_AT_STEP=N`` too, a
@@ -32,7 +33,24 @@ def tiny_cnn(num_classes: int = 10) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
 
 
+class SampleRecorder(nn.Module):
+    """tiny-cnn that records which samples it trains on: each training image of a
+    ``write_numbered_images`` set is one colour whose red value is the sample's number."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.net = tiny_cnn(num_classes)
+        self.seen: list[int] = []
+
+    def forward(self, images):
+        if self.training:  # undo the ImageNet normalisation of the red channel (mean 0.485, std 0.229)
+            red = (images[:, 0, 0, 0].float() * 0.229 + 0.485) * 255
+            self.seen.extend(red.round().int().tolist())
+        return self.net(images)
+
+
 register(ModelSpec("tiny-cnn", "test", tiny_cnn, default_image_size=16))
+register(ModelSpec("sample-recorder", "test", SampleRecorder, default_image_size=16))
 _fit = loop.fit
 
 
@@ -43,6 +61,8 @@ def fit_and_dump(parts, *args, **kwargs):
         torch.save(parts.module.state_dict(), f"{prefix}.rank{RANK}")
         if parts.ema is not None:
             torch.save(parts.ema.state_dict(), f"{prefix}.ema.rank{RANK}")
+        if isinstance(parts.module, SampleRecorder):
+            Path(f"{prefix}.seen.rank{RANK}").write_text(" ".join(map(str, parts.module.seen)))
     if MARKERS:
         (MARKERS / f"stopped.rank{RANK}").write_text(f"{state.epoch} {state.progress.samples}")
     return state
