@@ -43,8 +43,10 @@ def test_brace_ranges_expand_in_order_and_bad_patterns_are_one_line():
 
 
 def test_local_patterns_expand_braces_then_globs(shards):
-    assert remote.expand(str(shards / "train-{000001..000009}.tar")) == [
-        str(shards / "train-000001.tar"), str(shards / "train-000002.tar")]  # only those that exist
+    assert remote.expand(str(shards / "train-{000001..000002}.tar")) == [
+        str(shards / "train-000001.tar"), str(shards / "train-000002.tar")]
+    with pytest.raises(UserError, match=r"7 of the 9 shard\(s\) it names do not exist"):  # (before: the 2 that did)
+        remote.expand(str(shards / "train-{000001..000009}.tar"))
     assert remote.expand(f"file://{shards}/*-00000[02].tar") == [
         str(shards / "train-000000.tar"), str(shards / "train-000002.tar")]
     assert remote.list_dir(str(shards)) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]

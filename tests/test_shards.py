@@ -340,6 +340,38 @@ def test_truncated_shards_and_members_without_label(tmp_path):
         assert str(error.value).startswith(f"{shards[0]}: orphan: no .cls label (2 sample(s) left out")
 
 
+@pytest.mark.parametrize("cut", [100, 511])
+def test_a_shard_cut_inside_a_member_header_reports_its_lost_tail(tmp_path, cut):
+    """tarfile stops without a word at a header cut short; before, 2 of 12 samples vanished silently."""
+    samples = [(jpeg(i), i % 2) for i in range(12)]
+    shards = write_wds(tmp_path / "wds", "train", samples, per_shard=6)
+    with tarfile.open(shards[1]) as tar:  # where sample 10's first member (its header blocks) starts
+        header = next(member.offset for member in tar if member.name.startswith("sample000010."))
+    raw = Path(shards[1]).read_bytes()
+    Path(shards[1]).write_bytes(raw[:header + cut])
+    source = sources.open_source(str(tmp_path / "wds"), "train", cache_dir=str(tmp_path / "cache"))
+    assert len(source) == 10
+    assert source.skipped == [f"{shards[1]}: unreadable tar data after byte {header} ({cut} bytes ignored: a header "
+                              "cut short or damaged)"]
+    assert source.describe().endswith(", 1 left out")
+
+
+def test_a_whole_shard_reports_nothing_left_out(tmp_path):
+    shards = write_wds(tmp_path / "wds", "train", [(jpeg(i), i % 2) for i in range(6)], per_shard=6)
+    source = sources.open_source(str(tmp_path / "wds"), "train", cache_dir=str(tmp_path / "cache"))
+    assert len(source) == 6 and source.skipped == [] and Path(shards[0]).stat().st_size % 10240 == 0
+
+
+def test_a_shard_pattern_naming_missing_shards_stops_with_one_line(tmp_path):
+    write_wds(tmp_path / "wds", "train", [(jpeg(i), i % 2) for i in range(8)], per_shard=2)  # 4 shards
+    pattern = str(tmp_path / "wds" / "train-{000000..000009}.tar")
+    with pytest.raises(UserError) as error:
+        sources.detect_format(None, "train", shards=pattern)
+    assert str(error.value) == (f"{pattern}: 6 of the 10 shard(s) it names do not exist ({tmp_path}/wds/"
+                                f"train-000004.tar, {tmp_path}/wds/train-000005.tar, {tmp_path}/wds/train-000006.tar, ...)")
+    assert len(sources.detect_format(None, "train", shards=str(tmp_path / "wds" / "train-{000000..000003}.tar"))[1]) == 4
+
+
 def test_a_truncated_tfrecord_keeps_its_whole_records(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

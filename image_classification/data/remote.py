@@ -83,23 +83,33 @@ def default_cache_dir() -> str:
 def expand(pattern: str) -> list[str]:
     """The sorted shard locations a pattern names (brace ranges, then globs; see the module docstring).
 
-    Local matches must exist. Remote names without a glob are returned unchecked (checking 1024
-    shards would cost 1024 requests); a missing one fails when :func:`local_copy` fetches it.
+    Every name the braces expand to must exist (a glob among them must match something): a typo in
+    a range or an incomplete copy stops the run with one line rather than training on part of the
+    data. Remote names without a glob are returned unchecked (checking 1024 shards would cost 1024
+    requests); a missing one fails when :func:`local_copy` fetches it.
     """
     try:
         names = list(braceexpand.braceexpand(pattern))
     except braceexpand.UnbalancedBracesError:
         raise UserError(f"{pattern}: unbalanced braces in the shard pattern") from None
     found: set[str] = set()
+    missing: list[str] = []
     for name in names:
         if not is_remote(name):
-            found.update(glob.glob(_strip_file_scheme(name)))
+            matches = glob.glob(_strip_file_scheme(name))
         elif _GLOB.search(urlsplit(name).path):
             fs, path = _filesystem(name)
             _require_listable(fs, name)
-            found.update(fs.unstrip_protocol(match) for match in _call(name, fs.glob, path))
+            matches = [fs.unstrip_protocol(match) for match in _call(name, fs.glob, path)]
         else:
-            found.add(name)
+            matches = [name]
+        found.update(matches)
+        if not matches:
+            missing.append(name)
+    if missing and found:  # (nothing at all: the caller says what it looked for)
+        shown = [_public(name) if is_remote(name) else name for name in missing[:3]]
+        raise UserError(f"{_public(pattern) if is_remote(pattern) else pattern}: {len(missing)} of the {len(names)} "
+                        f"shard(s) it names do not exist ({', '.join(shown)}{', ...' if len(missing) > 3 else ''})")
     return sorted(found)
 
 

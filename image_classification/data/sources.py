@@ -585,6 +585,14 @@ def _index_tar(path: str) -> ShardIndex:
     except tarfile.ReadError as error:
         if end <= size:  # (a member cut short is reported below, as its sample)
             index.skipped.append(f"unreadable tar data after byte {end} ({error}); the rest ignored")
+    else:
+        # tarfile ends its iteration without a word at a header it cannot read past the first
+        # member (a copy cut inside a header, garbage): what follows the last member must be the
+        # archive's zero end blocks, or data was lost.
+        tail = -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        if _holds_data(path, tail, size):
+            index.skipped.append(f"unreadable tar data after byte {tail} ({size - tail} bytes ignored: a header cut "
+                                 "short or damaged)")
     with open(path, "rb") as file:
         for key in order:
             image, label = images.get(key), labels.get(key)
@@ -605,6 +613,20 @@ def _index_tar(path: str) -> ShardIndex:
                 continue
             index.add(image.offset_data, image.size, value, key)
     return index
+
+
+def _holds_data(path: str, start: int, stop: int, chunk: int = 1 << 20) -> bool:
+    """Whether bytes ``start..stop`` of ``path`` are anything but zeros."""
+    with open(path, "rb") as file:
+        file.seek(start)
+        while start < stop:
+            block = file.read(min(chunk, stop - start))
+            if not block:
+                return False
+            if block.count(0) != len(block):
+                return True
+            start += len(block)
+    return False
 
 
 def _split_key(name: str) -> tuple[str, str, str]:
