@@ -14,7 +14,8 @@ a restart).
 
 Faults: when a rank exits with a non-zero status, the agent sends the others SIGTERM and, after
 ``--grace_period`` seconds, SIGKILL; multiproc.py then exits with the failed rank's status
-(128 + N when it was killed by signal N). SIGINT and SIGTERM sent to multiproc.py (alone or to its
+(128 + N when it was killed by signal N) and names it in one line: its global and local rank, its
+status or signal, and its log's last line. SIGINT and SIGTERM sent to multiproc.py (alone or to its
 whole process group) are forwarded once to every rank, which finish their step, checkpoint and
 exit 0; multiproc.py waits for them and exits with 128 + the signal number.
 """
@@ -92,8 +93,8 @@ def launch(args: argparse.Namespace) -> int:
         return 128 + int(stop.sigval)
     except ChildFailedError as error:
         global_rank, failure = error.get_first_failure()
-        print(f"multiproc.py: {_describe(failure.local_rank, failure.exitcode)}; the other processes were stopped",
-              file=sys.stderr, flush=True)
+        print(f"multiproc.py: {_describe(global_rank, failure.local_rank, failure.exitcode)}; the other processes "
+              "were stopped", file=sys.stderr, flush=True)
         return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode
     return 0
 
@@ -131,10 +132,35 @@ def _grace_period_for_failures():
         launcher_api.LocalElasticAgent = original
 
 
-def _describe(local_rank: int, exitcode: int) -> str:
-    how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with status {exitcode}"
-    where = f" (log: GPU_{local_rank}.log)" if local_rank > 0 else ""
-    return f"local rank {local_rank} {how}{where}"
+def _describe(global_rank: int, local_rank: int, exitcode: int) -> str:
+    """One line naming the failed rank and why: its exit status or signal, and for a rank whose
+    output went to ``GPU_<k>.log`` that file and its last line (rank 0's error is on this console)."""
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "an unknown signal"
+        how = f"was killed by {name} (signal {-exitcode})"
+    else:
+        how = f"exited with status {exitcode}"
+    line = f"rank {global_rank} (local rank {local_rank}) {how}"
+    if local_rank == 0:
+        return line + " (its output is above)"
+    log = f"GPU_{local_rank}.log"
+    last = _last_line(log)
+    return f"{line} (log: {log})" + (f": {last}" if last else "")
+
+
+def _last_line(path: str, tail: int = 4096) -> str:
+    """The last non-empty line of ``path`` (at most 300 characters), or ''."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(0, os.path.getsize(path) - tail))
+            lines = file.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return last[:300]
 
 
 def run_rank(script: str, script_args: Sequence[str]) -> None:
