@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = No
     try:
         return exit_status(parse_and_run)
     finally:
+        compiling.release_graphs()
         distributed.shutdown()
 
 

@@ -18,12 +18,22 @@ every compilation.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
 from torch import nn
 
 from image_classification.errors import UserError
+
+
+def release_graphs() -> None:
+    """Drop every compiled graph. Dynamo caches them (with their guards, which hold the compiled
+    module -- a DDP model and so its process group) on the model's code objects for the life of
+    the interpreter; the end of a run lets them go, so that its process group can be destroyed
+    while the interpreter is whole (see ``distributed.shutdown``)."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
 
 
 class Compiler:

@@ -6,6 +6,7 @@ and gloo on CPU.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ def init(context: DistributedContext, device: torch.device) -> None:
     if not context.enabled or dist.is_initialized():
         return
     os.environ.setdefault("MASTER_PORT", "29500")
+    _bind_import_time_defaults()
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     store, _, _ = next(dist.rendezvous("env://", rank=context.rank, world_size=context.world_size))
@@ -100,9 +102,26 @@ def peer_lost(error: BaseException) -> str | None:
     return next((marker for marker in _PEER_LOST if marker in str(error)), None)
 
 
+def _bind_import_time_defaults() -> None:
+    """Import, before the process group exists, the torch modules that bind it at import time.
+
+    ``torch.distributed.nn.functional`` declares ``group=group.WORLD`` as a default argument of
+    ten functions, evaluated when the module is first imported -- which DDP's constructor does
+    (through ``torch._dynamo``, FSDP and ``_shard``). Imported after ``init_process_group``, those
+    defaults hold the default group for the life of the interpreter: ``destroy_process_group``
+    then leaves the gloo group (and its worker threads) alive until the interpreter is torn down,
+    and a rank that had finished its work could die at exit with "terminate called without an
+    active exception" (SIGABRT). Imported first, the defaults are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def shutdown() -> None:
+    """Destroy the process group while the interpreter is whole. Every rank calls it on every
+    path out of ``main`` (no collective is in flight by then: see ``GracefulStop.restore``)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()  # what a reference cycle (a DDP model in a traceback) still holds of it goes now
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

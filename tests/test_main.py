@@ -157,8 +157,11 @@ def test_two_process_gloo_run_matches_one_process_with_double_batch(small_digits
     common = ["--arch", "tiny-cnn", "--data-backend", "pytorch", "--image-size", "16", "--val-resize-size", "16",
               "--lr", "0.1", "--epochs", "2", "--workers", "0", "--seed", "3", "--device", "cpu",
               "--label-smoothing", "0.1"]
-    two = _torchrun(2, [*common, "-b", "4"], tmp_path / "two", small_digits_dir)
+    two = _torchrun(2, [*common, "-b", "4"], tmp_path / "two", small_digits_dir, MARKERS=str(tmp_path))
     assert two.returncode == 0, two.stderr[-2000:]
+    # The process group is gone once main() returns: no gloo thread is left for the interpreter's
+    # teardown (before, torch.distributed.nn.functional's defaults kept it alive: SIGABRT at exit).
+    assert [(tmp_path / f"threads.rank{rank}").read_text() for rank in (0, 1)] == ["python", "python"]
     one = _torchrun(1, [*common, "-b", "8"], tmp_path / "one", small_digits_dir)
     assert one.returncode == 0, one.stderr[-2000:]
     rank0 = torch.load(tmp_path / "two" / "weights.rank0", weights_only=True)

@@ -104,6 +104,7 @@ def test_group_sigterm_stops_both_ranks_at_the_same_step(small_digits_dir, tmp_p
     # The ranks vote after every step and act on the vote one step later: both stop after step 4.
     # (Before: they voted every 20 steps, so they trained on to the end of the epoch.)
     assert [(split / f"stopped.rank{rank}").read_text() for rank in (0, 1)] == ["0 32", "0 32"]
+    assert not any("gloo" in (split / f"threads.rank{rank}").read_text() for rank in (0, 1))  # group destroyed
     assert sorted(path.name for path in split.glob("*.pth.tar")) == ["checkpoint.pth.tar"]
     saved = checkpoint.load(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (0, 4)

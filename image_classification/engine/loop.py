@@ -106,9 +106,17 @@ class GracefulStop:
         return bool(flag.item())
 
     def restore(self) -> None:
-        self._vote = None  # every rank started it, so it completes without us (never block here)
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        """Leave with no collective in flight: a vote still pending (a run that ended early, by
+        --target-top1 or early stopping, or by an error) is waited for -- every rank started it, so
+        it completes, unless a peer is gone, which the caller reports -- so that the process group
+        is never destroyed under gloo's feet with work in its queue."""
+        try:
+            self._collect()
+        except RuntimeError:
+            pass  # a lost peer: the error that brought us here says so
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
 
 
 def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_loader, state: RunState, *, epochs: int,

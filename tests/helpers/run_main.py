@@ -8,7 +8,8 @@ write its final weights to ``PREFIX.rank<R>`` (and its EMA weights to ``PREFIX.e
 ``MARKERS=DIR`` makes every rank write ``DIR/exit.rank<R>`` (its exit status) and
 ``DIR/stopped.rank<R>`` ("epoch samples-trained-of-it" where fit ended); with ``PAUSE_AT_STEP=N`` too, a
 rank that completes its N-th optimizer step writes ``DIR/ready.rank<R>`` and waits there (up to
-60 s) until it has received SIGTERM/SIGINT, so a test can signal it at a known point mid-epoch.
+60 s) until it has received SIGTERM/SIGINT, so a test can signal it at a known point mid-epoch;
+``DIR/threads.rank<R>``: the names of the threads still running after ``main()`` returned.
 """
 import os
 import signal
@@ -115,8 +116,16 @@ def hooks() -> Hooks:
     return Hooks()
 
 
+def native_threads() -> list[str]:
+    """The names of this process's threads (Linux), e.g. gloo's ``pt_gloo_runloop`` workers."""
+    tasks = Path("/proc/self/task")
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir()) if tasks.exists() else []
+
+
 if __name__ == "__main__":
     status = cli.main(hooks=hooks())
     if MARKERS:
         (MARKERS / f"exit.rank{RANK}").write_text(str(status))
+        # What is still running once main() has returned (and destroyed the process group).
+        (MARKERS / f"threads.rank{RANK}").write_text(" ".join(native_threads()))
     sys.exit(status)
