@@ -359,3 +359,12 @@ def test_sigterm_mid_epoch_then_resume_gives_the_same_weights(digits, tmp_path):
     expected = checkpoint.load(straight / "checkpoint.pth.tar")["state_dict"]
     resumed = checkpoint.load(split / "checkpoint.pth.tar")["state_dict"]
     assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
+
+
+def test_a_run_that_needs_larger_images_than_stored_is_warned(packed_dir, caplog):
+    registry.get("pytorch").val_loader(config(packed_dir, image_size=16, val_resize_size=24))
+    assert (f"{packed_dir} stores images with the shorter side <= 20 px, less than --val-resize-size 24: "
+            "they are enlarged") in caplog.text
+    caplog.clear()
+    registry.get("pytorch").train_loader(config(packed_dir, image_size=20, val_resize_size=24))
+    assert "stores images" not in caplog.text  # training crops of 20 px: the stored side suffices

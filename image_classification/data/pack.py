@@ -17,11 +17,13 @@ than decoding (an estimate by the converting machine: train on one with less mem
 yourself). At the end the converter prints, for a sample of the images, the size and the decode
 cost per image of each option (raw, JPEG q90 and q95, and SRC as stored) on this machine.
 
-Why the shorter side is capped at 256 px by default: the reference's validation resizes the shorter
-side to 256 and center-crops 224, so at the default image size validation sees the same pixels up to
-resampling; for low-resolution training choose ``--max-size`` at least the largest
-``--val-resize-size`` you will use (``--image-size`` x 256/224: 146 at 128 px) -- a smaller cap
-halves the bytes (and the resize work of every random crop) again.
+Why the shorter side is capped at 256 px by default: validation resizes the shorter side to
+``--val-resize-size`` (default ``--image-size`` + 32: 256 at the reference's 224) and center-crops,
+so at the default image size validation sees the same pixels up to resampling. For low-resolution
+training choose ``--max-size`` at least the largest ``--val-resize-size`` you will use (160 at
+128 px): it shrinks the bytes, and the resize work of every random crop, with the square of the
+ratio. The random-resized crop is then drawn from the stored image, so a crop's source has fewer
+pixels than the original's; a loader warns when the stored side is below what it needs.
 
 Every image is decoded in ``--workers`` processes; one that does not read or decode is listed and
 left out (a warning names them). Writes are atomic: each file is written under a hidden ``.part``

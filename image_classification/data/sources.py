@@ -224,10 +224,18 @@ def _joined(parts: list[list[int]]) -> np.ndarray:
 
 def open_split(config: LoaderConfig, split: str) -> SampleSource:
     """The source of ``split`` as a backend's :class:`LoaderConfig` describes it."""
-    return open_source(config.data_dir, split, data_format=config.data_format,
-                       shards=config.train_shards if split == "train" else config.val_shards,
-                       index_dir=config.index_dir, cache_dir=config.cache_dir,
-                       tfrecord_label_base=config.tfrecord_label_base, num_classes=config.num_classes)
+    source = open_source(config.data_dir, split, data_format=config.data_format,
+                         shards=config.train_shards if split == "train" else config.val_shards,
+                         index_dir=config.index_dir, cache_dir=config.cache_dir,
+                         tfrecord_label_base=config.tfrecord_label_base, num_classes=config.num_classes)
+    if source.kind == "packed":  # stored smaller than this run needs: say so (the results differ from the original's)
+        flag, needed = ("--image-size", config.image_size) if split == "train" else ("--val-resize-size",
+                                                                                        config.val_resize_size)
+        if source.max_size < needed:
+            log.warning("%s stores images with the shorter side <= %d px, less than %s %d: they are enlarged "
+                        "(convert again with a larger prepare --max-size)", source.location, source.max_size,
+                        flag, needed)
+    return source
 
 
 def open_source(location: str | None, split: str, *, data_format: str = "auto", shards: str | None = None,
