@@ -95,19 +95,21 @@ def make_dataset(root: Path, images: int = 512, copies: int = 4, seed: int = 0) 
     return root
 
 
-def packed_forms(folder: Path, root: Path, max_size: int) -> dict[str, Path]:
-    """The folder, and ``prepare --to packed`` copies of it (raw, JPEG q90; kept between runs)."""
+def packed_copy(folder: Path, target: Path, encoding: str, max_size: int) -> Path:
+    """``prepare --to packed`` of ``folder`` into ``target`` (JPEG at q90; kept when already there)."""
     from image_classification.data import prepare  # noqa: PLC0415
 
-    found = {"folder": folder}
-    for encoding in ("raw", "jpeg"):
-        target = root / f"packed-{encoding}-{max_size}"
-        command = ["--to", "packed", "--encoding", encoding, "--max-size", str(max_size), "--quality", "90",
-                   str(folder), str(target)]
-        if prepare.main(command) != 0:
-            raise SystemExit(f"prepare {' '.join(command)} failed")
-        found[f"packed-{encoding}"] = target
-    return found
+    command = ["--to", "packed", "--encoding", encoding, "--max-size", str(max_size), "--quality", "90",
+               str(folder), str(target)]
+    if prepare.main(command) != 0:
+        raise SystemExit(f"prepare {' '.join(command)} failed")
+    return target
+
+
+def packed_forms(folder: Path, root: Path, max_size: int) -> dict[str, Path]:
+    """The folder, and its packed copies (raw, JPEG q90)."""
+    return {"folder": folder, **{f"packed-{encoding}": packed_copy(folder, root / f"packed-{encoding}-{max_size}",
+                                                                    encoding, max_size) for encoding in ("raw", "jpeg")}}
 
 
 def stage_costs(data: Path, size: int, args) -> dict[str, float]:
@@ -131,18 +133,21 @@ def stage_costs(data: Path, size: int, args) -> dict[str, float]:
     seconds = dict.fromkeys(STAGES, 0.0)
     samples = []
     for index in range(0, len(source), step)[:args.breakdown_samples]:
+        # (the CPU generator alone is seeded, as the loader does: torch.manual_seed costs up to ms)
         start = time.perf_counter()
         stored = source.read(index)
         read = time.perf_counter()
-        torch.manual_seed(index)
+        torch.default_generator.manual_seed(index)
+        started = time.perf_counter()
         decoder.decode(io.BytesIO(stored))  # the decode alone (and the crop's draws)
         decoded = time.perf_counter()
-        torch.manual_seed(index)
+        torch.default_generator.manual_seed(index)
+        again = time.perf_counter()
         image = rest(decoder(io.BytesIO(stored)))  # the same decode, then the crop's resize and the rest
         done = time.perf_counter()
         seconds["read"] += read - start
-        seconds["decode"] += decoded - read
-        seconds["augment"] += max(0.0, (done - decoded) - (decoded - read))
+        seconds["decode"] += decoded - started
+        seconds["augment"] += max(0.0, (done - again) - (decoded - started))
         samples.append(Sample(image, int(source.labels[index]), source.name(index)))
     per_batch = {stage: 1e3 * value * args.batch_size / len(samples) for stage, value in seconds.items()}
     collate, normalize = Collate(size, memory_format), Normalize(torch.device("cpu"), memory_format)

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_loader_share import packed_copy  # noqa: E402  (this folder is sys.path[0] when run as a script)
 from image_classification import machine  # noqa: E402
-from image_classification.data import prepare  # noqa: E402
 from image_classification.data.digits import write_digits  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 
@@ -43,12 +43,8 @@ def forms(root: Path, args) -> dict[str, Path]:
     for name, encoding, max_size in (("packed raw, no cap", "raw", args.export_size),
                                      (f"packed raw <= {args.max_size}", "raw", args.max_size),
                                      (f"packed jpeg q90 <= {args.max_size}", "jpeg", args.max_size)):
-        target = root / f"packed-{encoding}-{max_size}-from-{args.export_size}"
-        command = ["--to", "packed", "--encoding", encoding, "--max-size", str(max_size), "--quality", "90",
-                   str(folder), str(target)]
-        if prepare.main(command) != 0:
-            raise SystemExit(f"prepare {' '.join(command)} failed")
-        found[name] = target
+        found[name] = packed_copy(folder, root / f"packed-{encoding}-{max_size}-from-{args.export_size}",
+                                  encoding, max_size)
     return found
 
 

@@ -238,6 +238,8 @@ def test_a_corrupt_index_or_header_is_one_line_naming_it(packed_dir):
     assert one_line_error(packed_dir).startswith(f"{header} is not a packed-dataset header (")
     header.write_text(json.dumps({"format": "convnets-packed", "version": 99}))
     assert one_line_error(packed_dir).startswith(f"{header}: packed format version 99, this convnets reads version 1")
+    header.write_text(json.dumps({"format": "convnets-packed", "version": 1, "encoding": "raw"}))
+    assert one_line_error(packed_dir).startswith(f"{header} is not a complete packed-dataset header (no quality, ")
 
 
 def test_a_damaged_sample_is_skipped_by_pytorch_and_stops_dali(packed_dir):

@@ -47,6 +47,9 @@ ENCODINGS = ("raw", "jpeg")
 DATA_SUFFIX = ".packed"
 INDEX_SUFFIX = ".packed.npy"
 HEADER_SUFFIX = ".packed.json"
+#: what a reader needs from the header (the writer also records the split, the input's digest and description)
+HEADER_KEYS = ("encoding", "quality", "max_size", "samples", "classes", "data_bytes", "index_bytes", "index_crc32c",
+               "left_out")
 INDEX_DTYPE = np.dtype([("offset", "<u8"), ("size", "<u8"), ("label", "<i8"), ("height", "<u4"),
                         ("width", "<u4"), ("crc32c", "<u4")])
 
@@ -85,6 +88,9 @@ def read_header(path: str) -> dict:
     if header.get("version") != VERSION:
         raise UserError(f"{path}: packed format version {header.get('version')}, this convnets reads version "
                         f"{VERSION}: convert again with this version's prepare --to packed")
+    missing = [key for key in HEADER_KEYS if key not in header]
+    if missing:
+        raise UserError(f"{path} is not a complete packed-dataset header (no {', '.join(missing)}): convert again")
     return header
 
 
