@@ -164,11 +164,12 @@ def measure(source: sources.SampleSource, max_size: int, quality: int) -> tuple[
     for index in picks:
         try:
             stored = source.read(int(index))
-            times["SRC as stored"] += _decode_seconds(stored)
+            seconds = _decode_seconds(stored)
             image = capped_rgb(stored, max_size)
         except Exception:  # noqa: BLE001 -- unreadable: the conversion lists it; the sample skips it
             continue
         sizes["SRC as stored"] += len(stored)
+        times["SRC as stored"] += seconds
         for name, encoding, q in options:
             data = encode(image, encoding, q)
             sizes[name] += len(data)
