@@ -92,7 +92,8 @@ class SampleSource:
         return len(self.labels)
 
     def read(self, i: int) -> bytes:
-        """The encoded image (JPEG/PNG/WebP bytes) of sample ``i``; ShardError/OSError when damaged."""
+        """The encoded image (JPEG/PNG/WebP bytes; packed: PPM or JPEG) of sample ``i``; ShardError/OSError
+        when damaged."""
         raise NotImplementedError
 
     def name(self, i: int) -> str:
