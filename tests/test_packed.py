@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from image_classification import checkpoint, cli
+from image_classification import checkpoint, cli, machine
 from image_classification.data import pack, packed, prepare, registry, sampling, sources
 from image_classification.data.digits import write_digits
 from image_classification.data.registry import LoaderConfig
@@ -379,3 +379,12 @@ def test_a_run_that_needs_larger_images_than_stored_is_warned(packed_dir, caplog
     caplog.clear()
     registry.get("pytorch").train_loader(config(packed_dir, image_size=20, val_resize_size=24))
     assert "stores images" not in caplog.text  # training crops of 20 px: the stored side suffices
+
+
+def test_encoding_auto_takes_jpeg_when_the_raw_copy_would_not_fit_in_memory(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(machine, "memory_bytes", lambda: 20_000)  # the raw copy of 18 images (~26 KB) is over half of it
+    assert convert("--max-size", 20, folder, tmp_path / "packed") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  jpeg q90 .*<- written$", out, re.M) and "raw ~" in out and "does not fit in half of" in out
+    assert json.loads((tmp_path / "packed" / "train.packed.json").read_text())["encoding"] == "jpeg"
+    assert sources.open_source(str(tmp_path / "packed"), "train").read(0).startswith(b"\xff\xd8")
