@@ -357,15 +357,20 @@ def test_main_trains_from_the_packed_digits(digits, backend, tmp_path, capsys):
         assert all(torch.equal(tensor, weights[1][name]) for name, tensor in weights[0].items())
 
 
-def test_sigterm_mid_epoch_then_resume_gives_the_same_weights(digits, tmp_path):
-    args = [*TINY, "--data-backend", "pytorch", "--epochs", "2", "--augmentation", "trivialaugment",
-            "--training-only", str(digits / "packed")]
+def test_sigterm_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
+    src = tmp_path / "src"
+    for k in range(48):  # 4 classes x 12 images of 20x18 px
+        (src / "train" / f"c{k % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(smooth(20, 18, k)).save(src / "train" / f"c{k % 4}" / f"{k}.png")
+    assert convert("--encoding", "raw", src, tmp_path / "packed") == 0
+    args = [*TINY, "-b", "8", "--data-backend", "pytorch", "--epochs", "2", "--augmentation", "trivialaugment",
+            "--training-only", str(tmp_path / "packed")]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cli.main([*args, "--workspace", str(straight)]) == 0
-    # 1437 samples / 32 = 44 steps per epoch: 5 steps into epoch 1
-    assert cli.main([*args, "--workspace", str(split)], hooks=sigterm_at_step(49)) == 0
+    # 48 samples / 8 = 6 steps per epoch: 2 steps into epoch 1
+    assert cli.main([*args, "--workspace", str(split)], hooks=sigterm_at_step(8)) == 0
     saved = checkpoint.load(split / "checkpoint.pth.tar")
-    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 5)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
     assert cli.main([*args, "--workspace", str(split), "--resume", str(split / "checkpoint.pth.tar")]) == 0
     expected = checkpoint.load(straight / "checkpoint.pth.tar")["state_dict"]
     resumed = checkpoint.load(split / "checkpoint.pth.tar")["state_dict"]
