@@ -1,14 +1,17 @@
-"""How much of a training epoch does the data loader cost? Loader epoch vs the same step on a fixed batch.
+"""How much of a training epoch does the data loader cost, per backend and data format, and where does it go?
 
     flock -x /tmp/cpu.lock python benchmarks/bench_loader_share.py            # 128, 96, 64 px; pytorch, dali-cpu
     flock -x /tmp/cpu.lock python benchmarks/bench_loader_share.py --sizes 128 --backends pytorch --rounds 1
+    python benchmarks/bench_loader_share.py --sizes 64 --backends pytorch --images 64 --copies 2 --rounds 1  # runs?
 
 For each image size, in one invocation and in alternating rounds, ``main.py`` trains one epoch
 (``--training-only --no-checkpoints --print-freq 1``, ResNet18, batch 64, ``--amp --memory-format
-auto``, ``-j 2``) on a folder of 2048 JPEGs of 500x375 px (512 generated images, q90, smooth colour
-ramps plus sensor noise, each linked four times; written once under the temp folder) with each data
-backend and with the ``synthetic`` backend (main.py without a loader). The reference is a bare loop
--- the same model, optimizer, precision and memory format (what --amp picks on this CPU), one fixed in-memory batch, nothing
+auto``, ``-j 2``) on 2048 JPEGs of 500x375 px (512 generated images, q90, smooth colour ramps plus
+sensor noise, each linked four times; written once under the temp folder) with each data backend on
+each data format (``--formats``: the JPEG folder; the same images ``prepare --to packed`` with the
+shorter side capped at ``--packed-max-size``, stored raw and as JPEG q90) and with the ``synthetic``
+backend (main.py without a loader). The reference is a bare loop -- the same model, optimizer,
+precision and memory format (what --amp picks on this CPU), one fixed in-memory batch, nothing
 else, timed the same way: the limit a loader can reach, as ``../shared/bench/bare_loop.py
 --compute`` measures it. Every run is a fresh process.
 
@@ -17,6 +20,14 @@ iterations' data-wait + compute times (the first one includes starting the loade
 the bare loop's first one its warm-up). The best of ``--rounds`` runs counts. The printed ratio,
 rate / bare-loop rate, is the share of the epoch left to the model (1.0: the loader costs nothing);
 the loader's cost is 1 - ratio (the ``synthetic`` row shows how much of it is main.py's own loop).
+
+Where the rest goes: for each format, the pytorch backend's stages are timed in this process on one
+thread, on ``--breakdown-samples`` training samples -- read (the stored bytes), decode (the image,
+JPEG at the reduced scale the crop allows), augmentation (the random-resized crop's resize, flip,
+``--augmentation`` policy, to a uint8 tensor), collation (a batch in the run's memory format) and
+transfer (to the device, float and normalised; on the CPU the conversion alone) -- in ms per batch
+and as a share of the bare loop's step. On 2 cores the workers' CPU time is taken from the model's
+threads, so that share, at idle priority, is roughly what the epoch loses.
 
 Speed figures mean something only when nothing else runs: on a shared machine take the exclusive
 lock, as above.
@@ -43,6 +54,8 @@ from image_classification.reporting.dllogger import read_raport  # noqa: E402
 WIDTH, HEIGHT = 500, 375
 MARKER = ".bench-loader-share.json"
 BARE = "bare loop"
+FORMATS = ("folder", "packed-raw", "packed-jpeg")
+STAGES = ("read", "decode", "augment", "collate", "transfer")
 
 
 def make_dataset(root: Path, images: int = 512, copies: int = 4, seed: int = 0) -> Path:
@@ -80,6 +93,73 @@ def make_dataset(root: Path, images: int = 512, copies: int = 4, seed: int = 0) 
                 link.symlink_to(source)
     marker.write_text(json.dumps(settings))
     return root
+
+
+def packed_copy(folder: Path, target: Path, encoding: str, max_size: int) -> Path:
+    """``prepare --to packed`` of ``folder`` into ``target`` (JPEG at q90; kept when already there)."""
+    from image_classification.data import prepare  # noqa: PLC0415
+
+    command = ["--to", "packed", "--encoding", encoding, "--max-size", str(max_size), "--quality", "90",
+               str(folder), str(target)]
+    if prepare.main(command) != 0:
+        raise SystemExit(f"prepare {' '.join(command)} failed")
+    return target
+
+
+def packed_forms(folder: Path, root: Path, max_size: int) -> dict[str, Path]:
+    """The folder, and its packed copies (raw, JPEG q90)."""
+    return {"folder": folder, **{f"packed-{encoding}": packed_copy(folder, root / f"packed-{encoding}-{max_size}",
+                                                                    encoding, max_size) for encoding in ("raw", "jpeg")}}
+
+
+def stage_costs(data: Path, size: int, args) -> dict[str, float]:
+    """ms per batch of each of the pytorch backend's loader stages (STAGES), one thread."""
+    import io  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from image_classification import precision  # noqa: PLC0415
+    from image_classification.data import sources  # noqa: PLC0415
+    from image_classification.data.decode import split_crop  # noqa: PLC0415
+    from image_classification.data.device import Normalize  # noqa: PLC0415
+    from image_classification.data.pytorch import Collate, Sample  # noqa: PLC0415
+    from image_classification.data.transforms import train_transform  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    amp_dtype = precision.choose("cpu", amp=True).amp_dtype
+    memory_format = precision.memory_format("auto", "cpu", "train", amp_dtype)
+    source = sources.open_source(str(data), "train")
+    decoder, rest = split_crop(train_transform(size, augment=args.augmentation))
+    step = max(1, len(source) // args.breakdown_samples)
+    seconds = dict.fromkeys(STAGES, 0.0)
+    samples = []
+    for index in range(0, len(source), step)[:args.breakdown_samples]:
+        # (the CPU generator alone is seeded, as the loader does: torch.manual_seed costs up to ms)
+        start = time.perf_counter()
+        stored = source.read(index)
+        read = time.perf_counter()
+        torch.default_generator.manual_seed(index)
+        started = time.perf_counter()
+        decoder.decode(io.BytesIO(stored))  # the decode alone (and the crop's draws)
+        decoded = time.perf_counter()
+        torch.default_generator.manual_seed(index)
+        again = time.perf_counter()
+        image = rest(decoder(io.BytesIO(stored)))  # the same decode, then the crop's resize and the rest
+        done = time.perf_counter()
+        seconds["read"] += read - start
+        seconds["decode"] += decoded - started
+        seconds["augment"] += max(0.0, (done - again) - (decoded - started))
+        samples.append(Sample(image, int(source.labels[index]), source.name(index)))
+    per_batch = {stage: 1e3 * value * args.batch_size / len(samples) for stage, value in seconds.items()}
+    collate, normalize = Collate(size, memory_format), Normalize(torch.device("cpu"), memory_format)
+    batches = [samples[i:i + args.batch_size] for i in range(0, len(samples) - args.batch_size + 1, args.batch_size)]
+    for batch in batches or [samples]:
+        start = time.perf_counter()
+        images, _, _ = collate(batch)
+        collated = time.perf_counter()
+        normalize(images)
+        per_batch["collate"] += 1e3 * (collated - start) * args.batch_size / len(batch) / max(1, len(batches))
+        per_batch["transfer"] += 1e3 * (time.perf_counter() - collated) * args.batch_size / len(batch) / max(1, len(batches))
+    return per_batch
 
 
 def epoch_rate(backend: str, data: Path, size: int, args) -> float:
@@ -151,6 +231,13 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=512, help="distinct JPEGs (default: 512)")
     parser.add_argument("--copies", type=int, default=4, help="links to each JPEG (default: 4: 2048 per epoch)")
     parser.add_argument("--data", type=Path, default=None, help="ImageFolder root (default: generated, cached)")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS,
+                        help="data formats each backend reads (default: all)")
+    parser.add_argument("--packed-max-size", type=int, default=160,
+                        help="shorter-side cap of the packed copies (default: 160, the val resize at 128 px)")
+    parser.add_argument("--breakdown-samples", type=int, default=256,
+                        help="training samples timed stage by stage per format (default: 256)")
+    parser.add_argument("--augmentation", default="none", help=argparse.SUPPRESS)  # as main.py's default
     parser.add_argument("--fixed-batch", type=int, metavar="PX", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.fixed_batch:
@@ -160,23 +247,38 @@ def main() -> int:
     from image_classification import machine, precision  # noqa: PLC0415
     print(machine.describe(), flush=True)
     chosen = precision.choose("cpu", amp=True)
-    data = args.data or make_dataset(Path(tempfile.gettempdir()) / "convnets-bench-loader-share",
-                                     args.images, args.copies)
-    runs = [BARE, "synthetic"] + args.backends
+    root = Path(tempfile.gettempdir()) / "convnets-bench-loader-share"
+    data = args.data or make_dataset(root, args.images, args.copies)
+    generated = "" if args.data else f"-{args.images}x{args.copies}"  # the generated folder is rewritten per setting
+    every = packed_forms(data, data.with_name(f"{data.name}-packed{generated}"), args.packed_max_size)
+    forms = {name: every[name] for name in args.formats}
+    runs = [(BARE, None), ("synthetic", None)] + [(backend, name) for backend in args.backends for name in forms]
     print(f"{args.arch}, batch {args.batch_size}, --amp ({chosen.name}), --memory-format auto, -j {args.workers}, {data}, "
-          f"{os.cpu_count()} CPUs, best of {args.rounds} round(s)", flush=True)
+          f"packed <= {args.packed_max_size} px, {os.cpu_count()} CPUs, best of {args.rounds} round(s)", flush=True)
     best: dict[tuple[int, str], float] = {}
     for size in args.sizes:
         for turn in range(args.rounds):
-            for backend in runs:
-                rate = fixed_batch_rate(size, args) if backend == BARE else epoch_rate(backend, data, size, args)
-                print(f"  {size:4d} px  round {turn + 1}  {backend:<10} {rate:7.1f} img/s", flush=True)
-                best[size, backend] = max(best.get((size, backend), 0.0), rate)
-    print(f"\n{'size':>5}  {'run':<10} {'img/s':>7}  {'ratio to bare loop':>18}")
+            for backend, form in runs:
+                label = f"{backend} {form}" if form else backend
+                rate = (fixed_batch_rate(size, args) if backend == BARE else
+                        epoch_rate(backend, forms[form] if form else data, size, args))
+                print(f"  {size:4d} px  round {turn + 1}  {label:<22} {rate:7.1f} img/s", flush=True)
+                best[size, label] = max(best.get((size, label), 0.0), rate)
+    print(f"\n{'size':>5}  {'run':<22} {'img/s':>7}  {'ratio to bare loop':>18}")
     for size in args.sizes:
         limit = best[size, BARE]
-        for backend in runs:
-            print(f"{size:5d}  {backend:<10} {best[size, backend]:7.1f}  {best[size, backend] / limit:18.3f}")
+        for label in dict.fromkeys(label for (s, label) in best if s == size):
+            print(f"{size:5d}  {label:<22} {best[size, label]:7.1f}  {best[size, label] / limit:18.3f}")
+    print("\nwhere a batch's loader CPU time goes (pytorch backend, one thread, ms per batch of "
+          f"{args.batch_size}; share: of the bare loop's step)")
+    print(f"{'size':>5}  {'format':<12} " + " ".join(f"{stage:>9}" for stage in STAGES) + f" {'total':>9} {'share':>7}")
+    for size in args.sizes:
+        step_ms = 1e3 * args.batch_size / best[size, BARE]
+        for name, path in forms.items():
+            costs = stage_costs(path, size, args)
+            total = sum(costs.values())
+            print(f"{size:5d}  {name:<12} " + " ".join(f"{costs[stage]:9.1f}" for stage in STAGES)
+                  + f" {total:9.1f} {total / step_ms:7.2f}", flush=True)
     return 0
 
 

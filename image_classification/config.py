@@ -81,7 +81,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("data", metavar="DIR", nargs="?", default=None,
                        help="dataset root: train/ and val/ in ImageFolder layout, TFRecord files (train-*, "
-                            "validation-*) or WebDataset shards (train-*.tar, val-*.tar); see --data-format "
+                            "validation-*), WebDataset shards (train-*.tar, val-*.tar) or a packed dataset "
+                            "(train.packed, val.packed); see --data-format "
                             "(not needed with --data-backend synthetic)")
     backends = data_registry.names()  # the registered ones, a test's or a plugin's too
     group.add_argument("--data-backend", "--data-backends", metavar="BACKEND", default="dali-cpu",
@@ -125,7 +126,8 @@ def _add_shard_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sharded data (TFRecord, WebDataset)")
     group.add_argument("--data-format", default="auto", choices=DATA_FORMATS, metavar="FORMAT",
                        help=f"what DIR holds: {' | '.join(DATA_FORMATS)}; auto detects DIR/train/ (folder), "
-                            "DIR/train-*.tar (webdataset), DIR/train-* (tfrecord) (default: auto)")
+                            "DIR/train.packed.json (packed: prepare --to packed), DIR/train-*.tar (webdataset), "
+                            "DIR/train-* (tfrecord) (default: auto)")
     group.add_argument("--train-shards", default=None, metavar="PATTERN",
                        help="training shards instead of DIR's: a glob or brace range, e.g. "
                             "/data/train-{000000..000127}.tar (default: found in DIR)")
@@ -249,9 +251,10 @@ def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
                             "start at 128 (default: on unless --static-loss-scale is given)")
     group.add_argument("--tf32", default=True, type=str2bool, metavar="BOOL",
                        help="allow TF32 matmuls and convolutions on Ampere+ GPUs; false for strict FP32 (default: true)")
-    group.add_argument("--memory-format", default="nchw", choices=("nchw", "nhwc", "auto"),
-                       help="nhwc: channels_last model and inputs; auto: the measured faster one for this "
-                            "device and precision (image_classification/precision.py) (default: nchw)")
+    group.add_argument("--memory-format", default="auto", choices=("nchw", "nhwc", "auto"),
+                       help="nhwc: channels_last model and inputs; auto: the faster one for this device and "
+                            "precision -- nhwc on the CPU, and on CUDA under --amp where the GPU has tensor cores; "
+                            "nchw otherwise (image_classification/precision.py) (default: auto)")
     group.add_argument("--jit", default="no", choices=("no", "script"), help="torch.jit.script the model (default: no)")
     group.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                        help="torch.compile the model for training and evaluation (static shapes: one compile per "

@@ -42,6 +42,11 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (what the page cache can at most hold)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def local_processes(env: Mapping[str, str] | None = None) -> int:
     """Training processes on this node: torchrun's ``LOCAL_WORLD_SIZE``, else SLURM's tasks per node
     (``SLURM_NTASKS_PER_NODE``, e.g. ``4`` or ``4(x2)``), else 1."""

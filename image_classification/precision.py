@@ -14,8 +14,9 @@ honours oneDNN's own cap, ``ONEDNN_MAX_CPU_ISA`` (PyTorch's CPU convolutions run
 below ``AVX512_CORE_BF16`` the convolutions emulate bf16 as on a CPU without it, so the bf16
 features count as absent -- which also lets one machine measure both kinds of CPU.
 
-The memory format of ``--memory-format auto`` (and of classify.py and the benchmarks) comes from
-:data:`MEMORY_FORMAT_TABLE`, filled from ``benchmarks/bench_precision.py`` measurements.
+The memory format of ``--memory-format auto`` (the default; also classify.py's and the benchmarks')
+comes from :data:`MEMORY_FORMAT_TABLE`, filled from ``benchmarks/bench_precision.py`` measurements on
+the CPU and from what a GPU computes natively on CUDA (:func:`cuda_capability`, the one read of it).
 """
 from __future__ import annotations
 
@@ -29,19 +30,22 @@ import torch
 NATIVE_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "sve_bf16", "bf16")
 
 #: (device type, path, dtype) -> memory format of ``auto``; path is "train" or "infer".
-#: Measured with ``benchmarks/bench_precision.py`` (batch 32, 64 px, eager; docs/performance.md) on
+#: CPU: measured with ``benchmarks/bench_precision.py`` (batch 32, 64 px, eager; docs/performance.md) on
 #: 2 cores of an AMD EPYC (Zen 4): channels_last was faster in every bf16 case (ResNet18/50,
 #: EfficientNet-B0; train 1.04-1.11x, infer 1.14-1.46x) and in fp32 in 10 of 12 cases (1.04-1.84x,
 #: EfficientNet-B0's depthwise convolutions most; ResNet18/50 fp32 with native bf16 present:
 #: 0.97-0.98x), both with native bf16 and with oneDNN capped below it (``ONEDNN_MAX_CPU_ISA``), so
-#: ``auto`` is channels_last on the CPU. CUDA keeps the reference's default NCHW (its AMP presets in
-#: configs.yml say nhwc explicitly).
+#: ``auto`` is channels_last on the CPU (fp16, a test path on the CPU, as fp32).
+#: CUDA: channels_last under fp16/bf16 AMP, which cuDNN runs on tensor cores in NHWC natively (NCHW
+#: costs a transpose around every convolution) -- the layout every AMP preset of the reference's
+#: configs.yml asks for; only where the GPU has tensor cores (:data:`TENSOR_CORE_CAPABILITY`), NCHW
+#: elsewhere and for fp32/TF32, as the reference's FP32/TF32 presets.
 MEMORY_FORMAT_TABLE: dict[tuple[str, str, str], str] = {
-    ("cpu", "train", "fp32"): "nhwc",
-    ("cpu", "train", "bf16"): "nhwc",
-    ("cpu", "infer", "fp32"): "nhwc",
-    ("cpu", "infer", "bf16"): "nhwc",
+    **{("cpu", path, dtype): "nhwc" for path in ("train", "infer") for dtype in ("fp32", "bf16", "fp16")},
+    **{("cuda", path, dtype): "nhwc" for path in ("train", "infer") for dtype in ("fp16", "bf16")},
 }
+#: CUDA compute capability from which the GPU has tensor cores (Volta): ``auto``'s CUDA rows need it.
+TENSOR_CORE_CAPABILITY = (7, 0)
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 #: ``ONEDNN_MAX_CPU_ISA`` values that leave oneDNN no bf16 instructions (oneDNN's ISA names).
 ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
@@ -110,9 +114,18 @@ def format_name(memory_format: torch.memory_format) -> str:
     return next(name for name, value in MEMORY_FORMATS.items() if value == memory_format)
 
 
-def memory_format(choice: str, device_type: str, path: str, amp_dtype: torch.dtype | None) -> torch.memory_format:
-    """``nchw``/``nhwc`` as given; ``auto`` from :data:`MEMORY_FORMAT_TABLE` (NCHW where it has no entry)."""
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of CUDA ``device``; the one read of it, so tests fake it here."""
+    return torch.cuda.get_device_capability(device)
+
+
+def memory_format(choice: str, device: str | torch.device, path: str, amp_dtype: torch.dtype | None
+                  ) -> torch.memory_format:
+    """``nchw``/``nhwc`` as given; ``auto`` from :data:`MEMORY_FORMAT_TABLE` (NCHW where it has no entry,
+    and on a GPU without tensor cores)."""
     if choice == "auto":
-        choice = MEMORY_FORMAT_TABLE.get((device_type, path, "bf16" if amp_dtype == torch.bfloat16 else "fp32"),
-                                         "nchw")
+        device = torch.device(device)
+        choice = MEMORY_FORMAT_TABLE.get((device.type, path, Precision(amp_dtype).name), "nchw")
+        if device.type == "cuda" and cuda_capability(device) < TENSOR_CORE_CAPABILITY:
+            choice = "nchw"
     return MEMORY_FORMATS[choice]

@@ -131,7 +131,7 @@ def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, mem
         torch.backends.cudnn.benchmark = True
     chosen = precision.choose(device.type, amp, amp_dtype)
     return Runtime(device=device, amp=chosen.amp_dtype is not None, amp_dtype=chosen.amp_dtype,
-                   memory_format=precision.memory_format(memory_format, device.type, path, chosen.amp_dtype),
+                   memory_format=precision.memory_format(memory_format, device, path, chosen.amp_dtype),
                    notes=tuple(filter(None, [chosen.note])), warnings=tuple(filter(None, [chosen.warning])),
                    tf32=tf32 and device.type == "cuda")
 

@@ -84,7 +84,7 @@ def test_main_logs_the_feature_that_decided(cpu_features, capsys, tmp_path, feat
     assert "warning" not in captured.err
     record = next(r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER")
     assert record["precision"] == parameter
-    assert record["memory_format"] == "nchw" and record["memory_format_used"] == "nchw"  # as given
+    assert record["memory_format"] == "auto" and record["memory_format_used"] == "nhwc"  # the default, on the CPU
 
 
 def test_main_warns_once_when_bf16_is_forced_on_a_cpu_without_it(cpu_features, capsys, tmp_path):
@@ -96,11 +96,28 @@ def test_main_warns_once_when_bf16_is_forced_on_a_cpu_without_it(cpu_features, c
     assert record["precision"] == "AMP-bf16"
 
 
-def test_main_records_the_memory_format_auto_chose(cpu_features, tmp_path):
+@pytest.mark.parametrize("flag, given, used", [([], "auto", "nhwc"), (["--memory-format", "auto"], "auto", "nhwc"),
+                                               (["--memory-format", "nchw"], "nchw", "nchw")])
+def test_main_records_the_memory_format_auto_chose(cpu_features, tmp_path, flag, given, used):
     cpu_features("avx512_bf16")
-    assert cli.main([*TINY, "--amp", "--memory-format", "auto", "--workspace", str(tmp_path)]) == 0
+    assert cli.main([*TINY, "--amp", *flag, "--workspace", str(tmp_path)]) == 0
     record = next(r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER")
-    assert (record["memory_format"], record["memory_format_used"]) == ("auto", "nhwc")
+    assert (record["memory_format"], record["memory_format_used"]) == (given, used)
+
+
+@pytest.mark.parametrize("capability, amp_dtype, expected", [
+    ((8, 0), torch.float16, torch.channels_last),     # tensor cores, AMP: NHWC, as the reference's AMP presets
+    ((9, 0), torch.bfloat16, torch.channels_last),
+    ((7, 0), torch.float16, torch.channels_last),     # Volta: the first tensor cores
+    ((6, 1), torch.float16, torch.contiguous_format),  # Pascal: no tensor cores
+    ((8, 0), None, torch.contiguous_format),           # fp32 / TF32: NCHW, as the reference's FP32/TF32 presets
+])
+def test_memory_format_auto_on_cuda_follows_the_gpus_tensor_cores(monkeypatch, capability, amp_dtype, expected):
+    monkeypatch.setattr(precision, "cuda_capability", lambda device: capability)
+    gpu = torch.device("cuda", 0)
+    assert precision.memory_format("auto", gpu, "train", amp_dtype) == expected
+    assert precision.memory_format("auto", gpu, "infer", amp_dtype) == expected
+    assert precision.memory_format("nchw", gpu, "train", amp_dtype) == torch.contiguous_format  # explicit stays
 
 
 # ---------------------------------------------------------------- --workers from the usable cores

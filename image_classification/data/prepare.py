@@ -3,10 +3,13 @@
     python -m image_classification.data.prepare --max-size 256 SRC DST
     python -m image_classification.data.prepare --to webdataset|tfrecord [--shard-size MB | --shard-samples N]
                                                 [--max-size PX] SRC DST
+    python -m image_classification.data.prepare --to packed [--max-size PX] [--encoding auto|raw|jpeg]
+                                                [--quality Q] SRC DST
 
 With ``--to``, the ImageFolder SRC becomes WebDataset tar or TF-slim TFRecord shards in DST, with
-index files and ``classes.txt``; see :mod:`image_classification.data.convert`. The rest of this
-docstring is about the copy.
+index files and ``classes.txt``; see :mod:`image_classification.data.convert`. ``--to packed`` writes
+any dataset the loaders read (folder or shards) as one memory-mapped file per split of images
+decoded once (:mod:`image_classification.data.pack`). The rest of this docstring is about the copy.
 
 Every image file under SRC (the files the loaders read: image extensions, hidden entries ignored)
 is written to the same relative path under DST. An image whose shorter side is larger than
@@ -39,7 +42,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from image_classification import machine
-from image_classification.data import convert
+from image_classification.data import convert, pack
 from image_classification.data.checks import is_image_file
 from image_classification.data.resize import load_capped, save_image
 from image_classification.errors import UserError, exit_status
@@ -60,19 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", metavar="SRC", help="image tree to read (e.g. an ImageFolder root with train/ and val/)")
     parser.add_argument("dst", metavar="DST", help="where to write the copy (created; files already there are kept)")
     parser.add_argument("--max-size", type=int, default=None, metavar="PX",
-                        help="largest shorter side, in pixels, of an image in DST (required without --to)")
+                        help="largest shorter side, in pixels, of an image in DST (required without --to; "
+                             f"--to packed: default {pack.DEFAULT_MAX_SIZE}, the reference's validation resize)")
     parser.add_argument("--quality", type=int, default=90, metavar="Q",
-                        help="JPEG/WebP quality of resized images, 1-100 (default: 90)")
+                        help="JPEG/WebP quality of resized images (--to packed: of its JPEGs), 1-100 (default: 90)")
     parser.add_argument("-j", "--workers", type=int, default=machine.usable_cores(), metavar="N",
                         help="parallel processes (default: the CPUs this process may use)")
     shards = parser.add_argument_group("shards (--to)")
-    shards.add_argument("--to", choices=convert.FORMATS, default=None,
+    shards.add_argument("--to", choices=(*convert.FORMATS, pack.FORMAT), default=None,
                         help="write shards instead of a copy: webdataset (train-000000.tar ..., val-...) or "
-                             "tfrecord (TF-slim: train-00000-of-NNNNN ..., validation-...)")
+                             "tfrecord (TF-slim: train-00000-of-NNNNN ..., validation-...); or packed "
+                             "(train.packed, val.packed: images decoded once, memory-mapped when read)")
     shards.add_argument("--shard-size", type=float, default=None, metavar="MB",
                         help=f"largest shard, in MB (10^6 bytes) (default: {convert.DEFAULT_SHARD_MB} unless "
                              "--shard-samples is given)")
     shards.add_argument("--shard-samples", type=int, default=None, metavar="N", help="most samples in a shard")
+    shards.add_argument("--encoding", choices=pack.ENCODINGS, default=None,
+                        help="--to packed: how images are stored: raw pixels (a read is a memory copy) or JPEG at "
+                             "--quality; auto: raw when the raw copy fits in half of this machine's memory "
+                             "(default: auto)")
     return parser
 
 
@@ -82,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     src, dst = _check(args)
+    if args.to == pack.FORMAT:
+        return _run_packed(src, dst, args)
     if args.to:
         return _run_shards(src, dst, args)
     files = list_images(src)
@@ -121,12 +132,28 @@ def _run_shards(src: str, dst: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_packed(src: str, dst: str, args: argparse.Namespace) -> int:
+    splits = pack.open_splits(src)
+    chosen = pack.plan(splits, args.max_size or pack.DEFAULT_MAX_SIZE, args.encoding or "auto", args.quality)
+    for result in pack.write_packed(splits, dst, chosen.settings, args.workers):
+        kept = " (kept from an earlier run)" if result.kept else ""
+        print(f"{result.split}: {result.samples} images, {result.bytes:,} bytes in {result.data_path}{kept}")
+        if result.bad:
+            shown = ", ".join(sorted(result.bad)[:_SHOWN]) + (", ..." if len(result.bad) > _SHOWN else "")
+            print(f"warning: {len(result.bad)} unreadable {result.split} image(s) left out: {shown}", file=sys.stderr)
+    print("\n".join(pack.report(chosen)))
+    print(f"train from it:\n  {pack.train_command(args.dst)}")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> tuple[str, str]:
     if args.to is None:
         if args.max_size is None:
-            raise UserError("--max-size is required (or --to webdataset|tfrecord to write shards)")
-        if args.shard_size is not None or args.shard_samples is not None:
-            raise UserError("--shard-size and --shard-samples need --to webdataset|tfrecord")
+            raise UserError("--max-size is required (or --to webdataset|tfrecord|packed)")
+    if args.to not in convert.FORMATS and (args.shard_size is not None or args.shard_samples is not None):
+        raise UserError("--shard-size and --shard-samples need --to webdataset|tfrecord")
+    if args.to != pack.FORMAT and args.encoding is not None:
+        raise UserError("--encoding needs --to packed")
     if args.shard_size is not None and not args.shard_size > 0:
         raise UserError(f"--shard-size must be > 0 MB, got {args.shard_size:g}")
     if args.shard_samples is not None and args.shard_samples < 1:

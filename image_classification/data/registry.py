@@ -24,7 +24,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
 AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment")
-DATA_FORMATS = ("auto", "folder", "tfrecord", "webdataset")  # what DIR holds (data.sources)
+DATA_FORMATS = ("auto", "folder", "tfrecord", "webdataset", "packed")  # what DIR holds (data.sources)
 
 
 @dataclass(frozen=True)

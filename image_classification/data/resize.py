@@ -21,21 +21,24 @@ def target_size(width: int, height: int, max_size: int | None) -> tuple[int, int
     return max(1, round(width * max_size / height)), max_size
 
 
-def load_capped(path: str, max_size: int | None) -> tuple[Image.Image, str, bool]:
-    """The image decoded (resized when its shorter side is over ``max_size``), its format, whether resized.
+def load_capped(source: str | BinaryIO, max_size: int | None) -> tuple[Image.Image, str, bool]:
+    """The image in ``source`` (a path or a binary file) decoded (resized when its shorter side is over
+    ``max_size``), its format, whether resized.
 
     Raises whatever PIL raises on a file it cannot decode: every image is fully decoded here.
     """
-    with open(path, "rb") as file:
-        image = Image.open(file)
-        image_format = image.format
-        size = target_size(*image.size, max_size)
-        if size == image.size:
-            image.load()  # only to find unreadable files
-            return image, image_format, False
-        # Decode at the smallest JPEG scale that is still at least the target size (no-op otherwise).
-        image.draft(image.mode, size)
-        image.load()
+    if isinstance(source, str):
+        with open(source, "rb") as file:
+            return load_capped(file, max_size)
+    image = Image.open(source)
+    image_format = image.format
+    size = target_size(*image.size, max_size)
+    if size == image.size:
+        image.load()  # only to find unreadable files
+        return image, image_format, False
+    # Decode at the smallest JPEG scale that is still at least the target size (no-op otherwise).
+    image.draft(image.mode, size)
+    image.load()
     if image.mode in ("1", "P"):  # palette images must be resampled in full colour
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     return image.resize(size, Image.Resampling.LANCZOS), image_format, True

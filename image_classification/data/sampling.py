@@ -263,7 +263,7 @@ def source_sampler(source: SampleSource, config: LoaderConfig, *, train: bool) -
     if train:
         require_full_batch(len(source), batch_size=config.batch_size, world_size=config.world_size,
                            source=str(source.location))
-    sharded = source.kind != "folder"
+    sharded = source.in_shards
     return ShardSampler(len(source), batch_size=config.batch_size, rank=config.rank, world_size=config.world_size,
                         seed=config.seed, train=train, shard_ids=source.shard_ids if sharded else None,
                         window=shuffle_window(config.shard_window, source.streamed) if sharded else 0)

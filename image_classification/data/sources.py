@@ -8,7 +8,9 @@ A :class:`SampleSource` is a random-access list of ``(encoded image bytes, label
   record a ``tf.train.Example`` with ``image/encoded`` and ``image/class/label`` (1-based: TF-slim
   keeps 0 for a background class; ``tfrecord_label_base`` is subtracted);
 * ``webdataset``: tar shards (``train-*.tar`` / ``val-*.tar``) with members ``KEY.jpg|jpeg|png|webp``
-  and ``KEY.cls`` (the 0-based label as text).
+  and ``KEY.cls`` (the 0-based label as text);
+* ``packed``: ``train.packed`` / ``val.packed`` with their index and header, images decoded once and
+  stored raw or as JPEG in one memory-mapped file a split (:mod:`~image_classification.data.packed`).
 
 Why the shard index and reader are written here rather than taken from ``webdataset``/``wids``,
 ``tfrecord`` or ``torchdata``: those libraries iterate a shard as a stream, with their own
@@ -84,12 +86,14 @@ class SampleSource:
     class_names: list[str]
     skipped: list[str]       # what indexing left out (no label, truncated tail), reported once
     streamed: bool = False   # some shard is a URL (data.sampling picks its shuffle window by it)
+    in_shards: bool = False  # samples grouped in shard files: --shard-shuffle-window applies (data.sampling)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def read(self, i: int) -> bytes:
-        """The encoded image (JPEG/PNG/WebP bytes) of sample ``i``; ShardError/OSError when damaged."""
+        """The encoded image (JPEG/PNG/WebP bytes; packed: PPM or JPEG) of sample ``i``; ShardError/OSError
+        when damaged."""
         raise NotImplementedError
 
     def name(self, i: int) -> str:
@@ -127,6 +131,8 @@ class FolderSource(SampleSource):
 
 class ShardSource(SampleSource):
     """TFRecord or WebDataset shards, each with its :class:`ShardIndex`; a read is one ``pread``."""
+
+    in_shards = True
 
     def __init__(self, kind: str, location: str, shards: list[str], indexes: list[ShardIndex], *,
                  label_base: int, num_classes: int | None, class_names: list[str] | None, cache_dir: str | None):
@@ -219,10 +225,18 @@ def _joined(parts: list[list[int]]) -> np.ndarray:
 
 def open_split(config: LoaderConfig, split: str) -> SampleSource:
     """The source of ``split`` as a backend's :class:`LoaderConfig` describes it."""
-    return open_source(config.data_dir, split, data_format=config.data_format,
-                       shards=config.train_shards if split == "train" else config.val_shards,
-                       index_dir=config.index_dir, cache_dir=config.cache_dir,
-                       tfrecord_label_base=config.tfrecord_label_base, num_classes=config.num_classes)
+    source = open_source(config.data_dir, split, data_format=config.data_format,
+                         shards=config.train_shards if split == "train" else config.val_shards,
+                         index_dir=config.index_dir, cache_dir=config.cache_dir,
+                         tfrecord_label_base=config.tfrecord_label_base, num_classes=config.num_classes)
+    if source.kind == "packed":  # stored smaller than this run needs: say so (the results differ from the original's)
+        flag, needed = ("--image-size", config.image_size) if split == "train" else ("--val-resize-size",
+                                                                                        config.val_resize_size)
+        if source.max_size < needed:
+            log.warning("%s stores images with the shorter side <= %d px, less than %s %d: they are enlarged "
+                        "(convert again with a larger prepare --max-size)", source.location, source.max_size,
+                        flag, needed)
+    return source
 
 
 def open_source(location: str | None, split: str, *, data_format: str = "auto", shards: str | None = None,
@@ -239,6 +253,9 @@ def open_source(location: str | None, split: str, *, data_format: str = "auto", 
     kind, files = detect_format(location, split, data_format=data_format, shards=shards)
     if kind == "folder":
         return FolderSource(scan_split(location, split))
+    if kind == "packed":
+        from image_classification.data.packed import PackedSource  # noqa: PLC0415 -- it imports this module
+        return PackedSource(location, split, num_classes)
     where = shards or location
     indexes = [shard_index(shard, kind, index_dir=index_dir, cache_dir=cache_dir) for shard in files]
     names = _class_names(files[0], cache_dir)
@@ -258,8 +275,8 @@ def detect_format(location: str | None, split: str, *, data_format: str = "auto"
         files = [f for f in remote.expand(shards) if not f.endswith(_NOT_SHARDS)]
         if not files:
             raise UserError(f"--{split}-shards {shards} names no file")
-        if data_format == "folder":
-            raise UserError(f"--data-format folder cannot read --{split}-shards {shards}")
+        if data_format in ("folder", "packed"):
+            raise UserError(f"--data-format {data_format} cannot read --{split}-shards {shards}")
         kind = data_format if data_format != "auto" else (
             "webdataset" if all(f.endswith(".tar") for f in files) else "tfrecord")
         return kind, files
@@ -267,6 +284,14 @@ def detect_format(location: str | None, split: str, *, data_format: str = "auto"
         return "folder", []
     if data_format == "auto" and not remote.is_remote(location) and os.path.isdir(os.path.join(location, split)):
         return "folder", []
+    if data_format in ("auto", "packed") and not remote.is_remote(location) and _holds_packed(location, split):
+        return "packed", []
+    if data_format == "packed":
+        if remote.is_remote(location):
+            raise UserError(f"--data-format packed: {location} is a URL; a packed dataset is memory-mapped: copy it "
+                            "to a local disk")
+        raise UserError(f"--data-format packed: no {split}.packed.json in {location} "
+                        "(write one with: python -m image_classification.data.prepare --to packed SRC DST)")
     candidates = (data_format,) if data_format != "auto" else SHARD_FORMATS[::-1]  # a .tar is not a TFRecord
     for kind in candidates:
         files = _split_shards(location, split, kind)
@@ -280,6 +305,11 @@ def detect_format(location: str | None, split: str, *, data_format: str = "auto"
         raise UserError(f"found no {split} shards at {location} (a URL that cannot be listed?): name them with "
                         f"--{split}-shards PATTERN, e.g. {location.rstrip('/')}/{split}-{{000000..000127}}.tar")
     return "folder", []  # neither: scan_split reports the missing folder
+
+
+def _holds_packed(location: str, split: str) -> bool:
+    from image_classification.data import packed  # noqa: PLC0415 -- it imports this module
+    return packed.holds(location, split)
 
 
 def _split_shards(location: str, split: str, kind: str) -> list[str]:
