@@ -93,7 +93,8 @@ def config(data_dir, **overrides) -> LoaderConfig:
 
 
 def batches(loader, epoch=0, start_batch=0):
-    loader.set_epoch(epoch, start_batch)
+    loader.set_epoch(epoch, sampling.EpochProgress.after_batches(start_batch, batch_size=loader.sampler.batch_size,
+                                                                 world_size=loader.sampler.world_size))
     return list(loader)
 
 
