@@ -13,7 +13,8 @@ prefix), ``optimizer`` and ``state_dict_ema``, plus what an exact resume needs: 
 ``ema_updates``, ``rng`` (one state per rank), ``arch``, ``num_classes``, ``class_names``,
 ``epochs_since_best``, ``has_best`` (``best_prec1`` is a score, not the 0 before any validation),
 ``validation_pending`` (epoch ``epoch - 1`` is trained, not yet validated), ``target_epoch`` (the
-epoch whose validation reached ``--target-top1``, or None), ``config`` (the
+epoch whose validation reached ``--target-top1``, or None), ``finetune`` (``freeze_backbone_epochs``,
+``backbone_lr_scale`` and the ``classifier`` they apply to: a resumed run keeps them), ``config`` (the
 resolved flags) and ``epoch_files`` (the per-epoch files this run keeps, see :class:`Retention`).
 """
 from __future__ import annotations
@@ -247,6 +248,7 @@ def capture(parts: TrainComponents, state: RunState, *, args, class_names: list[
     """Everything a checkpoint holds (see the module docstring), from the run's parts and state."""
     from image_classification import quantization
     from image_classification.engine.loop import NO_BEST
+    from image_classification.models.classifier import classifier_name
     # best_prec1 keeps the reference's meaning and range (0 before any validation, e.g. --training-only);
     # has_best says whether it is a score, so a resumed run's first validation is a new best.
     saved = {
@@ -256,12 +258,22 @@ def capture(parts: TrainComponents, state: RunState, *, args, class_names: list[
         "num_classes": len(class_names), "class_names": class_names, "state_dict": parts.module.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
         "config": {**vars(args), "seed": seed}, "eval_preprocessing": evaluation.as_dict(),
+        "finetune": {"freeze_backbone_epochs": args.freeze_backbone_epochs, "backbone_lr_scale": args.backbone_lr_scale,
+                     "classifier": classifier_name(parts.module)},
     }
     if quantization.is_quantized(parts.module):
         saved[quantization.CHECKPOINT_KEY] = quantization.state(parts.module)
     if parts.ema is not None:
         saved.update(state_dict_ema=parts.ema.state_dict(), ema_updates=parts.ema.updates)
     return saved
+
+
+def finetune_record(saved: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fine-tuning settings :func:`capture` wrote (empty for checkpoints before them)."""
+    record = (saved or {}).get("finetune")
+    if not isinstance(record, Mapping):
+        return {}
+    return {key: record[key] for key in ("freeze_backbone_epochs", "backbone_lr_scale") if record.get(key) is not None}
 
 
 def restore(saved: dict[str, Any], *, optimizer, scaler, ema: ModelEma | None, rank: int, world_size: int,

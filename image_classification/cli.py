@@ -51,7 +51,7 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
         args, default_image_size=spec.default_image_size, quantized_arch=spec.quantized,
         saved=onnx_model.preprocessing if onnx_model else None, saved_image_size=onnx_model.image_size if onnx_model else None,
         interpolations=data_registry.get(args.data_backend).interpolations, resume=resume_from,
-        resume_config=(resume or {}).get("config"))
+        resume_config=(resume or {}).get("config"), resume_finetune=checkpoint.finetune_record(resume))
     flags, evaluation = resolved.flags, resolved.evaluation
     schedule = StageSchedule(n_stages=flags.n_stages, epochs=flags.epochs, base_size=flags.base_image_size,
                              final_size=flags.image_size, mixup=flags.mixup, cutmix=flags.cutmix,
@@ -62,7 +62,8 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
     train_loader, val_loader = assembly.build_loaders(flags, loader_config, schedule.stages[0])
     num_classes, class_names = assembly.resolve_classes(flags, train_loader or val_loader)
     flags = settings.for_dataset(flags, num_classes)
-    model = assembly.build_model(flags, spec, onnx_model, resume, rt, num_classes, schedule, train_loader)
+    model, weights_note = assembly.build_model(flags, spec, onnx_model, resume, rt, num_classes, schedule,
+                                               train_loader)
 
     if context.is_main:
         checkpoint.check_workspace(flags.workspace)
@@ -70,6 +71,8 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
     batching = None if flags.evaluate else _batching(flags, context.world_size)
     try:
         _show_runtime_notes(rt, reporter, context.is_main)
+        if weights_note:
+            reporter.message(weights_note)
         reporter.log("PARAMETER", {**vars(flags), "seed": seed, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(rt.device),
                                    "precision": rt.precision_name,
@@ -193,6 +196,10 @@ def _train(flags, model, staged: StagedTraining, val_loader, rt, context, resume
     parts, state = assembly.training_parts(flags, model, staged, rt, context, resume, batching, compiler, hooks)
     if resume is not None:
         reporter.message(f"resumed from {flags.resume}: epoch {state.epoch}, batch {state.step_in_epoch}")
+    if parts.finetune is not None:
+        reporter.message(parts.finetune.describe())
+    if flags.backbone_lr_scale != 1.0:
+        reporter.message(f"the backbone trains at {flags.backbone_lr_scale:g} x the classifier's LR")
     if state.epoch >= flags.epochs:
         reporter.message(f"{flags.resume} has already completed {state.epoch} of --epochs {flags.epochs}; "
                          "nothing to train")

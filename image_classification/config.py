@@ -223,6 +223,25 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
                             "1e-8 AdamW)")
     group.add_argument("--max-grad-norm", default=0.0, type=non_negative_float, metavar="N",
                        help="LAMB: clip the global gradient norm to N before the step, 0 = off (default: 0)")
+    _add_finetune_flags(parser)
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fine-tuning (with --pretrained or --pretrained-from-file; a dataset with "
+                                      "other classes gets a new classifier)")
+    group.add_argument("--freeze-backbone-epochs", default=None, type=non_negative_int, metavar="N",
+                       help="train only the classifier for the first N epochs (the backbone frozen, its BatchNorm "
+                            "in eval mode), then every layer (default: 0; a resumed run keeps its own)")
+    group.add_argument("--backbone-lr-scale", default=None, type=non_negative_float, metavar="S",
+                       help="the pretrained layers train at S x the LR of the classifier, which follows --lr and "
+                            "the schedule (default: 1; a resumed run keeps its own)")
     group.add_argument("--use-ema", default=None, type=non_negative_float, metavar="DECAY",
                        help="keep an exponential moving average of the weights with this decay and "
                             "validate it each epoch as val_ema.* (default: off)")
@@ -435,9 +454,23 @@ def validate(args: argparse.Namespace) -> None:
     if args.base_image_size is not None and args.n_stages == 1:
         raise UserError("--base-image-size needs --n-stages 2 or more")
     model_options(args)  # a -c preset that contradicts an explicit model flag
+    _validate_finetune(args)
     _validate_large_batch(args)
     if sorted(args.lr_milestones) != args.lr_milestones:
         raise UserError(f"--lr-milestones must be increasing, got {args.lr_milestones}")
+
+
+def _validate_finetune(args: argparse.Namespace) -> None:
+    given = [flag for flag, value in (("--freeze-backbone-epochs", args.freeze_backbone_epochs),
+                                      ("--backbone-lr-scale", args.backbone_lr_scale)) if value is not None]
+    if not given:
+        return
+    if args.evaluate:
+        raise UserError(f"{given[0]} is for training; drop it with --evaluate")
+    if not (args.pretrained or args.pretrained_from_file or args.resume or args.auto_resume):
+        raise UserError(f"{given[0]} fine-tunes pretrained weights: give --pretrained-from-file PATH or --pretrained")
+    if args.freeze_backbone_epochs and args.jit != "no":
+        raise UserError("--freeze-backbone-epochs does not combine with --jit script")
 
 
 def _validate_large_batch(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from image_classification import distributed
 from image_classification.compiling import CompileClock, Compiler, plain
 from image_classification.engine.ema import ModelEma
+from image_classification.engine.finetune import FineTune
 from image_classification.runtime import Runtime
 
 
@@ -58,6 +59,7 @@ class TrainComponents:
     world_size: int = 1
     compiler: Compiler | None = None          # --compile: `model` is compiled by it (image_classification/compiling.py)
     hooks: Hooks = field(default_factory=Hooks)
+    finetune: FineTune | None = None          # --freeze-backbone-epochs (engine/finetune.py)
 
 
 class IntervalMeter:
@@ -134,8 +136,11 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start_batch: int 
                 should_stop: Callable[[], bool] = lambda: False, progress=None) -> StepOutcome:
     """Train ``epoch`` from batch ``start_batch`` on. ``should_stop`` is polled after optimizer
     steps but the last; when it returns True the epoch ends early (at an accumulation-group boundary)."""
+    if parts.finetune is not None:  # --freeze-backbone-epochs: the classifier alone, or everything
+        parts.finetune.enter(epoch, parts)
+    else:
+        parts.model.train()
     model, runtime = parts.model, parts.runtime
-    model.train()
     loader.set_epoch(epoch, start_batch)
     # --prof N: exactly N batches (the last accumulation group ends there), no extra one fetched.
     num_batches = start_batch + (min(len(loader), prof) if prof > 0 else len(loader))
