@@ -29,7 +29,7 @@ from image_classification.engine.schedules import Batching, build_scheduler
 from image_classification.engine.stages import Stage, StagedTraining, StageSchedule
 from image_classification.engine.trainer import TrainComponents
 from image_classification.errors import UserError
-from image_classification.models import classifier, weights
+from image_classification.models import catalogue, classifier, weights
 
 
 def open_onnx_model(args, device: torch.device) -> runners.OnnxModel | None:
@@ -94,21 +94,24 @@ def resolve_classes(flags, loader) -> tuple[int, list[str]]:
 
 
 def build_model(flags, spec, onnx_model, resume: dict | None, rt: runtime.Runtime, num_classes: int,
-                schedule: StageSchedule, train_loader) -> tuple[nn.Module, str | None]:
+                schedule: StageSchedule, train_loader,
+                published: catalogue.Entry | None = None) -> tuple[nn.Module, str | None]:
     """The --onnx file, or the architecture with its initial weights on the device (INT8-calibrated
-    with --quantize); and the line saying what of the weights was left out (a new classifier), if any."""
+    with --quantize); and the line saying what of the weights was left out (a new classifier), if any.
+    ``published``: the catalogue entry --pretrained names."""
     if onnx_model is not None:
         onnx_model.check_classes(num_classes)
         return onnx_model, None
     model = spec.build(num_classes=num_classes, **config.model_options(flags))
-    model, note = _load_initial_weights(model, flags, spec, resume)
+    model, note = _load_initial_weights(model, flags, spec, resume, published)
     model = model.to(rt.device, memory_format=rt.memory_format)
     if not flags.evaluate:
         _check_batch_norm_batch(model, flags.batch_size, schedule.smallest_size)
     return _quantize(model, flags, train_loader), note
 
 
-def _load_initial_weights(model: nn.Module, flags, spec, resume: dict | None) -> tuple[nn.Module, str | None]:
+def _load_initial_weights(model: nn.Module, flags, spec, resume: dict | None,
+                          published: catalogue.Entry | None) -> tuple[nn.Module, str | None]:
     """Fill ``model`` from --resume, --pretrained-from-file or --pretrained; a QAT checkpoint
     first gets its quantizers back (their ranges are part of its state dict).
 
@@ -129,10 +132,9 @@ def _load_initial_weights(model: nn.Module, flags, spec, resume: dict | None) ->
         note = weights.load_state_dict_into(model, file.state_dict, source=flags.pretrained_from_file,
                                             family=spec.family, arch=flags.arch,
                                             new_classifier=not quantization.is_quantized(model))
-    elif flags.pretrained:
-        from image_classification.models.published import download_weights
-        path = download_weights(flags.arch)
-        note = weights.load_state_dict_into(model, weights.load_state_dict_file(path), source=path,
+    elif published is not None:
+        path = catalogue.fetch(published)
+        note = weights.load_state_dict_into(model, weights.load_state_dict_file(path), source=published.name,
                                             family=spec.family, arch=flags.arch, new_classifier=True)
     return model, note
 

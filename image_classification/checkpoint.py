@@ -232,13 +232,18 @@ class ModelRecord:
     arch: str | None
     num_classes: int | None
     class_names: list[str] | None
+    options: dict[str, Any] = field(default_factory=dict)  # the model flags it was trained with
 
 
 def model_record(saved: Mapping[str, Any]) -> ModelRecord:
-    """The ``arch``, ``num_classes`` and ``class_names`` that :func:`capture` wrote."""
+    """The ``arch``, ``num_classes``, ``class_names`` and model options (from ``config``) that
+    :func:`capture` wrote."""
+    from image_classification.config import MODEL_OPTION_DESTS
     names = saved.get("class_names")
+    config = saved.get("config") if isinstance(saved.get("config"), Mapping) else {}
     return ModelRecord(saved.get("arch") or None, int(saved["num_classes"]) if saved.get("num_classes") else None,
-                       [str(name) for name in names] if isinstance(names, (list, tuple)) else None)
+                       [str(name) for name in names] if isinstance(names, (list, tuple)) else None,
+                       {key: config[key] for key in MODEL_OPTION_DESTS if config.get(key) is not None})
 
 
 # ---------------------------------------------------------------- the keys: written and read here only

@@ -17,6 +17,7 @@ from image_classification.engine.losses import SmoothedCrossEntropy
 from image_classification.engine.schedules import Batching, scaled_lr
 from image_classification.engine.stages import StagedTraining, StageSchedule
 from image_classification.errors import UserError, exit_status
+from image_classification.models import catalogue
 from image_classification.reporting.reporter import Reporter
 
 
@@ -47,9 +48,12 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
     onnx_model = assembly.open_onnx_model(args, rt.device)
     resume_from = settings.resume_path(args)
     resume = checkpoint.load(resume_from) if resume_from else None
+    published = catalogue.for_flag(args.pretrained, args.arch)  # --pretrained [NAME]: preprocessing, options
+    saved = onnx_model.preprocessing if onnx_model else (published.preprocessing if published else None)
     resolved = settings.resolve(
         args, default_image_size=spec.default_image_size, quantized_arch=spec.quantized,
-        saved=onnx_model.preprocessing if onnx_model else None, saved_image_size=onnx_model.image_size if onnx_model else None,
+        saved=saved, saved_image_size=onnx_model.image_size if onnx_model else None,
+        model_defaults=published.model_options() if published else None,
         interpolations=data_registry.get(args.data_backend).interpolations, resume=resume_from,
         resume_config=(resume or {}).get("config"), resume_finetune=checkpoint.finetune_record(resume))
     flags, evaluation = resolved.flags, resolved.evaluation
@@ -63,7 +67,7 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
     num_classes, class_names = assembly.resolve_classes(flags, train_loader or val_loader)
     flags = settings.for_dataset(flags, num_classes)
     model, weights_note = assembly.build_model(flags, spec, onnx_model, resume, rt, num_classes, schedule,
-                                               train_loader)
+                                               train_loader, published)
 
     if context.is_main:
         checkpoint.check_workspace(flags.workspace)

@@ -354,8 +354,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        metavar="N", help="output classes (default: the dataset's; 1000 for synthetic data)")
     group.add_argument("--pretrained-from-file", default=None, metavar="PATH",
                        help="initialise from this weights file (our, NGC or torchvision format)")
-    group.add_argument("--pretrained", action="store_true",
-                       help="download published weights (needs network access; prefer --pretrained-from-file)")
+    group.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="NAME",
+                       help="start from published ImageNet weights, downloaded once into torch.hub's cache (needs "
+                            "network access): NAME is ARCH:TAG, e.g. resnet50:IMAGENET1K_V2 (list them: python -m "
+                            "image_classification.models.catalogue); bare, the arch's NVIDIA NGC weights, else "
+                            "torchvision's DEFAULT. Their evaluation preprocessing becomes the default")
     flag = dict(nargs="?", const=True, default=None, type=str2bool, metavar="BOOL")
     group.add_argument("--last-bn-0-init", "--last_bn_0_init", dest="last_bn_0_init",
                        help="ResNet: zero-init the last BN of each block", **flag)
@@ -514,7 +517,7 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | Non
     if defaults:
         _check_presets(parser, defaults)
         parser.set_defaults(**defaults)
-    args = _bare_gather_checkpoints(parser, parser.parse_args(argv))
+    args = _bare_pretrained(parser, _bare_gather_checkpoints(parser, parser.parse_args(argv)))
     if args.workers is None:
         args.workers = default_workers()
     return args
@@ -535,6 +538,18 @@ def _bare_gather_checkpoints(parser: argparse.ArgumentParser, args: argparse.Nam
         if args.data is not None:
             parser.error(f"argument --gather-checkpoints: invalid int value: {value!r}")
         args.data, args.gather_checkpoints = value, -1
+    return args
+
+
+def _bare_pretrained(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The reference's bare ``--pretrained`` right before DIR: argparse hands DIR to the optional
+    NAME, so a value that is no ``ARCH:TAG`` name goes back to ``data``."""
+    from image_classification.models.catalogue import NAME_PATTERN
+    value = args.pretrained
+    if isinstance(value, str) and not NAME_PATTERN.match(value):
+        if args.data is not None:
+            parser.error(f"argument --pretrained: {value!r} is not a weights name ARCH:TAG, e.g. resnet50:IMAGENET1K_V2")
+        args.data, args.pretrained = value, True
     return args
 
 
