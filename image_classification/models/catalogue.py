@@ -155,7 +155,10 @@ def find(name: str, arch: str | None = None) -> Entry:
     by_name = {alias: entry for entry in entries() for alias in (entry.name, *entry.aliases)}
     entry = by_name.get(name)
     if entry is None:
-        near = difflib.get_close_matches(name, list(by_name), n=4, cutoff=0.5)
+        names = [e.name for e in entries()]
+        own = [e.name for e in entries() if e.arch == arch]  # --arch's own weights first
+        near = difflib.get_close_matches(name, own, n=4, cutoff=0.5) or difflib.get_close_matches(
+            name, names, n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise UserError(f"unknown weights {name!r}{hint} (list them: python -m image_classification.models.catalogue)")
     if arch is not None and entry.arch != arch:
