@@ -158,3 +158,33 @@ def test_digits_export_a_subset_of_classes_with_few_training_images(tmp_path):
     assert sorted(p.name for p in train.iterdir()) == ["6", "7", "8", "9"] == sorted(p.name for p in val.iterdir())
     assert [len(list((train / c).iterdir())) for c in "6789"] == [20, 20, 20, 20]
     assert sum(len(list((val / c).iterdir())) for c in "6789") == 143  # every validation image of 6-9
+
+
+def test_two_process_fine_tune_rewraps_ddp_when_the_backbone_thaws(three_classes, tmp_path):
+    """DDP only syncs the parameters that needed gradients when it wrapped the model: the phase change
+    re-wraps it, so both ranks train the thawed backbone identically (and as one process would)."""
+    import os
+    import subprocess
+    import sys
+    import tests.helpers.run_main as driver
+    from tests.helpers.net import free_port
+    torch.save(driver.tiny_cnn(10).state_dict(), tmp_path / "tiny10.pth")
+    common = ["--arch", "tiny-cnn", "--data-backend", "pytorch", "--image-size", "16", "--val-resize-size", "16",
+              "--lr", "0.1", "--epochs", "2", "--workers", "0", "--seed", "3", "--device", "cpu",
+              "--pretrained-from-file", str(tmp_path / "tiny10.pth"), "--freeze-backbone-epochs", "1"]
+
+    def torchrun(nproc: int, batch: int, workspace: Path) -> dict:
+        env = {**os.environ, "DUMP_WEIGHTS": str(workspace / "weights"), "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                 "--master_port", str(free_port()), str(Path(driver.__file__)), *common, "-b",
+                                 str(batch), "--workspace", str(workspace), str(three_classes)],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return {rank: torch.load(workspace / f"weights.rank{rank}", weights_only=True) for rank in range(nproc)}
+
+    two, one = torchrun(2, 4, tmp_path / "two"), torchrun(1, 8, tmp_path / "one")
+    source = torch.load(tmp_path / "tiny10.pth", weights_only=True)
+    assert not torch.equal(two[0]["0.weight"], source["0.weight"])  # the backbone trained in epoch 1
+    for name, tensor in two[0].items():
+        assert torch.equal(tensor, two[1][name]), name
+        torch.testing.assert_close(tensor, one[0][name], rtol=1e-4, atol=1e-5)

@@ -74,7 +74,7 @@ def download(url: str) -> str:
         _check_hash(cached, expected or _HASH_IN_NAME.search(os.path.basename(cached)[len(stem):]))
         return cached
     os.makedirs(cache, exist_ok=True)
-    partial = os.path.join(cache, f".{name}.partial")
+    partial = os.path.join(cache, f".{name}.{os.getpid()}.partial")  # ranks of one node may download at once
     try:
         torch.hub.download_url_to_file(url, partial, hash_prefix=expected.group(1) if expected else None,
                                        progress=True)
