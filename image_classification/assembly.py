@@ -216,7 +216,7 @@ def training_parts(flags, model, staged: StagedTraining, rt, context, resume, ba
     # or every rank would average from its own random initialisation.
     wrapped = wrap(module)
     finetune = (FineTune(flags.freeze_backbone_epochs, classifier.classifier_name(model), wrap)
-                if flags.freeze_backbone_epochs else None)
+                if flags.freeze_backbone_epochs or flags.backbone_lr_scale != 1.0 else None)
     ema = ModelEma(model, flags.use_ema) if flags.use_ema else None
     state = loop.RunState()
     if resume is not None:

@@ -253,7 +253,6 @@ def capture(parts: TrainComponents, state: RunState, *, args, class_names: list[
     """Everything a checkpoint holds (see the module docstring), from the run's parts and state."""
     from image_classification import quantization
     from image_classification.engine.loop import NO_BEST
-    from image_classification.models.classifier import classifier_name
     # best_prec1 keeps the reference's meaning and range (0 before any validation, e.g. --training-only);
     # has_best says whether it is a score, so a resumed run's first validation is a new best.
     saved = {
@@ -264,7 +263,7 @@ def capture(parts: TrainComponents, state: RunState, *, args, class_names: list[
         "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
         "config": {**vars(args), "seed": seed}, "eval_preprocessing": evaluation.as_dict(),
         "finetune": {"freeze_backbone_epochs": args.freeze_backbone_epochs, "backbone_lr_scale": args.backbone_lr_scale,
-                     "classifier": classifier_name(parts.module)},
+                     "classifier": parts.finetune.head if parts.finetune is not None else None},
     }
     if quantization.is_quantized(parts.module):
         saved[quantization.CHECKPOINT_KEY] = quantization.state(parts.module)

@@ -200,7 +200,7 @@ def _train(flags, model, staged: StagedTraining, val_loader, rt, context, resume
     parts, state = assembly.training_parts(flags, model, staged, rt, context, resume, batching, compiler, hooks)
     if resume is not None:
         reporter.message(f"resumed from {flags.resume}: epoch {state.epoch}, batch {state.step_in_epoch}")
-    if parts.finetune is not None:
+    if parts.finetune is not None and parts.finetune.freeze_epochs:
         reporter.message(parts.finetune.describe())
     if flags.backbone_lr_scale != 1.0:
         reporter.message(f"the backbone trains at {flags.backbone_lr_scale:g} x the classifier's LR")

@@ -223,31 +223,24 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
                             "1e-8 AdamW)")
     group.add_argument("--max-grad-norm", default=0.0, type=non_negative_float, metavar="N",
                        help="LAMB: clip the global gradient norm to N before the step, 0 = off (default: 0)")
-    _add_finetune_flags(parser)
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("fine-tuning (with --pretrained or --pretrained-from-file; a dataset with "
-                                      "other classes gets a new classifier)")
-    group.add_argument("--freeze-backbone-epochs", default=None, type=non_negative_int, metavar="N",
-                       help="train only the classifier for the first N epochs (the backbone frozen, its BatchNorm "
-                            "in eval mode), then every layer (default: 0; a resumed run keeps its own)")
-    group.add_argument("--backbone-lr-scale", default=None, type=non_negative_float, metavar="S",
-                       help="the pretrained layers train at S x the LR of the classifier, which follows --lr and "
-                            "the schedule (default: 1; a resumed run keeps its own)")
     group.add_argument("--use-ema", default=None, type=non_negative_float, metavar="DECAY",
                        help="keep an exponential moving average of the weights with this decay and "
                             "validate it each epoch as val_ema.* (default: off)")
     group.add_argument("--ema-best", action="store_true",
                        help="with --use-ema: model_best.pth.tar and early stopping follow the better of val.top1 "
                             "and val_ema.top1 (default: val.top1 only, as the reference)")
+    _add_finetune_flags(parser)
+
+
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fine-tuning (with --pretrained or --pretrained-from-file; a dataset with "
+                                      "other classes gets a new classifier)")
+    group.add_argument("--freeze-backbone-epochs", default=None, type=int, metavar="N",
+                       help="train only the classifier for the first N epochs (the backbone frozen, its BatchNorm "
+                            "in eval mode), then every layer (default: 0; a resumed run keeps its own)")
+    group.add_argument("--backbone-lr-scale", default=None, type=non_negative_float, metavar="S",
+                       help="the pretrained layers train at S x the LR of the classifier, which follows --lr and "
+                            "the schedule (default: 1; a resumed run keeps its own)")
 
 
 def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
@@ -468,6 +461,8 @@ def _validate_finetune(args: argparse.Namespace) -> None:
                                       ("--backbone-lr-scale", args.backbone_lr_scale)) if value is not None]
     if not given:
         return
+    if args.freeze_backbone_epochs is not None and args.freeze_backbone_epochs < 0:
+        raise UserError(f"--freeze-backbone-epochs must be >= 0 epochs, got {args.freeze_backbone_epochs}")
     if args.evaluate:
         raise UserError(f"{given[0]} is for training; drop it with --evaluate")
     if not (args.pretrained or args.pretrained_from_file or args.resume or args.auto_resume):

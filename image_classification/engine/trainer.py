@@ -59,7 +59,7 @@ class TrainComponents:
     world_size: int = 1
     compiler: Compiler | None = None          # --compile: `model` is compiled by it (image_classification/compiling.py)
     hooks: Hooks = field(default_factory=Hooks)
-    finetune: FineTune | None = None          # --freeze-backbone-epochs (engine/finetune.py)
+    finetune: FineTune | None = None          # --freeze-backbone-epochs, --backbone-lr-scale (engine/finetune.py)
 
 
 class IntervalMeter:
