@@ -71,7 +71,8 @@ def resolve(args: argparse.Namespace, *, default_image_size: int, saved: EvalPre
     finetune = {key: (getattr(args, key) if getattr(args, key) is not None
                       else (resume_finetune or {}).get(key, default))
                 for key, default in (("freeze_backbone_epochs", 0), ("backbone_lr_scale", 1.0))}
-    saved_options = {key: value for key, value in (resume_config or {}).items() if key in config.MODEL_OPTION_DESTS}
+    saved_options = {key: value for key, value in (resume_config or {}).items()
+                     if key in config.MODEL_OPTION_DESTS and value is not None}
     model_options = {key: getattr(args, key) if getattr(args, key) is not None
                      else saved_options.get(key, (model_defaults or {}).get(key))
                      for key in config.MODEL_OPTION_DESTS}
