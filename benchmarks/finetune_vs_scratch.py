@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10, help="epochs of every target run")
     parser.add_argument("--source-epochs", type=int, default=5)
+    parser.add_argument("--source", default=None, metavar="CKPT",
+                        help="a source checkpoint trained before (by this script) instead of training it again")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="1 epoch of 2 batches per run (checks the script)")
@@ -74,11 +76,13 @@ def main(argv=None) -> int:
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in RUNS}
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
-        top1, seconds = train([*common, "--epochs", str(1 if args.smoke else args.source_epochs), "--seed", "1"],
-                              work / "source", source_data)
-        print(f"source: digits 0-5, val top-1 {top1:.2f} % after {args.source_epochs} epochs ({seconds:.0f} s)",
-              flush=True)
-        source = str(work / "source" / "checkpoint.pth.tar")
+        source = args.source
+        if source is None:
+            top1, seconds = train([*common, "--epochs", str(1 if args.smoke else args.source_epochs), "--seed", "1"],
+                                  work / "source", source_data)
+            print(f"source: digits 0-5, val top-1 {top1:.2f} % after {args.source_epochs} epochs ({seconds:.0f} s)",
+                  flush=True)
+            source = str(work / "source" / "checkpoint.pth.tar")
         for seed in args.seeds:
             for name, extra in RUNS.items():
                 run_args = [*common, "--epochs", str(1 if args.smoke else args.epochs), "--seed", str(seed),
