@@ -6,12 +6,15 @@
     probabilities = torch.softmax(model(batch), dim=1)
     utils.pick_n_best(probabilities, n=5)
 
-Every model entry takes ``pretrained`` (download the published NGC weights; **off by default**
-here, unlike the reference, since it needs network access), ``pretrained_from_file=PATH`` (a local
+Every model entry takes ``pretrained`` (True: download the published NGC weights, or a published
+name such as ``"resnet50:IMAGENET1K_V2"``; **off by default** here, unlike the reference, since it
+needs network access), ``pretrained_from_file=PATH`` (a local
 weights file or training checkpoint, loaded strictly; a missing file is an error),
 ``state_dict_key_map_fn`` (applied to every key before loading) and model options as keyword
 arguments (``num_classes``, ``trt``, ``dropout``, ...). ``num_classes`` defaults to the file's
-classifier size, else 1000. Models are returned in eval mode.
+classifier size, else 1000; another number (fine-tuning) loads every weight but the classifier,
+which is new. Models are returned in eval mode. ``convnets_backbone`` returns an architecture's
+stages as a feature-map backbone.
 """
 import urllib.parse as _urlparse
 import urllib.request as _urlrequest
@@ -24,7 +27,7 @@ from image_classification import preprocessing as _preprocessing
 from image_classification.data import transforms as _transforms
 from image_classification.deploy import labels as _labels
 from image_classification.deploy import loading as _loading
-from image_classification.models import published as _published
+from image_classification.models import catalogue as _catalogue
 
 dependencies = ["torch", "torchvision", "PIL", "numpy"]
 
@@ -34,19 +37,21 @@ def _build(arch, pretrained=False, pretrained_from_file=None, state_dict_key_map
     if pretrained and pretrained_from_file:
         raise ValueError("pretrained=True and pretrained_from_file exclude each other")
     num_classes = kwargs.pop("num_classes", None)
+    # num_classes other than the weights' (fine-tuning): all but the classifier load, the classifier is new
+    fine_tune = dict(num_classes=num_classes, options=kwargs, new_classifier=num_classes is not None)
     if pretrained_from_file is not None:
         state_dict, source = _loading.read_weights(str(pretrained_from_file)).state_dict, str(pretrained_from_file)
     elif pretrained:
-        if arch not in _published.PUBLISHED:
-            raise ValueError(f"no published weights for {arch}; use pretrained_from_file")
-        source = _published.download_weights(arch)  # hash-checked, loaded with weights_only=True
+        entry = _catalogue.for_flag(pretrained, arch)  # True: NGC's file; or a name, e.g. "resnet50:IMAGENET1K_V2"
+        if state_dict_key_map_fn is None:
+            return _loading.load_published(entry, **fine_tune).model
+        source = _catalogue.fetch(entry)  # hash-checked, loaded with weights_only=True
         state_dict = _loading.read_weights(source).state_dict
     else:
         return _loading.load_model(arch, num_classes=num_classes, options=kwargs).model
     if state_dict_key_map_fn is not None:
         state_dict = {state_dict_key_map_fn(key): value for key, value in state_dict.items()}
-    return _loading.load_model(arch, num_classes=num_classes, options=kwargs, state_dict=state_dict,
-                               source=source).model
+    return _loading.load_model(arch, state_dict=state_dict, source=source, **fine_tune).model
 
 
 def _entry(arch):
@@ -79,6 +84,15 @@ def nvidia_efficientnet(type="efficientnet-b0", pretrained=False, **kwargs):  # 
         variants = [n for n in _models.names() if n.startswith("efficientnet-")]
         raise ValueError(f"unknown EfficientNet type {type!r}; choose one of: {', '.join(variants)}")
     return _build(type, pretrained=pretrained, **kwargs)
+
+
+def convnets_backbone(arch="resnet50", weights=None, out_indices=None, **kwargs):
+    """``arch``'s stages as a backbone for detection or segmentation: ``forward`` returns the feature
+    maps listed in ``.feature_info`` (channels, stride). ``weights``: a weights file or training
+    checkpoint, a published name such as "resnet50:IMAGENET1K_V2", or None (random). ``out_indices``:
+    the stages (ResNet 0-3 at strides 4-32; default: the last stage of each stride). Other keyword
+    arguments are model options."""
+    return _models.backbone(arch, weights=weights, out_indices=out_indices, **kwargs)
 
 
 class _ProcessingUtils:

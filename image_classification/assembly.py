@@ -22,13 +22,14 @@ from image_classification.data.registry import LoaderConfig
 from image_classification.deploy import loading, runners
 from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma
+from image_classification.engine.finetune import FineTune
 from image_classification.engine.losses import SmoothedCrossEntropy
 from image_classification.engine.optim import build_optimizer
 from image_classification.engine.schedules import Batching, build_scheduler
 from image_classification.engine.stages import Stage, StagedTraining, StageSchedule
 from image_classification.engine.trainer import TrainComponents
 from image_classification.errors import UserError
-from image_classification.models import weights
+from image_classification.models import catalogue, classifier, weights
 
 
 def open_onnx_model(args, device: torch.device) -> runners.OnnxModel | None:
@@ -51,7 +52,8 @@ def compiler_for(flags, schedule: StageSchedule) -> compiling.Compiler | None:
         if present:
             raise UserError(f"--compile does not combine with {flag}")
     sizes = {stage.image_size for stage in schedule.stages}
-    return compiling.Compiler(flags.compile, shapes=len(sizes) + 2)
+    frozen_phase = 1 if flags.freeze_backbone_epochs else 0  # another graph: no backward through the backbone
+    return compiling.Compiler(flags.compile, shapes=len(sizes) + 2 + frozen_phase)
 
 
 def loader_config(flags, evaluation: preprocessing.EvalPreprocessing, rt: runtime.Runtime, context,
@@ -92,23 +94,33 @@ def resolve_classes(flags, loader) -> tuple[int, list[str]]:
 
 
 def build_model(flags, spec, onnx_model, resume: dict | None, rt: runtime.Runtime, num_classes: int,
-                 schedule: StageSchedule, train_loader) -> nn.Module:
+                schedule: StageSchedule, train_loader,
+                published: catalogue.Entry | None = None) -> tuple[nn.Module, str | None]:
     """The --onnx file, or the architecture with its initial weights on the device (INT8-calibrated
-    with --quantize)."""
+    with --quantize); and the line saying what of the weights was left out (a new classifier), if any.
+    ``published``: the catalogue entry --pretrained names."""
     if onnx_model is not None:
         onnx_model.check_classes(num_classes)
-        return onnx_model
+        return onnx_model, None
     model = spec.build(num_classes=num_classes, **config.model_options(flags))
-    model = _load_initial_weights(model, flags, spec, resume)
+    model, note = _load_initial_weights(model, flags, spec, resume, published)
     model = model.to(rt.device, memory_format=rt.memory_format)
     if not flags.evaluate:
         _check_batch_norm_batch(model, flags.batch_size, schedule.smallest_size)
-    return _quantize(model, flags, train_loader)
+    return _quantize(model, flags, train_loader), note
 
 
-def _load_initial_weights(model: nn.Module, flags, spec, resume: dict | None) -> nn.Module:
+def _load_initial_weights(model: nn.Module, flags, spec, resume: dict | None,
+                          published: catalogue.Entry | None) -> tuple[nn.Module, str | None]:
     """Fill ``model`` from --resume, --pretrained-from-file or --pretrained; a QAT checkpoint
-    first gets its quantizers back (their ranges are part of its state dict)."""
+    first gets its quantizers back (their ranges are part of its state dict).
+
+    Pretrained weights may come from a dataset with other classes (fine-tuning): everything but
+    the classifier must fit, and the model keeps its own new classifier (the returned line says
+    so). Not for a QAT checkpoint, whose classifier's quantizer ranges would be left uncalibrated,
+    nor for --resume, which continues a run exactly.
+    """
+    note = None
     if resume is not None:
         if resume.get("arch", flags.arch) != flags.arch:
             raise UserError(f"{flags.resume} was trained with --arch {resume['arch']}, not --arch {flags.arch}")
@@ -117,12 +129,14 @@ def _load_initial_weights(model: nn.Module, flags, spec, resume: dict | None) ->
     elif flags.pretrained_from_file:
         file = loading.read_weights(flags.pretrained_from_file)
         model = quantization.restore(model, file.checkpoint)
-        weights.load_state_dict_into(model, file.state_dict, source=flags.pretrained_from_file,
-                                     family=spec.family, arch=flags.arch)
-    elif flags.pretrained:
-        from image_classification.models.published import download_weights
-        weights.load_pretrained(model, download_weights(flags.arch), family=spec.family, arch=flags.arch)
-    return model
+        note = weights.load_state_dict_into(model, file.state_dict, source=flags.pretrained_from_file,
+                                            family=spec.family, arch=flags.arch,
+                                            new_classifier=not quantization.is_quantized(model))
+    elif published is not None:
+        path = catalogue.fetch(published)
+        note = weights.load_state_dict_into(model, weights.load_state_dict_file(path), source=published.name,
+                                            family=spec.family, arch=flags.arch, new_classifier=True)
+    return model, note
 
 
 def _check_batch_norm_batch(model: nn.Module, batch_size: int, image_size: int) -> None:
@@ -188,17 +202,23 @@ def training_parts(flags, model, staged: StagedTraining, rt, context, resume, ba
                                 bn_weight_decay=flags.bn_weight_decay, rmsprop_alpha=flags.rmsprop_alpha,
                                 rmsprop_eps=flags.rmsprop_eps, trust_coefficient=flags.trust_coefficient,
                                 trust_clip=flags.trust_clip, betas=flags.adam_betas, eps=flags.optimizer_eps,
-                                max_grad_norm=flags.max_grad_norm, device=rt.device)
+                                max_grad_norm=flags.max_grad_norm, backbone_lr_scale=flags.backbone_lr_scale,
+                                device=rt.device)
     loader = staged(0).loader  # every stage splits an epoch the same way
     loader.set_epoch(0)
     steps_per_epoch = -(-len(loader) // steps)
     scaler = rt.grad_scaler(flags.static_loss_scale, flags.dynamic_loss_scale)
     module = torch.jit.script(model) if flags.jit == "script" else model
+
+    def wrap(plain: nn.Module) -> nn.Module:
+        wrapped = _wrap_distributed(plain, rt.device, context)
+        # the DDP-wrapped model, so Dynamo splits the graph at DDP's buckets
+        return compiler(wrapped) if compiler is not None else wrapped
     # DDP broadcasts rank 0's weights when it wraps the model; the EMA copy is taken after that,
     # or every rank would average from its own random initialisation.
-    wrapped = _wrap_distributed(module, rt.device, context)
-    if compiler is not None:  # the DDP-wrapped model, so Dynamo splits the graph at DDP's buckets
-        wrapped = compiler(wrapped)
+    wrapped = wrap(module)
+    finetune = (FineTune(flags.freeze_backbone_epochs, classifier.classifier_name(model), wrap)
+                if flags.freeze_backbone_epochs or flags.backbone_lr_scale != 1.0 else None)
     ema = ModelEma(model, flags.use_ema) if flags.use_ema else None
     state = loop.RunState()
     if resume is not None:
@@ -219,7 +239,8 @@ def training_parts(flags, model, staged: StagedTraining, rt, context, resume, ba
     parts = TrainComponents(
         model=wrapped, module=module, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, criterion=SmoothedCrossEntropy(flags.label_smoothing), runtime=rt,
-        accumulation_steps=steps, ema=ema, world_size=context.world_size, compiler=compiler, hooks=hooks)
+        accumulation_steps=steps, ema=ema, world_size=context.world_size, compiler=compiler, hooks=hooks,
+        finetune=finetune)
     return parts, state
 
 

@@ -16,7 +16,8 @@ older readers), ``split`` (the saving run's processes, ``-b`` and global batch),
 ``ema_updates``, ``rng`` (one state per rank), ``arch``, ``num_classes``, ``class_names``,
 ``epochs_since_best``, ``has_best`` (``best_prec1`` is a score, not the 0 before any validation),
 ``validation_pending`` (epoch ``epoch - 1`` is trained, not yet validated), ``target_epoch`` (the
-epoch whose validation reached ``--target-top1``, or None), ``config`` (the
+epoch whose validation reached ``--target-top1``, or None), ``finetune`` (``freeze_backbone_epochs``,
+``backbone_lr_scale`` and the ``classifier`` they apply to: a resumed run keeps them), ``config`` (the
 resolved flags) and ``epoch_files`` (the per-epoch files this run keeps, see :class:`Retention`).
 """
 from __future__ import annotations
@@ -235,13 +236,18 @@ class ModelRecord:
     arch: str | None
     num_classes: int | None
     class_names: list[str] | None
+    options: dict[str, Any] = field(default_factory=dict)  # the model flags it was trained with
 
 
 def model_record(saved: Mapping[str, Any]) -> ModelRecord:
-    """The ``arch``, ``num_classes`` and ``class_names`` that :func:`capture` wrote."""
+    """The ``arch``, ``num_classes``, ``class_names`` and model options (from ``config``) that
+    :func:`capture` wrote."""
+    from image_classification.config import MODEL_OPTION_DESTS
     names = saved.get("class_names")
+    config = saved.get("config") if isinstance(saved.get("config"), Mapping) else {}
     return ModelRecord(saved.get("arch") or None, int(saved["num_classes"]) if saved.get("num_classes") else None,
-                       [str(name) for name in names] if isinstance(names, (list, tuple)) else None)
+                       [str(name) for name in names] if isinstance(names, (list, tuple)) else None,
+                       {key: config[key] for key in MODEL_OPTION_DESTS if config.get(key) is not None})
 
 
 # ---------------------------------------------------------------- the keys: written and read here only
@@ -265,6 +271,8 @@ def capture(parts: TrainComponents, state: RunState, *, args, class_names: list[
         "num_classes": len(class_names), "class_names": class_names, "state_dict": parts.module.state_dict(),
         "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
         "config": {**vars(args), "seed": seed}, "eval_preprocessing": evaluation.as_dict(),
+        "finetune": {"freeze_backbone_epochs": args.freeze_backbone_epochs, "backbone_lr_scale": args.backbone_lr_scale,
+                     "classifier": parts.finetune.head if parts.finetune is not None else None},
     }
     if quantization.is_quantized(parts.module):
         saved[quantization.CHECKPOINT_KEY] = quantization.state(parts.module)
@@ -303,6 +311,14 @@ def saved_progress(saved: Mapping[str, Any]) -> "EpochProgress":
         return EpochProgress()
     return EpochProgress.after_batches(batches, batch_size=int((saved.get("config") or {})["batch_size"]),
                                        world_size=max(1, saved_rng_processes(saved)))
+
+
+def finetune_record(saved: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fine-tuning settings :func:`capture` wrote (empty for checkpoints before them)."""
+    record = (saved or {}).get("finetune")
+    if not isinstance(record, Mapping):
+        return {}
+    return {key: record[key] for key in ("freeze_backbone_epochs", "backbone_lr_scale") if record.get(key) is not None}
 
 
 def restore(saved: dict[str, Any], *, optimizer, scaler, ema: ModelEma | None, rank: int, world_size: int,

@@ -17,6 +17,7 @@ from image_classification.engine.losses import SmoothedCrossEntropy
 from image_classification.engine.schedules import Batching, scaled_lr
 from image_classification.engine.stages import StagedTraining, StageSchedule
 from image_classification.errors import UserError, exit_status
+from image_classification.models import catalogue
 from image_classification.reporting.reporter import Reporter
 
 
@@ -48,11 +49,14 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
     onnx_model = assembly.open_onnx_model(args, rt.device)
     resume_from = settings.resume_path(args)
     resume = checkpoint.load(resume_from) if resume_from else None
+    published = catalogue.for_flag(args.pretrained, args.arch)  # --pretrained [NAME]: preprocessing, options
+    saved = onnx_model.preprocessing if onnx_model else (published.preprocessing if published else None)
     resolved = settings.resolve(
         args, default_image_size=spec.default_image_size, quantized_arch=spec.quantized,
-        saved=onnx_model.preprocessing if onnx_model else None, saved_image_size=onnx_model.image_size if onnx_model else None,
+        saved=saved, saved_image_size=onnx_model.image_size if onnx_model else None,
+        model_defaults=published.model_options() if published else None,
         interpolations=data_registry.get(args.data_backend).interpolations, resume=resume_from,
-        resume_config=(resume or {}).get("config"))
+        resume_config=(resume or {}).get("config"), resume_finetune=checkpoint.finetune_record(resume))
     flags, evaluation = resolved.flags, resolved.evaluation
     schedule = StageSchedule(n_stages=flags.n_stages, epochs=flags.epochs, base_size=flags.base_image_size,
                              final_size=flags.image_size, mixup=flags.mixup, cutmix=flags.cutmix,
@@ -63,7 +67,8 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
     train_loader, val_loader = assembly.build_loaders(flags, loader_config, schedule.stages[0])
     num_classes, class_names = assembly.resolve_classes(flags, train_loader or val_loader)
     flags = settings.for_dataset(flags, num_classes)
-    model = assembly.build_model(flags, spec, onnx_model, resume, rt, num_classes, schedule, train_loader)
+    model, weights_note = assembly.build_model(flags, spec, onnx_model, resume, rt, num_classes, schedule,
+                                               train_loader, published)
 
     if context.is_main:
         checkpoint.check_workspace(flags.workspace)
@@ -71,6 +76,8 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
     batching = None if flags.evaluate else _batching(flags, context.world_size)
     try:
         _show_runtime_notes(rt, reporter, context.is_main)
+        if weights_note:
+            reporter.message(weights_note)
         reporter.log("PARAMETER", {**vars(flags), "seed": seed, "num_classes": num_classes,
                                    "world_size": context.world_size, "device": str(rt.device),
                                    "precision": rt.precision_name,
@@ -195,6 +202,10 @@ def _train(flags, model, staged: StagedTraining, val_loader, rt, context, resume
     if resume is not None:
         for line in _resume_lines(flags.resume, resume, state, staged(0).loader.epoch_size, batching):
             reporter.message(line)
+    if parts.finetune is not None and parts.finetune.freeze_epochs:
+        reporter.message(parts.finetune.describe())
+    if flags.backbone_lr_scale != 1.0:
+        reporter.message(f"the backbone trains at {flags.backbone_lr_scale:g} x the classifier's LR")
     if state.epoch >= flags.epochs:
         reporter.message(f"{flags.resume} has already completed {state.epoch} of --epochs {flags.epochs}; "
                          "nothing to train")

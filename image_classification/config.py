@@ -231,6 +231,18 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ema-best", action="store_true",
                        help="with --use-ema: model_best.pth.tar and early stopping follow the better of val.top1 "
                             "and val_ema.top1 (default: val.top1 only, as the reference)")
+    _add_finetune_flags(parser)
+
+
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fine-tuning (with --pretrained or --pretrained-from-file; a dataset with "
+                                      "other classes gets a new classifier)")
+    group.add_argument("--freeze-backbone-epochs", default=None, type=int, metavar="N",
+                       help="train only the classifier for the first N epochs (the backbone frozen, its BatchNorm "
+                            "in eval mode), then every layer (default: 0; a resumed run keeps its own)")
+    group.add_argument("--backbone-lr-scale", default=None, type=non_negative_float, metavar="S",
+                       help="the pretrained layers train at S x the LR of the classifier, which follows --lr and "
+                            "the schedule (default: 1; a resumed run keeps its own)")
 
 
 def _add_precision_flags(parser: argparse.ArgumentParser) -> None:
@@ -338,8 +350,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        metavar="N", help="output classes (default: the dataset's; 1000 for synthetic data)")
     group.add_argument("--pretrained-from-file", default=None, metavar="PATH",
                        help="initialise from this weights file (our, NGC or torchvision format)")
-    group.add_argument("--pretrained", action="store_true",
-                       help="download published weights (needs network access; prefer --pretrained-from-file)")
+    group.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="NAME",
+                       help="start from published ImageNet weights, downloaded once into torch.hub's cache (needs "
+                            "network access): NAME is ARCH:TAG, e.g. resnet50:IMAGENET1K_V2 (list them: python -m "
+                            "image_classification.models.catalogue); bare, the arch's NVIDIA NGC weights, else "
+                            "torchvision's DEFAULT. Their evaluation preprocessing becomes the default")
     flag = dict(nargs="?", const=True, default=None, type=str2bool, metavar="BOOL")
     group.add_argument("--last-bn-0-init", "--last_bn_0_init", dest="last_bn_0_init",
                        help="ResNet: zero-init the last BN of each block", **flag)
@@ -438,9 +453,25 @@ def validate(args: argparse.Namespace) -> None:
     if args.base_image_size is not None and args.n_stages == 1:
         raise UserError("--base-image-size needs --n-stages 2 or more")
     model_options(args)  # a -c preset that contradicts an explicit model flag
+    _validate_finetune(args)
     _validate_large_batch(args)
     if sorted(args.lr_milestones) != args.lr_milestones:
         raise UserError(f"--lr-milestones must be increasing, got {args.lr_milestones}")
+
+
+def _validate_finetune(args: argparse.Namespace) -> None:
+    given = [flag for flag, value in (("--freeze-backbone-epochs", args.freeze_backbone_epochs),
+                                      ("--backbone-lr-scale", args.backbone_lr_scale)) if value is not None]
+    if not given:
+        return
+    if args.freeze_backbone_epochs is not None and args.freeze_backbone_epochs < 0:
+        raise UserError(f"--freeze-backbone-epochs must be >= 0 epochs, got {args.freeze_backbone_epochs}")
+    if args.evaluate:
+        raise UserError(f"{given[0]} is for training; drop it with --evaluate")
+    if not (args.pretrained or args.pretrained_from_file or args.resume or args.auto_resume):
+        raise UserError(f"{given[0]} fine-tunes pretrained weights: give --pretrained-from-file PATH or --pretrained")
+    if args.freeze_backbone_epochs and args.jit != "no":
+        raise UserError("--freeze-backbone-epochs does not combine with --jit script")
 
 
 def _validate_large_batch(args: argparse.Namespace) -> None:
@@ -484,7 +515,7 @@ def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | Non
     if defaults:
         _check_presets(parser, defaults)
         parser.set_defaults(**defaults)
-    args = _bare_gather_checkpoints(parser, parser.parse_args(argv))
+    args = _bare_pretrained(parser, _bare_gather_checkpoints(parser, parser.parse_args(argv)))
     if args.workers is None:
         args.workers = default_workers()
     return args
@@ -505,6 +536,18 @@ def _bare_gather_checkpoints(parser: argparse.ArgumentParser, args: argparse.Nam
         if args.data is not None:
             parser.error(f"argument --gather-checkpoints: invalid int value: {value!r}")
         args.data, args.gather_checkpoints = value, -1
+    return args
+
+
+def _bare_pretrained(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The reference's bare ``--pretrained`` right before DIR: argparse hands DIR to the optional
+    NAME, so a value that is no ``ARCH:TAG`` name goes back to ``data``."""
+    from image_classification.models.catalogue import NAME_PATTERN
+    value = args.pretrained
+    if isinstance(value, str) and not NAME_PATTERN.match(value):
+        if args.data is not None:
+            parser.error(f"argument --pretrained: {value!r} is not a weights name ARCH:TAG, e.g. resnet50:IMAGENET1K_V2")
+        args.data, args.pretrained = value, True
     return args
 
 

@@ -42,13 +42,18 @@ class Resolved:
 def resolve(args: argparse.Namespace, *, default_image_size: int, saved: EvalPreprocessing | None = None,
             saved_image_size: int | None = None, quantized_arch: bool = False,
             interpolations: Collection[str] | None = None, resume: str | None = None,
-            resume_config: Mapping[str, Any] | None = None) -> Resolved:
+            resume_config: Mapping[str, Any] | None = None,
+            resume_finetune: Mapping[str, Any] | None = None,
+            model_defaults: Mapping[str, Any] | None = None) -> Resolved:
     """Every setting the flags leave open, decided once.
 
     ``saved``/``saved_image_size``: an ``--onnx`` file's preprocessing record and input size;
     ``default_image_size``: the architecture's; ``interpolations``: what the data backend can do;
     ``resume``: the checkpoint this run resumes (:func:`resume_path`), ``resume_config`` its
-    ``config`` (a resumed run keeps its retention).
+    ``config`` (a resumed run keeps its retention), ``resume_finetune`` its fine-tuning record (a resumed
+    run keeps its --freeze-backbone-epochs and --backbone-lr-scale unless they are given again);
+    ``model_defaults``: model options the pretrained weights need (a catalogue entry's), used for
+    model flags not given (a resumed run's own values first), so the checkpoint's config records them.
 
     Sizes: :func:`image_classification.preprocessing.resolve` decides, first at the training size
     (``--val-resize-size`` is the resize for ``--image-size``), then at ``--eval-image-size``, whose
@@ -63,7 +68,15 @@ def resolve(args: argparse.Namespace, *, default_image_size: int, saved: EvalPre
     gather = args.gather_checkpoints
     if gather is None:  # a resumed run keeps the retention it was started with
         gather = int((resume_config or {}).get("gather_checkpoints") or 0)
-    flags = Flags({**vars(args), "quantize": args.quantize or quantized_arch,
+    finetune = {key: (getattr(args, key) if getattr(args, key) is not None
+                      else (resume_finetune or {}).get(key, default))
+                for key, default in (("freeze_backbone_epochs", 0), ("backbone_lr_scale", 1.0))}
+    saved_options = {key: value for key, value in (resume_config or {}).items()
+                     if key in config.MODEL_OPTION_DESTS and value is not None}
+    model_options = {key: getattr(args, key) if getattr(args, key) is not None
+                     else saved_options.get(key, (model_defaults or {}).get(key))
+                     for key in config.MODEL_OPTION_DESTS}
+    flags = Flags({**vars(args), **finetune, **model_options, "quantize": args.quantize or quantized_arch,
                    "image_size": trained.image_size, "base_image_size": base_image_size,
                    "eval_image_size": evaluation.image_size, "val_resize_size": evaluation.resize_size,
                    "interpolation": evaluation.interpolation, "gather_checkpoints": gather, "resume": resume})

@@ -154,5 +154,6 @@ def print_result(result: dict) -> None:
 def _json_document(results: list[dict], loaded: LoadedModel, evaluation: preprocessing.EvalPreprocessing,
                    rt: runtime.Runtime) -> dict:
     return {"arch": loaded.arch, "num_classes": loaded.num_classes, "image_size": evaluation.image_size,
-            "resize_size": evaluation.resize_size, "precision": rt.precision_name, "device": str(rt.device),
+            "resize_size": evaluation.resize_size, "interpolation": evaluation.interpolation,
+            "precision": rt.precision_name, "device": str(rt.device),
             **({"precision_note": " ".join(rt.notes)} if rt.notes else {}), "results": results}

@@ -10,6 +10,7 @@ preprocessing it was trained with.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping
@@ -109,12 +110,15 @@ def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
 
 def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool = False,
                num_classes: int | None = None, options: Mapping[str, Any] | None = None,
-               state_dict: Mapping[str, torch.Tensor] | None = None, source: str | None = None) -> LoadedModel:
+               state_dict: Mapping[str, torch.Tensor] | None = None, source: str | None = None,
+               new_classifier: bool = False) -> LoadedModel:
     """Build ``arch`` (or the checkpoint's arch when ``arch`` is None) and load its weights strictly.
 
     The number of classes is, in order: ``num_classes``, the checkpoint's, the classifier shape
-    in the file, 1000. ``state_dict`` (with ``source`` naming it) replaces ``weights_path`` for
-    weights already in memory (torch.hub downloads).
+    in the file, 1000. Model options: ``options``, else those the checkpoint was trained with.
+    ``state_dict`` (with ``source`` naming it) replaces ``weights_path`` for weights already in
+    memory (torch.hub downloads). ``new_classifier``: weights of another class count load all but
+    the classifier (fine-tuning, :func:`image_classification.models.weights.load_state_dict_into`).
     """
     file = None
     if weights_path is not None:
@@ -130,31 +134,56 @@ def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool =
         raise UserError(f"{weights_path} was trained with --arch {record.arch}, not --arch {arch}")
     spec = models.get(arch)
     num_classes = num_classes or record.num_classes or (infer_num_classes(state_dict) if state_dict else None) or 1000
-    model = quantization.restore(spec.build(num_classes=num_classes, **dict(options or {})), saved)
+    options = {**record.options, **dict(options or {})}
+    model = quantization.restore(spec.build(num_classes=num_classes, **options), saved)
     if state_dict is not None:
-        weights.load_state_dict_into(model, state_dict, source=source or "state dict",
-                                     family=spec.family, arch=arch)
+        note = weights.load_state_dict_into(model, state_dict, source=source or "state dict", family=spec.family,
+                                            arch=arch, new_classifier=new_classifier)
+        if note:
+            print(f"=> {note}", file=sys.stderr)
     model.eval()
     names = record.class_names if record.class_names and len(record.class_names) == num_classes else None
     return LoadedModel(model=model, spec=spec, num_classes=num_classes, class_names=names, checkpoint=saved,
                        preprocessing=preprocessing.from_checkpoint(saved))
 
 
-def weights_path(args: argparse.Namespace, without_weights: str) -> str | None:
-    """The weights file the model flags ask for: ``--pretrained-from-file``/``--weights``, or the
-    published download for ``--pretrained``; None (with ``without_weights`` as a warning) for none."""
-    if args.pretrained and args.pretrained_from_file:
-        raise UserError("--pretrained and --pretrained-from-file/--weights exclude each other")
-    if args.pretrained:
-        from image_classification.models.published import download_weights
-        return download_weights(args.arch or "resnet50")
-    if args.pretrained_from_file is None:
-        print(f"warning: no --weights/--pretrained-from-file/--pretrained given: {without_weights}", file=sys.stderr)
-    return args.pretrained_from_file
+def load_source(arch: str | None, source: str | None = None, *, ema: bool = False, num_classes: int | None = None,
+                options: Mapping[str, Any] | None = None, new_classifier: bool = False) -> LoadedModel:
+    """:func:`load_model` from ``source``: a weights file or training checkpoint, a published
+    weights name (``resnet50:IMAGENET1K_V2``, :mod:`image_classification.models.catalogue`), or None
+    (random initialisation). A name brings its preprocessing and the model options its weights need."""
+    from image_classification.models import catalogue
+    if source is None or not catalogue.NAME_PATTERN.match(source) or os.path.exists(source):
+        return load_model(arch, source, ema=ema, num_classes=num_classes, options=options,
+                          new_classifier=new_classifier)
+    return load_published(catalogue.find(source, arch), num_classes=num_classes, options=options, ema=ema,
+                          new_classifier=new_classifier)
+
+
+def load_published(entry, *, num_classes: int | None = None, options: Mapping[str, Any] | None = None,
+                   ema: bool = False, new_classifier: bool = False) -> LoadedModel:
+    """A catalogue entry's model: its weights downloaded (hash-checked), its model options and its
+    evaluation preprocessing (explicit ``options`` win)."""
+    from image_classification.models import catalogue
+    if ema:
+        raise UserError(f"--ema needs a training checkpoint; {entry.name} is a plain weights file")
+    loaded = load_model(entry.arch, catalogue.fetch(entry), num_classes=num_classes,
+                        options={**entry.model_options(), **dict(options or {})}, new_classifier=new_classifier)
+    loaded.preprocessing = entry.preprocessing
+    return loaded
 
 
 def load_from_flags(args: argparse.Namespace, without_weights: str) -> LoadedModel:
-    """:func:`load_model` as the flags of :func:`add_model_flags` ask (``without_weights``: the
-    warning when they name no weights)."""
-    return load_model(args.arch, weights_path(args, without_weights), ema=args.ema, num_classes=args.num_classes,
-                      options=config.model_options(args))
+    """:func:`load_model` as the flags of :func:`add_model_flags` ask: ``--pretrained-from-file``/
+    ``--weights``, or ``--pretrained [NAME]``'s published weights; ``without_weights`` is the warning
+    when they name no weights."""
+    from image_classification.models import catalogue
+    if args.pretrained and args.pretrained_from_file:
+        raise UserError("--pretrained and --pretrained-from-file/--weights exclude each other")
+    options = config.model_options(args)
+    if args.pretrained:
+        return load_published(catalogue.for_flag(args.pretrained, args.arch), num_classes=args.num_classes, options=options, ema=args.ema)
+    if args.pretrained_from_file is None:
+        print(f"warning: no --weights/--pretrained-from-file/--pretrained given: {without_weights}", file=sys.stderr)
+    return load_model(args.arch, args.pretrained_from_file, ema=args.ema, num_classes=args.num_classes,
+                      options=options)

@@ -9,6 +9,7 @@ from torch import nn
 
 from image_classification.engine.layerwise import Lamb, Lars
 from image_classification.errors import UserError
+from image_classification.models import classifier
 
 # Decided by module type, not by parameter name: the reference matched the substring "bn", which
 # missed ResNet's `downsample.1` BatchNorm and would catch any parameter that happens to contain "bn".
@@ -16,18 +17,33 @@ NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool,
-                     exclude_biases: bool = False) -> list[dict]:
-    """Two groups: the excluded parameters (normalisation layers, and with ``exclude_biases`` every
-    other module's ``bias``; decay 0 unless ``bn_weight_decay``) and the rest."""
-    excluded, other_params = [], []
-    for module in model.modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            if parameter.requires_grad:
-                skip = isinstance(module, NORM_LAYERS) or (exclude_biases and name == "bias")
-                (excluded if skip else other_params).append(parameter)
-    norm_decay = weight_decay if bn_weight_decay else 0.0
-    return [{"params": other_params, "weight_decay": weight_decay},
-            {"params": excluded, "weight_decay": norm_decay}]
+                     exclude_biases: bool = False, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """Pairs of groups: the parameters with weight decay, then the excluded ones (normalisation
+    layers, and with ``exclude_biases`` every other module's ``bias``; decay 0 unless
+    ``bn_weight_decay``). One pair for the whole model; with a ``backbone_lr_scale`` other than 1
+    (fine-tuning), one pair for the classifier, then one for the rest, whose groups carry
+    ``lr_scale`` (the LR schedule multiplies it in: ``engine/schedules.py``)."""
+    if backbone_lr_scale == 1.0:
+        parts = [(None, None)]
+    else:
+        head, backbone = classifier.split_parameters(model)
+        parts = [(1.0, {id(p) for p in head}), (backbone_lr_scale, {id(p) for p in backbone})]
+    groups = []
+    for scale, members in parts:
+        excluded, other_params = [], []
+        for module in model.modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                if parameter.requires_grad and (members is None or id(parameter) in members):
+                    skip = isinstance(module, NORM_LAYERS) or (exclude_biases and name == "bias")
+                    (excluded if skip else other_params).append(parameter)
+        norm_decay = weight_decay if bn_weight_decay else 0.0
+        pair = [{"params": other_params, "weight_decay": weight_decay},
+                {"params": excluded, "weight_decay": norm_decay}]
+        if scale is not None:
+            for group in pair:
+                group["lr_scale"] = scale
+        groups += pair
+    return groups
 
 
 #: The optimizers for large batches: BatchNorm *and bias* parameters are excluded from weight decay
@@ -43,6 +59,7 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, 
                     nesterov: bool = False, bn_weight_decay: bool = False, rmsprop_alpha: float = 0.9,
                     rmsprop_eps: float = 1e-3, trust_coefficient: float = 0.001, trust_clip: bool = False,
                     betas: Sequence[float] = (0.9, 0.999), eps: float | None = None, max_grad_norm: float = 0.0,
+                    backbone_lr_scale: float = 1.0,
                     device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
     """The optimizer for ``model``, whose parameters are on ``device``.
 
@@ -61,7 +78,10 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, 
     if trust_clip and name not in ("lars", "lamb"):
         raise UserError("--trust-clip clips the trust ratio of --optimizer lars or lamb")
     layerwise = name in LARGE_BATCH_OPTIMIZERS
-    groups = parameter_groups(model, weight_decay, bn_weight_decay, exclude_biases=layerwise)
+    groups = parameter_groups(model, weight_decay, bn_weight_decay, exclude_biases=layerwise,
+                              backbone_lr_scale=backbone_lr_scale)
+    for group in groups:
+        group.setdefault("lr", lr * group.get("lr_scale", 1.0))
     eps = DEFAULT_EPS.get(name) if eps is None else eps
     fused = device.type == "cuda"
     if name == "sgd":
@@ -72,7 +92,8 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, 
         return torch.optim.RMSprop(groups, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, momentum=momentum)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
-    groups[1]["adapt"] = bn_weight_decay  # excluded from decay = excluded from the trust ratio
+    for group in groups[1::2]:
+        group["adapt"] = bn_weight_decay  # excluded from decay = excluded from the trust ratio
     if name == "lars":
         return Lars(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient, eps=eps,
                     nesterov=nesterov, trust_clip=trust_clip)

@@ -93,8 +93,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, g
             epoch = math.floor(epoch)
         return lr_at(epoch, base=base, **policy_args) / base if base else 0.0
 
-    for group in optimizer.param_groups:
-        group["initial_lr"] = base
+    for group in optimizer.param_groups:  # lr_scale: --backbone-lr-scale's groups (engine/optim.py)
+        group["initial_lr"] = base * group.get("lr_scale", 1.0)
     return LambdaLR(optimizer, lr_lambda=factor, last_epoch=start_step - 1)
 
 

@@ -21,6 +21,7 @@ from image_classification import distributed
 from image_classification.compiling import CompileClock, Compiler, plain
 from image_classification.data.sampling import EpochProgress
 from image_classification.engine.ema import ModelEma
+from image_classification.engine.finetune import FineTune
 from image_classification.runtime import Runtime
 
 
@@ -60,6 +61,7 @@ class TrainComponents:
     world_size: int = 1
     compiler: Compiler | None = None          # --compile: `model` is compiled by it (image_classification/compiling.py)
     hooks: Hooks = field(default_factory=Hooks)
+    finetune: FineTune | None = None          # --freeze-backbone-epochs, --backbone-lr-scale (engine/finetune.py)
 
 
 class IntervalMeter:
@@ -134,11 +136,14 @@ def _no_sync(model: nn.Module, sync: bool):
 def train_epoch(parts: TrainComponents, loader, *, epoch: int, start: EpochProgress | None = None,
                 print_freq: int = 10, prof: int = -1, log: Callable[[list[int], dict], None] | None = None,
                 should_stop: Callable[[], bool] = lambda: False, progress=None) -> StepOutcome:
-    """Train ``epoch``'s samples that ``start`` does not say are trained (all of them by default). ``should_stop`` is polled
-    after optimizer steps but the last; when it returns True the epoch ends early (at an
-    accumulation-group boundary) and the outcome says where the epoch stands."""
+    """Train ``epoch``'s samples that ``start`` does not say are trained (all of them by default).
+    ``should_stop`` is polled after optimizer steps but the last; when it returns True the epoch ends
+    early (at an accumulation-group boundary) and the outcome says where the epoch stands."""
+    if parts.finetune is not None:  # --freeze-backbone-epochs: the classifier alone, or everything
+        parts.finetune.enter(epoch, parts)
+    else:
+        parts.model.train()
     model, runtime = parts.model, parts.runtime
-    model.train()
     loader.set_epoch(epoch, start)
     # Batches are numbered (logs, hooks) in this run's split, from where the trained samples reach.
     start_batch = loader.batches_trained

@@ -1,6 +1,8 @@
-"""NVIDIA's published (NGC) weights: one table for main.py --pretrained, classify.py and hubconf.
+"""NVIDIA's published (NGC) weights, and the hash-checked download of any published file.
 
-Downloading needs network access; files are cached in ``torch.hub``'s directory, hash-checked (see
+The catalogue of every published file (these and torchvision's) is
+:mod:`image_classification.models.catalogue`. Downloading needs network access (or a mirror,
+:data:`MIRROR_ENV`); files are cached in ``torch.hub``'s directory, hash-checked (see
 :func:`download_weights`) and always loaded with ``weights_only=True``. Offline, download the file elsewhere and use ``--pretrained-from-file``.
 """
 from __future__ import annotations
@@ -37,8 +39,24 @@ def weights_url(arch: str) -> str:
     return NGC_URL.format(name=name, version=version, file=file)
 
 
+#: A base URL that serves the published files under their own names (an internal mirror, a local
+#: test server): every download then fetches ``$CONVNETS_WEIGHTS_MIRROR/<file name>`` instead.
+MIRROR_ENV = "CONVNETS_WEIGHTS_MIRROR"
+
+
+def mirrored(url: str) -> str:
+    """``url``, or its file at the mirror named by :data:`MIRROR_ENV`."""
+    base = os.environ.get(MIRROR_ENV)
+    return f"{base.rstrip('/')}/{url.rsplit('/', 1)[1]}" if base else url
+
+
 def download_weights(arch: str) -> str:
-    """Path of the cached, hash-checked download of ``arch``'s published weights.
+    """Path of the cached, hash-checked download of ``arch``'s NGC weights (:func:`download`)."""
+    return download(weights_url(arch))
+
+
+def download(url: str) -> str:
+    """Path of the cached, hash-checked download of ``url`` (from the mirror when one is set).
 
     torch.hub's ``check_hash`` naming rule: a file named ``NAME-<hex>.EXT`` must have a SHA-256
     starting with ``<hex>``. NGC's file names carry no hash and NGC publishes no checksums we could
@@ -46,7 +64,7 @@ def download_weights(arch: str) -> str:
     every later use checks the file against it (a truncated or altered cache is an error, not a
     silent load). A URL whose name carries a hash is checked already while downloading.
     """
-    url = weights_url(arch)
+    url = mirrored(url)
     name = url.rsplit("/", 1)[1]
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     stem, dot, ext = name.partition(".")
@@ -56,7 +74,7 @@ def download_weights(arch: str) -> str:
         _check_hash(cached, expected or _HASH_IN_NAME.search(os.path.basename(cached)[len(stem):]))
         return cached
     os.makedirs(cache, exist_ok=True)
-    partial = os.path.join(cache, f".{name}.partial")
+    partial = os.path.join(cache, f".{name}.{os.getpid()}.partial")  # ranks of one node may download at once
     try:
         torch.hub.download_url_to_file(url, partial, hash_prefix=expected.group(1) if expected else None,
                                        progress=True)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from image_classification.errors import UserError
+from image_classification.models import classifier
 
 StateDict = dict[str, torch.Tensor]
 # fn(state_dict, target_keys) -> converted state dict, or the input unchanged if it does not apply.
@@ -154,11 +155,22 @@ def load_pretrained(model: nn.Module, path: str, family: str | None = None,
 
 
 def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str,
-                         family: str | None = None, arch: str | None = None) -> None:
-    """Adapt ``state_dict`` (NGC / torchvision / ours) to ``model`` and load it strictly."""
+                         family: str | None = None, arch: str | None = None,
+                         new_classifier: bool = False) -> str | None:
+    """Adapt ``state_dict`` (NGC / torchvision / ours) to ``model`` and load it strictly.
+
+    ``new_classifier`` (fine-tuning): when the classifier is the only part that does not fit (another
+    number of classes, or a file without one), every other weight loads and the model keeps its own
+    freshly initialised classifier; the returned line says what was left out. Anything else that
+    does not fit is still one UserError naming the layer. Returns None when everything loaded.
+    """
     state_dict = adapt_state_dict(strip_prefixes(state_dict, source), model, family)
     arch = arch or getattr(model, "arch", None) or type(model).__name__
-    problem = describe_mismatch(state_dict, model.state_dict())
+    target = model.state_dict()
+    note = None
+    if new_classifier:
+        state_dict, note = _replace_classifier(state_dict, target, classifier.classifier_name(model), source)
+    problem = describe_mismatch(state_dict, target)
     if problem:
         raise UserError(f"weights in {source} do not fit --arch {arch}: {problem}")
     try:
@@ -166,6 +178,27 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     except RuntimeError as exc:  # anything the key/shape check above did not foresee
         raise UserError(f"weights in {source} do not fit --arch {arch}: "
                         f"{_first_sentence(exc)}") from None
+    return note
+
+
+def _replace_classifier(state_dict: StateDict, target: Mapping[str, torch.Tensor], head: str,
+                        source: str) -> tuple[StateDict, str | None]:
+    """The file's weights with the model's own classifier in place of the file's, when the
+    classifier differs (whatever else differs is then left for the strict check to name)."""
+    differs = ([k for k in target if k not in state_dict] + [k for k in state_dict if k not in target]
+               + [k for k in target if k in state_dict and state_dict[k].shape != target[k].shape])
+    if not any(classifier.in_classifier(k, head) for k in differs):
+        return state_dict, None
+    dropped = [k for k in state_dict if classifier.in_classifier(k, head)]
+    kept = {k: v for k, v in state_dict.items() if not classifier.in_classifier(k, head)}
+    kept.update({k: v for k, v in target.items() if classifier.in_classifier(k, head)})
+    classes = target.get(f"{head}.weight")
+    wanted = f"new classifier for {classes.shape[0]} classes" if classes is not None else "new classifier"
+    if not dropped:
+        return kept, f"{source} has no classifier ({head}): {wanted}"
+    file_weight = state_dict.get(f"{head}.weight")
+    had = f" ({file_weight.shape[0]} classes)" if file_weight is not None and file_weight.dim() == 2 else ""
+    return kept, f"{'/'.join(dropped)} from {source}{had} left out: {wanted}"
 
 
 def describe_mismatch(state_dict: Mapping[str, torch.Tensor],
