@@ -15,7 +15,9 @@ same recipe and epochs, differing only in where they start:
   epochs) and ``--backbone-lr-scale 0.1``.
 
 Printed: the machine, then per run and seed the final val top-1 and the wall time, and the mean
-over seeds. Whatever the figures say is the result. ``--smoke`` runs 1 epoch of 2 batches per run.
+over seeds. Whatever the figures say is the result (README, "Fine-tune on your own data": on 2 shared
+cores of an Intel Xeon, seeds 1-2, scratch 86.36 % vs fine-tuned 79.37 %). About 4 minutes per run on
+2 loaded cores. ``--smoke`` runs 1 epoch of 2 batches per run; ``--source CKPT`` reuses a source model.
 """
 from __future__ import annotations
 

@@ -61,5 +61,6 @@ class FineTune:
                     module.eval()
 
     def describe(self) -> str:
-        return (f"epochs 0-{self.freeze_epochs - 1}: only the classifier ({self.head}) trains, the backbone is "
-                f"frozen (BatchNorm in eval mode); then every layer")
+        epochs = "epoch 0" if self.freeze_epochs == 1 else f"epochs 0-{self.freeze_epochs - 1}"
+        return (f"{epochs}: only the classifier ({self.head}) trains, the backbone is frozen (BatchNorm in eval "
+                "mode); then every layer")
