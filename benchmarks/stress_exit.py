@@ -81,6 +81,9 @@ def main() -> int:
                         "(default: one per core)")
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from image_classification import machine
+    print(machine.describe(), flush=True)
 
     configs = list(itertools.product(("torchrun", "multiproc.py"), (0, 2), (False, True)))
     counts = collections.defaultdict(lambda: [0, 0])  # config -> [launches, not clean]

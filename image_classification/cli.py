@@ -269,8 +269,9 @@ def _peer_lost_line(rank: int, reason: str, last_saved: list[tuple[str, int, int
     """What a surviving rank says when another rank's process is gone (instead of gloo's or NCCL's traceback)."""
     if not last_saved:
         return f"rank {rank}: another rank's process is gone ({reason}); no checkpoint was written yet: rerun the command"
-    path, epoch, step = last_saved[0]
-    return (f"rank {rank}: another rank's process is gone ({reason}); the last checkpoint is {path} (epoch {epoch}, "
-            f"batch {step}): rerun the same command with --auto-resume (or --resume {path})")
+    path, epoch, samples = last_saved[0]
+    where = f"epoch {epoch} at sample {samples}" if samples else f"epoch {epoch}"
+    return (f"rank {rank}: another rank's process is gone ({reason}); the last checkpoint is {path} ({where}): "
+            f"rerun the same command with --auto-resume (or --resume {path})")
 
 

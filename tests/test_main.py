@@ -176,6 +176,9 @@ def test_two_process_gloo_run_matches_one_process_with_double_batch(small_digits
     assert two_val == pytest.approx(one_val, abs=1e-6)
 
 
+@pytest.mark.skipif(__import__("image_classification.precision", fromlist=["_"]).cpu_capabilities().get("amx_bf16"),
+                    reason="on an AMX CPU oneDNN takes another bf16 kernel, measured correct (Intel Xeon, torch "
+                           "2.14.1); the bug was seen on AVX512-BF16 without AMX (AMD Zen 4)")
 def test_the_guarded_pytorch_cpu_bug_still_exists():
     """When this fails, PyTorch fixed bf16 stride-2 conv gradients on 1x1 inputs: remove
     cli._check_known_kernel_bugs and this test."""
@@ -275,9 +278,9 @@ def test_torchrun_restart_after_a_rank_dies_resumes_and_completes(small_digits_d
     # The survivor of the first attempt says so in one line (before: a 30-line gloo traceback).
     assert "Traceback" not in run.stderr
     assert "error: rank 0: another rank's process is gone (" in run.stderr
-    assert (f"the last checkpoint is {tmp_path / 'ws' / 'checkpoint.pth.tar'} (epoch 1, batch 0): rerun the same "
+    assert (f"the last checkpoint is {tmp_path / 'ws' / 'checkpoint.pth.tar'} (epoch 1): rerun the same "
             "command with --auto-resume") in run.stderr
-    assert f"=> resumed from {tmp_path / 'ws' / 'checkpoint.pth.tar'}: epoch 1, batch 0" in run.stdout
+    assert f"=> resumed from {tmp_path / 'ws' / 'checkpoint.pth.tar'}: epoch 1 on 2 process(es)\n" in run.stdout
     starts = [r["data"] for r in read_raport(tmp_path / "ws" / "experiment_raport.json") if r.get("step") == "PARAMETER"]
     assert [s.get("resume_epoch") for s in starts] == [None, 1]  # the restart appended to the raport
     final = checkpoint.load(tmp_path / "ws" / "checkpoint.pth.tar")

@@ -236,7 +236,13 @@ def test_post_training_int8_for_onnx_runtime_scores_like_fp32(fp32, digits_dir, 
     assert "\n=> chose " in printed
     output = repository / f"{ARCH}-int8" / "1" / "model.onnx"
     ops = [node.op_type for node in onnx.load(str(output)).graph.node]
-    assert ops.count("QLinearConv") == 3 and "BatchNormalization" not in ops and "Conv" not in ops
+    chosen = next(line for line in printed.splitlines() if line.startswith("=> chose "))
+    # Which candidate wins depends on the trained weights (nhwc training, the default since
+    # --memory-format auto, gives others than nchw): all three convolutions in INT8, or the
+    # first/last layer kept in fp32 -- the first conv stays a float Conv, and only that one.
+    float_convs = 1 if "first/last layer fp32" in chosen else 0
+    assert ops.count("QLinearConv") == 3 - float_convs and ops.count("Conv") == float_convs, (chosen, ops)
+    assert "BatchNormalization" not in ops and (not float_convs or ops[0] == "Conv")
     # The deployed file scores the val set within two points of the fp32 model.
     pytorch_ws, onnx_ws = tmp_path / "pt", tmp_path / "onnx"
     assert cli.main([*COMMON, "--evaluate", "--pretrained-from-file", weights, "--workspace", str(pytorch_ws),

@@ -118,8 +118,13 @@ def hooks() -> Hooks:
 
 def native_threads() -> list[str]:
     """The names of this process's threads (Linux), e.g. gloo's ``pt_gloo_runloop`` workers."""
-    tasks = Path("/proc/self/task")
-    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir()) if tasks.exists() else []
+    names = []
+    for task in Path("/proc/self/task").glob("*/comm"):
+        try:
+            names.append(task.read_text().strip())
+        except FileNotFoundError:  # a thread that ended while we looked
+            pass
+    return sorted(names)
 
 
 if __name__ == "__main__":
