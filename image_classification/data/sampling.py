@@ -222,8 +222,7 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         if not self.train:
             return len(range(self.rank, self.num_samples, self.world_size))
-        remaining = self.num_samples - sum(stop - start for start, stop in self.progress.done)
-        return remaining // self.world_size // self.batch_size * self.batch_size
+        return (self.num_samples - self.progress.samples) // self.world_size // self.batch_size * self.batch_size
 
 
 class SamplerEpochs:
