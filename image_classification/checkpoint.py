@@ -281,18 +281,21 @@ def capture(parts: TrainComponents, state: RunState, *, args, class_names: list[
     return saved
 
 
-def saved_split(saved: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(processes, global batch) of the run that wrote ``saved``; None when it did not say."""
+@dataclass(frozen=True)
+class SavedSplit:
+    """How the run that wrote a checkpoint split its batches (its ``split`` key)."""
+    processes: int
+    global_batch: int
+    lr: float | None  # the schedule's base LR (after --lr-base-batch scaling)
+
+
+def saved_split(saved: Mapping[str, Any]) -> SavedSplit | None:
+    """The split of the run that wrote ``saved``; None when it did not say (older files)."""
     split = saved.get("split")
-    if split:
-        return int(split["processes"]), int(split["global_batch"])
-    return None
-
-
-def saved_lr(saved: Mapping[str, Any]) -> float | None:
-    """The base LR (after --lr-base-batch scaling) of the run that wrote ``saved``, if it said."""
-    lr = (saved.get("split") or {}).get("lr")
-    return None if lr is None else float(lr)
+    if not split:
+        return None
+    return SavedSplit(int(split["processes"]), int(split["global_batch"]),
+                      None if split.get("lr") is None else float(split["lr"]))
 
 
 def saved_rng_processes(saved: Mapping[str, Any]) -> int:

@@ -238,10 +238,10 @@ def _resume_lines(path: str, resume: dict, state: loop.RunState, epoch_size: int
              else f"epoch {state.epoch}")
     line = f"resumed from {path}: {where} on {batching.processes} process(es)"
     split = checkpoint.saved_split(resume)
-    saved_lr = checkpoint.saved_lr(resume)
-    if split is not None and (split[0] != batching.processes or split[1] != batching.global_batch):
-        line += (f" (saved on {split[0]}); global batch {split[1]} -> {batching.global_batch}, LR "
-                 f"{saved_lr:g} -> {batching.lr:g}" if saved_lr is not None else f" (saved on {split[0]})")
+    if split is not None and (split.processes, split.global_batch) != (batching.processes, batching.global_batch):
+        line += f" (saved on {split.processes}); global batch {split.global_batch} -> {batching.global_batch}"
+        if split.lr is not None:
+            line += f", LR {split.lr:g} -> {batching.lr:g}"
     lines = [line]
     saved_rng = checkpoint.saved_rng_processes(resume)
     if saved_rng and saved_rng != batching.processes:
