@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ from image_classification.reporting.dllogger import read_raport  # noqa: E402
 WIDTH, HEIGHT = 500, 375
 MARKER = ".bench-loader-share.json"
 BARE = "bare loop"
+TIMM = "timm train.py folder"
 FORMATS = ("folder", "packed-raw", "packed-jpeg")
 STAGES = ("read", "decode", "augment", "collate", "transfer")
 
@@ -168,8 +170,8 @@ def epoch_rate(backend: str, data: Path, size: int, args) -> float:
         command = [sys.executable, str(ROOT / "main.py"), "--data-backend", backend, "--arch", args.arch,
                    "--image-size", str(size), "-b", str(args.batch_size), "-j", str(args.workers),
                    "--epochs", "1", "--training-only", "--no-checkpoints", "--print-freq", "1", "--seed", "0",
-                   "--num-classes", "2", "--amp", "--memory-format", "auto", "--device", "cpu",
-                   "--workspace", workspace]
+                   "--num-classes", "2", "--memory-format", "auto", "--device", "cpu",
+                   "--workspace", workspace] + (["--amp"] if args.amp else [])
         if backend == "synthetic":
             command += ["--synthetic-epoch-size", str(args.images * args.copies)]
         else:
@@ -187,10 +189,38 @@ def epoch_rate(backend: str, data: Path, size: int, args) -> float:
     return len(times) * args.batch_size / sum(times)
 
 
+TIMM_LINE = re.compile(r"Train: \d+ \[\s*\d+/\d+.*?Time: ([\d.]+)s,\s+([\d.]+)/s")
+
+
+def timm_rate(data: Path, size: int, args, amp_dtype) -> float:
+    """Images per second of one epoch of timm's ``train.py`` on the JPEG folder, from its per-update
+    log lines (``--log-interval 1``: the wall time between optimizer updates, data wait included, the
+    first with worker start-up), the same arithmetic as ``epoch_rate`` and ``../shared/bench/parse_logs.py``."""
+    with tempfile.TemporaryDirectory() as workspace:
+        command = [sys.executable, str(args.timm_train), str(data), "--model", args.arch, "--num-classes", "2",
+                   "--img-size", str(size), "-b", str(args.batch_size), "-j", str(args.workers), "--epochs", "1",
+                   "--log-interval", "1", "--device", "cpu", "--val-split", "val", "--warmup-epochs", "0",
+                   "--seed", "0", "--output", workspace]
+        command.append("--channels-last")  # what --memory-format auto chose on the CPU
+        if amp_dtype is not None:  # as main.py --amp chose on this CPU
+            command += ["--amp", "--amp-dtype", str(amp_dtype).removeprefix("torch.")]
+        log = subprocess.run(command, check=True, capture_output=True, text=True, cwd=workspace)
+    times, images = [], 0.0
+    for match in TIMM_LINE.finditer(log.stdout + log.stderr):
+        seconds, rate = float(match.group(1)), float(match.group(2))
+        times.append(seconds)
+        images += seconds * rate
+    if not times:
+        raise SystemExit(f"no per-update lines from {args.timm_train}")
+    return images / sum(times)
+
+
 def fixed_batch_rate(size: int, args) -> float:
     """Images per second of the bare training step on one in-memory batch, in a fresh process."""
     command = [sys.executable, __file__, "--fixed-batch", str(size), "--arch", args.arch,
                "-b", str(args.batch_size), "--images", str(args.images), "--copies", str(args.copies)]
+    if not args.amp:
+        command.append("--fp32")
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(output.strip().splitlines()[-1])
 
@@ -202,7 +232,7 @@ def run_fixed_batch(size: int, args) -> None:
     from image_classification import models, precision  # noqa: PLC0415
 
     torch.manual_seed(0)
-    amp_dtype = precision.choose("cpu", amp=True).amp_dtype  # as main.py --amp --memory-format auto
+    amp_dtype = precision.choose("cpu", amp=args.amp).amp_dtype  # as main.py [--amp] --memory-format auto
     memory_format = precision.memory_format("auto", "cpu", "train", amp_dtype)
     model = models.get(args.arch).build(num_classes=2).to(memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-5)
@@ -237,6 +267,11 @@ def main() -> int:
                         help="shorter-side cap of the packed copies (default: 160, the val resize at 128 px)")
     parser.add_argument("--breakdown-samples", type=int, default=256,
                         help="training samples timed stage by stage per format (default: 256)")
+    parser.add_argument("--fp32", dest="amp", action="store_false",
+                        help="train without --amp (fp32), as a CPU without native bf16 does with --amp")
+    parser.add_argument("--timm-train", type=Path, default=None, metavar="TRAIN_PY",
+                        help="also run timm's train.py (from a pytorch-image-models checkout; timm installed) "
+                             "on the JPEG folder in every round")
     parser.add_argument("--augmentation", default="none", help=argparse.SUPPRESS)  # as main.py's default
     parser.add_argument("--fixed-batch", type=int, metavar="PX", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
@@ -246,14 +281,16 @@ def main() -> int:
 
     from image_classification import machine, precision  # noqa: PLC0415
     print(machine.describe(), flush=True)
-    chosen = precision.choose("cpu", amp=True)
+    chosen = precision.choose("cpu", amp=args.amp)
     root = Path(tempfile.gettempdir()) / "convnets-bench-loader-share"
     data = args.data or make_dataset(root, args.images, args.copies)
     generated = "" if args.data else f"-{args.images}x{args.copies}"  # the generated folder is rewritten per setting
     every = packed_forms(data, data.with_name(f"{data.name}-packed{generated}"), args.packed_max_size)
     forms = {name: every[name] for name in args.formats}
     runs = [(BARE, None), ("synthetic", None)] + [(backend, name) for backend in args.backends for name in forms]
-    print(f"{args.arch}, batch {args.batch_size}, --amp ({chosen.name}), --memory-format auto, -j {args.workers}, {data}, "
+    if args.timm_train:
+        runs.append((TIMM, None))
+    print(f"{args.arch}, batch {args.batch_size}, {'--amp' if args.amp else 'no --amp'} ({chosen.name}), --memory-format auto, -j {args.workers}, {data}, "
           f"packed <= {args.packed_max_size} px, {os.cpu_count()} CPUs, best of {args.rounds} round(s)", flush=True)
     best: dict[tuple[int, str], float] = {}
     for size in args.sizes:
@@ -261,6 +298,7 @@ def main() -> int:
             for backend, form in runs:
                 label = f"{backend} {form}" if form else backend
                 rate = (fixed_batch_rate(size, args) if backend == BARE else
+                        timm_rate(data, size, args, chosen.amp_dtype) if backend == TIMM else
                         epoch_rate(backend, forms[form] if form else data, size, args))
                 print(f"  {size:4d} px  round {turn + 1}  {label:<22} {rate:7.1f} img/s", flush=True)
                 best[size, label] = max(best.get((size, label), 0.0), rate)

@@ -135,13 +135,17 @@ def plot_raport(raport: str | Path, output: str | Path | None = None, title: str
     return output, plotted
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m image_classification.plot",
                                      description="Plot loss, top-1, top-k and LR over epochs from a raport.")
     parser.add_argument("raport", help="DLLogger raport (WORKSPACE/experiment_raport.json)")
     parser.add_argument("-o", "--output", default=None, help="PNG to write (default: the raport with .png)")
     parser.add_argument("--title", default=None, help="figure title (default: the raport's file name)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         path, plotted = plot_raport(args.raport, args.output, args.title)
     except UserError as error:

@@ -136,7 +136,7 @@ def _digit_range(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected digits like 0-5 or 1,3,7, got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m image_classification.data.digits", description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", help="where to write train/ and val/")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class put in val/ (default 0.2)")
@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these digits, e.g. 0-5 or 1,3,7 (default: all 10)")
     parser.add_argument("--train-per-class", type=int, default=None, metavar="N",
                         help="at most N training images per class (default: all, about 144)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         result = write_digits(args.outdir, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
                               classes=args.classes, train_per_class=args.train_per_class)

@@ -209,11 +209,15 @@ def table(arch: str | None = None) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m image_classification.models.catalogue",
                                      description="List the published weights that --pretrained NAME accepts.")
     parser.add_argument("--arch", default=None, help="only this architecture's weights")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     def show() -> int:
         if args.arch is not None:
