@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,9 +17,24 @@ from image_classification.engine import loop, trainer
 from image_classification.engine.losses import SmoothedCrossEntropy
 from image_classification.engine.schedules import Batching, scaled_lr
 from image_classification.engine.stages import StagedTraining, StageSchedule
+from image_classification.engine.validation import Validator
 from image_classification.errors import UserError, exit_status
 from image_classification.models import catalogue
 from image_classification.reporting.reporter import Reporter
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What one run's parts share, built once by :func:`run` and handed down: the resolved flags,
+    the runtime (device, precision), the process's place in the job, where it reports, the
+    evaluation preprocessing checkpoints record, the compiler of ``--compile`` and the seed."""
+    flags: settings.Flags
+    runtime: runtime.Runtime
+    dist: distributed.DistributedContext
+    reporter: Reporter
+    evaluation: preprocessing.EvalPreprocessing
+    compiler: compiling.Compiler | None
+    seed: int
 
 
 def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None,
@@ -73,6 +89,11 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
     if context.is_main:
         checkpoint.check_workspace(flags.workspace)
     reporter = _reporter(flags, context.is_main, train_loader, val_loader)
+    ctx = RunContext(flags, rt, context, reporter, evaluation, compiler, seed)
+    hooks = hooks or trainer.Hooks()
+    validator = Validator(val_loader, rt, SmoothedCrossEntropy(flags.label_smoothing), reporter, topk=flags.topk,
+                          prof=flags.prof, print_freq=flags.print_freq, compiler=compiler,
+                          after_validation=hooks.after_validation)
     batching = None if flags.evaluate else _batching(flags, context.world_size)
     try:
         _show_runtime_notes(rt, reporter, context.is_main)
@@ -84,7 +105,7 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
                                    "memory_format_used": precision.format_name(rt.memory_format),
                                    **_resume_marker(flags, resume), **(batching.record() if batching else {})})
         if flags.evaluate:
-            return _evaluate(flags, model, val_loader, rt, resume, reporter, compiler)
+            return _evaluate(model, validator, resume)
         staged = StagedTraining(
             schedule, first=train_loader,
             build_loader=lambda stage: data_registry.get(flags.data_backend).train_loader(
@@ -92,9 +113,7 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
             build_mixer=lambda stage: assembly.batch_transform(stage.mixup, stage.cutmix, num_classes))
         del train_loader  # `staged` owns it now and lets it go (its workers too) when stage 0 ends
         reporter.message(batching.describe())
-        return _train(flags, model, staged, val_loader, rt, context, resume, reporter, batching,
-                      evaluation=evaluation, class_names=class_names, seed=seed, compiler=compiler,
-                      hooks=hooks or trainer.Hooks())
+        return _train(ctx, model, staged, validator, resume, batching, class_names=class_names, hooks=hooks)
     finally:
         reporter.close()
 
@@ -170,18 +189,12 @@ def _shared_seed(seed: int | None, device: torch.device) -> int:
     return int(value.item())
 
 
-def _evaluate(flags, model, val_loader, rt, resume, reporter, compiler: compiling.Compiler | None) -> int:
-    criterion = SmoothedCrossEntropy(flags.label_smoothing)
-    compiled = compiling.view(compiler)
-    metrics = trainer.validate(compiled(model), val_loader, runtime=rt, criterion=criterion, topk=flags.topk,
-                               prof=flags.prof, print_freq=flags.print_freq, log=reporter.log,
-                               progress=reporter.progress, compiler=compiler)
+def _evaluate(model, validator: Validator, resume) -> int:
+    """``--evaluate``: the model and, when the checkpoint has one, its EMA; one summary record."""
+    ema_model = None
     if resume is not None and resume.get("state_dict_ema") is not None:
         ema_model = assembly.ema_from_checkpoint(model, resume)
-        metrics.update(trainer.validate(compiled(ema_model), val_loader, runtime=rt, criterion=criterion,
-                                        topk=flags.topk, prefix="val_ema", prof=flags.prof, progress=reporter.progress,
-                                        compiler=compiler))
-    reporter.log([], metrics)
+    validator.report.log([], validator.model_and_ema(model, ema_model))
     return 0
 
 
@@ -195,10 +208,11 @@ def _batching(flags, world_size: int) -> Batching:
                     rule=flags.lr_scaling or "linear")
 
 
-def _train(flags, model, staged: StagedTraining, val_loader, rt, context, resume, reporter, batching: Batching, *,
-           evaluation: preprocessing.EvalPreprocessing, class_names, seed, compiler: compiling.Compiler | None = None,
-           hooks: trainer.Hooks) -> int:
-    parts, state = assembly.training_parts(flags, model, staged, rt, context, resume, batching, compiler, hooks)
+def _train(ctx: RunContext, model, staged: StagedTraining, validator: Validator, resume, batching: Batching, *,
+           class_names, hooks: trainer.Hooks) -> int:
+    flags, reporter = ctx.flags, ctx.reporter
+    parts, state = assembly.training_parts(flags, model, staged, ctx.runtime, ctx.dist, resume, batching,
+                                           ctx.compiler, hooks)
     if resume is not None:
         for line in _resume_lines(flags.resume, resume, state, staged(0).loader.epoch_size, batching):
             reporter.message(line)
@@ -210,24 +224,23 @@ def _train(flags, model, staged: StagedTraining, val_loader, rt, context, resume
         reporter.message(f"{flags.resume} has already completed {state.epoch} of --epochs {flags.epochs}; "
                          "nothing to train")
         return 0
-    save = assembly.CheckpointWriter(flags, parts, context, resume, state, class_names=class_names, seed=seed,
-                             evaluation=evaluation)
+    save = assembly.CheckpointWriter(flags, parts, ctx.dist, resume, state, class_names=class_names, seed=ctx.seed,
+                                     evaluation=ctx.evaluation)
+    options = loop.LoopOptions(epochs=flags.epochs, run_epochs=flags.run_epochs, patience=flags.early_stopping_patience,
+                               print_freq=flags.print_freq, prof=flags.prof, training_only=flags.training_only,
+                               ema_best=flags.ema_best,
+                               evals=loop.EvalPlan(flags.eval_every, flags.eval_offset, flags.target_top1))
     stop = loop.GracefulStop()
     try:
-        state = loop.fit(parts, staged, val_loader, state, epochs=flags.epochs, run_epochs=flags.run_epochs,
-                         patience=flags.early_stopping_patience, print_freq=flags.print_freq, prof=flags.prof,
-                         topk=flags.topk, training_only=flags.training_only, ema_best=flags.ema_best,
-                         evals=loop.EvalPlan(flags.eval_every, flags.eval_offset, flags.target_top1),
-                         criterion_val=SmoothedCrossEntropy(flags.label_smoothing), reporter=reporter, save=save,
-                         stop=stop)
+        state = loop.fit(parts, staged, validator, state, options, save=save, stop=stop)
     except RuntimeError as error:
         reason = distributed.peer_lost(error)
         if reason is None:
             raise
-        raise UserError(_peer_lost_line(context.rank, reason, save.last)) from None
+        raise UserError(_peer_lost_line(ctx.dist.rank, reason, save.last)) from None
     finally:
         stop.restore()
-    reporter.log([], _summary(flags, state, compiler))
+    reporter.log([], _summary(flags, state, ctx.compiler))
     return 0
 
 

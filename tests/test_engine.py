@@ -170,11 +170,14 @@ def test_prof_n_trains_and_reports_exactly_n_batches():
 
 
 def test_validate_with_prof_n_decodes_exactly_n_batches():
-    from image_classification.engine.trainer import validate
+    from image_classification.engine.validation import Validator
+    from image_classification.reporting.reporter import Reporter
     loader = _ListLoader(_batches(5))
     runtime = build_runtime(device=torch.device("cpu"), amp=False, amp_dtype=None, memory_format="nchw", tf32=False)
-    validate(_tiny_net(), loader, runtime=runtime, criterion=SmoothedCrossEntropy(0.0), topk=2, prof=2)
+    validator = Validator(loader, runtime, SmoothedCrossEntropy(0.0), Reporter(None, enabled=False), topk=2, prof=2)
+    metrics = validator.score(_tiny_net())
     assert loader.fetched == 2
+    assert {"val.top1", "val.top2", "val.loss", "val.compute_latency"} <= set(metrics)
 
 
 def test_ddp_all_reduces_once_per_optimizer_step_with_accumulation(tmp_path):

@@ -426,14 +426,17 @@ def test_resume_with_use_ema_from_a_checkpoint_without_ema_starts_the_average_at
     assert not torch.equal(final["state_dict_ema"]["0.weight"], final["state_dict"]["0.weight"])
 
 
-def test_a_first_epoch_at_0_percent_is_still_the_best_so_far(small_digits_dir, tmp_path, monkeypatch):
+def scored_zero(epoch, metrics):
+    """An ``after_validation`` hook: every validation scores 0 % (loss 9)."""
+    return {"val.top1": 0.0, "val.top5": 0.0, "val.loss": 9.0}
+
+
+def test_a_first_epoch_at_0_percent_is_still_the_best_so_far(small_digits_dir, tmp_path):
     # best_top1 started at 0.0 and `top1 > best` never held: no model_best.pth.tar for a poor first epoch
-    from image_classification.engine import loop
-    monkeypatch.setattr(loop, "_validate_all", lambda *args, **kwargs: {"val.top1": 0.0, "val.top5": 0.0,
-                                                                        "val.loss": 9.0})
+    from image_classification.engine import trainer
     args = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "24", "--val-resize-size", "24",
             "-b", "8", "--epochs", "1", "--prof", "2", "--workers", "0", "--seed", "1", "--device", "cpu"]
-    assert run_main(args, tmp_path, small_digits_dir) == 0
+    assert run_main(args, tmp_path, small_digits_dir, hooks=trainer.Hooks(after_validation=scored_zero)) == 0
     best = checkpoint.load(tmp_path / "model_best.pth.tar")
     assert best["best_prec1"] == 0.0 and best["epoch"] == 1
     assert summary(tmp_path / "experiment_raport.json")["val.top1"] == 0.0
@@ -450,13 +453,14 @@ def test_a_training_only_checkpoint_keeps_best_prec1_at_0(small_digits_dir, tmp_
 # --- issue 19: defects of the epoch loop and the checkpoint's state ---------------------------------
 
 def test_a_stop_on_the_epochs_last_step_keeps_its_training_record_and_skips_validation(
-        small_digits_dir, tmp_path, tiny_cnn, monkeypatch):
+        small_digits_dir, tmp_path, tiny_cnn):
     from image_classification.engine import trainer
-    validated, validate = [], trainer.validate
-    monkeypatch.setattr(trainer, "validate", lambda *a, **k: validated.append(k.get("epoch")) or validate(*a, **k))
+    validated = []
+    hooks = sigterm_at_step(12)
+    hooks.after_validation = lambda epoch, metrics: validated.append(epoch)
     args = [*TINY, "--epochs", "2"]
     # 100 images / 8 = 12 full batches: the signal comes with epoch 0's last step
-    assert run_main(args, tmp_path, small_digits_dir, hooks=sigterm_at_step(12)) == 0
+    assert run_main(args, tmp_path, small_digits_dir, hooks=hooks) == 0
     # Before: the epoch's record had no train.loss or throughput, and a full validation ran anyway.
     first = epoch_records(tmp_path / "experiment_raport.json")[0]
     assert first["train.loss"] > 0 and first["train.total_ips"] > 0 and "val.top1" not in first
@@ -464,7 +468,8 @@ def test_a_stop_on_the_epochs_last_step_keeps_its_training_record_and_skips_vali
     saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"], saved["validation_pending"]) == (1, 0, True)
     # The resumed run validates the trained epoch first, then goes on.
-    assert run_main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, small_digits_dir) == 0
+    assert run_main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, small_digits_dir,
+                    hooks=trainer.Hooks(after_validation=lambda epoch, metrics: validated.append(epoch))) == 0
     assert validated == [0, 1]
     epochs = epoch_records(tmp_path / "experiment_raport.json")
     assert "val.top1" in epochs[0] and "train.loss" in epochs[1] and "val.top1" in epochs[1]
@@ -475,19 +480,17 @@ class _Killed(BaseException):
     """Stands for the SIGKILL that ends a validation longer than the launcher's grace period."""
 
 
-def test_a_run_killed_during_validation_keeps_the_trained_epoch(small_digits_dir, tmp_path, tiny_cnn, monkeypatch):
-    from image_classification.engine import loop
+def test_a_run_killed_during_validation_keeps_the_trained_epoch(small_digits_dir, tmp_path, tiny_cnn):
+    from image_classification.engine import trainer
 
-    def killed(*args, **kwargs):
+    def killed(epoch, metrics):
         raise _Killed
     args = [*TINY, "--epochs", "2", "--prof", "2"]
-    monkeypatch.setattr(loop, "_validate_all", killed)
     with pytest.raises(_Killed):
-        run_main(args, tmp_path, small_digits_dir)
+        run_main(args, tmp_path, small_digits_dir, hooks=trainer.Hooks(after_validation=killed))
     # Before: the epoch was saved only after its validation, so nothing was on disk.
     saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"], saved["validation_pending"]) == (1, 0, True)
-    monkeypatch.undo()
     assert run_main([*args, "--auto-resume"], tmp_path, small_digits_dir) == 0
     epochs = epoch_records(tmp_path / "experiment_raport.json")
     assert "val.top1" in epochs[0] and "val.top1" in epochs[1]
@@ -495,13 +498,13 @@ def test_a_run_killed_during_validation_keeps_the_trained_epoch(small_digits_dir
 
 
 def test_the_first_validation_after_resuming_a_never_validated_run_is_a_new_best(
-        small_digits_dir, tmp_path, tiny_cnn, monkeypatch):
-    from image_classification.engine import loop
+        small_digits_dir, tmp_path, tiny_cnn):
+    from image_classification.engine import trainer
     args = [*TINY, "--epochs", "2", "--prof", "2"]
     assert run_main([*args, "--run-epochs", "1", "--training-only"], tmp_path, small_digits_dir) == 0
     assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["best_prec1"] == 0.0  # the reference's range
-    monkeypatch.setattr(loop, "_validate_all", lambda *a, **k: {"val.top1": 0.0, "val.top5": 0.0, "val.loss": 9.0})
-    assert run_main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, small_digits_dir) == 0
+    assert run_main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, small_digits_dir,
+                    hooks=trainer.Hooks(after_validation=scored_zero)) == 0
     # Before: the resumed run read best_prec1 0.0 as a real score, and 0 % was no improvement on it.
     best = checkpoint.load(tmp_path / "model_best.pth.tar")
     assert (best["epoch"], best["best_prec1"]) == (2, 0.0)

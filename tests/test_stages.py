@@ -40,19 +40,14 @@ def run(args, workspace, data=None, hooks=None) -> int:
     return cli.main([*args, "--workspace", str(workspace), *([str(data)] if data else [])], hooks=hooks)
 
 
-@pytest.fixture
-def batch_sizes(monkeypatch):
-    """(height, width) of every training batch, and the MixUp alpha it was mixed with (0 = none)."""
+def recording_batches() -> tuple[list, trainer.Hooks]:
+    """Hooks that record (height, width) of every training batch and the MixUp alpha it is mixed
+    with (0 = none)."""
     seen = []
-    original = trainer._forward_backward
 
-    def record(parts, images, target, group_size, sync):
-        mixer = parts.batch_transform
+    def record(images, target, mixer):
         seen.append((tuple(images.shape[-2:]), float(getattr(mixer, "alpha", 0.0))))
-        return original(parts, images, target, group_size, sync)
-
-    monkeypatch.setattr(trainer, "_forward_backward", record)
-    return seen
+    return seen, trainer.Hooks(before_batch=record)
 
 
 # ---------------------------------------------------------------- the schedule
@@ -108,12 +103,13 @@ def test_impossible_schedules_are_one_line_errors(argv, message, tmp_path, capsy
 # ---------------------------------------------------------------- every backend changes size
 
 @pytest.mark.parametrize("backend", ["synthetic", "pytorch", "dali-cpu"])
-def test_every_backend_trains_each_stage_at_its_size(backend, small_digits_dir, tmp_path, batch_sizes):
+def test_every_backend_trains_each_stage_at_its_size(backend, small_digits_dir, tmp_path):
     args = [*STAGED, "--data-backend", backend, "--epochs", "2", "--n-stages", "2", "--eval-image-size", "20",
             "--memory-format", "nhwc", "--prof", "2"]
     if backend == "synthetic":
         args += ["--synthetic-epoch-size", "32", "--num-classes", "10"]
-    assert run(args, tmp_path, None if backend == "synthetic" else small_digits_dir) == 0
+    batch_sizes, hooks = recording_batches()
+    assert run(args, tmp_path, None if backend == "synthetic" else small_digits_dir, hooks=hooks) == 0
     assert [size for size, _ in batch_sizes] == [(16, 16)] * 2 + [(24, 24)] * 2
     assert [alpha for _, alpha in batch_sizes] == [0.0] * 2 + [0.4] * 2  # MixUp only in the last stage
     records = epoch_records(tmp_path / "experiment_raport.json")
@@ -124,14 +120,15 @@ def test_every_backend_trains_each_stage_at_its_size(backend, small_digits_dir, 
 
 def test_eval_image_size_sets_the_validation_crop_and_classify_uses_it(small_digits_dir, tmp_path, monkeypatch):
     from image_classification.deploy import loading
+    from image_classification.engine.validation import Validator
     crops = []
-    original = trainer.validate
+    original = Validator.score
 
-    def record(model, loader, **kwargs):
-        crops.extend(tuple(images.shape[-2:]) for images, _ in loader)
-        return original(model, loader, **kwargs)
+    def record(validator, model, **kwargs):
+        crops.extend(tuple(images.shape[-2:]) for images, _ in validator.loader)
+        return original(validator, model, **kwargs)
 
-    monkeypatch.setattr(trainer, "validate", record)
+    monkeypatch.setattr(Validator, "score", record)
     args = ["--arch", "stage-cnn", "--data-backend", "pytorch", "--image-size", "16", "--val-resize-size", "20",
             "--eval-image-size", "24", "-b", "8", "--epochs", "1", "--workers", "0", "--seed", "1", "--device", "cpu"]
     assert run(args, tmp_path, small_digits_dir) == 0

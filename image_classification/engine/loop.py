@@ -1,7 +1,6 @@
 """The epoch loop: train, validate, checkpoint, early stopping, graceful interruption."""
 from __future__ import annotations
 
-import functools
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -9,11 +8,11 @@ from typing import Callable
 
 import torch
 
-from image_classification import compiling
 from image_classification.data.sampling import EpochProgress
 from image_classification.engine import trainer
 from image_classification.engine.stages import EpochPlan
 from image_classification.engine.trainer import TrainComponents
+from image_classification.engine.validation import Validator, report_skipped
 
 
 #: ``RunState.best_top1`` before any validation: below every top-1, so the first one is a new best.
@@ -43,6 +42,21 @@ class EvalPlan:
     def due(self, epoch: int, epochs: int) -> bool:
         completed = epoch + 1
         return completed == epochs or (completed >= self.offset and (completed - self.offset) % self.every == 0)
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """The epoch loop's settings: how far to train (``--epochs``, ``--run-epochs``), when to stop
+    early (``--early-stopping-patience``, ``evals.target_top1``), what to log (``--print-freq``,
+    ``--prof``), whether to validate at all (``--training-only``) and what ranks an epoch (``--ema-best``)."""
+    epochs: int
+    run_epochs: int = -1
+    patience: int = 0
+    print_freq: int = 10
+    prof: int = -1
+    training_only: bool = False
+    ema_best: bool = False
+    evals: EvalPlan = EvalPlan()
 
 
 class GracefulStop:
@@ -119,14 +133,12 @@ class GracefulStop:
                 signal.signal(signum, handler)
 
 
-def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_loader, state: RunState, *, epochs: int,
-        run_epochs: int,
-        patience: int, print_freq: int, prof: int, topk: int, training_only: bool, criterion_val,
-        ema_best: bool = False, evals: EvalPlan = EvalPlan(),
-        reporter, save: Callable[[RunState, int | None, bool], None], stop: GracefulStop) -> RunState:
-    """Run epochs from ``state`` until ``epochs`` (or ``run_epochs`` more, early stop, target, signal).
-    ``plan_epoch(epoch)`` gives the epoch's training loader and batch transform (stage-wise training).
-    Early-stopping patience counts validations (one per epoch unless ``evals`` spaces them).
+def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], validator: Validator, state: RunState,
+        options: LoopOptions, *, save: Callable[[RunState, int | None, bool], None], stop: GracefulStop) -> RunState:
+    """Run epochs from ``state`` until ``options.epochs`` (or ``run_epochs`` more, early stop,
+    target, signal). ``plan_epoch(epoch)`` gives the epoch's training loader and batch transform
+    (stage-wise training). Early-stopping patience counts validations (one per epoch unless
+    ``options.evals`` spaces them). Messages and records go where ``validator`` reports.
 
     A trained epoch is saved before it is validated (``validation_pending``): a validation cut
     short -- by the SIGKILL that follows a launcher's grace period, or because a stop was agreed
@@ -134,31 +146,35 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
     validates that epoch first. Validation itself is not interrupted: ranks score uneven shards,
     so a per-batch stop vote there would leave one rank waiting for a batch another never runs.
     """
-    validate = functools.partial(_validate_epoch, parts, val_loader, state, prof=prof, topk=topk,
-                                 criterion=criterion_val, reporter=reporter, print_freq=print_freq, ema_best=ema_best)
-    if state.validation_pending and not training_only:
+    reporter, evals = validator.report, options.evals
+
+    def validate(epoch: int) -> tuple[bool, dict]:
+        return _validate_epoch(parts, validator, state, epoch, options.ema_best)
+
+    if state.validation_pending and not options.training_only:
         epoch = state.epoch - 1
         reporter.message(f"epoch {epoch} was trained but not validated: validating it first")
         is_best, metrics = validate(epoch)
         reporter.log([epoch], metrics)
-        reached = _target_reached(state, evals, metrics, epoch, ema_best, reporter)
+        reached = _target_reached(state, evals, metrics, epoch, options.ema_best, reporter)
         save(state, epoch, is_best)
-        if _early_stop(state, patience, reporter) or reached:
+        if _early_stop(state, options.patience, reporter) or reached:
             return state
     state.validation_pending = False
     if state.target_epoch is not None and evals.target_top1 is not None and state.best_top1 >= evals.target_top1:
         reporter.message(f"val.top1 {state.best_top1:.2f} % reached --target-top1 {evals.target_top1:g} after epoch "
                          f"{state.target_epoch}; nothing to train")
         return state
-    last = epochs if run_epochs < 0 else min(epochs, state.epoch + run_epochs)
+    epochs = options.epochs
+    last = epochs if options.run_epochs < 0 else min(epochs, state.epoch + options.run_epochs)
     while state.epoch < last:
         epoch = state.epoch
         plan = plan_epoch(epoch)
         train_loader, parts.batch_transform = plan.loader, plan.batch_transform
         outcome = trainer.train_epoch(parts, train_loader, epoch=epoch, start=state.progress,
-                                      print_freq=print_freq, prof=prof, log=reporter.log, should_stop=stop,
-                                      progress=reporter.progress)
-        _report_skipped(train_loader, reporter, epoch)
+                                      print_freq=options.print_freq, prof=options.prof, log=reporter.log,
+                                      should_stop=stop, progress=reporter.progress)
+        report_skipped(train_loader, reporter, epoch)
         if outcome.interrupted:
             state.progress = outcome.progress
             save(state, None, False)
@@ -169,7 +185,7 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
         state.epoch, state.progress = epoch + 1, EpochProgress()
         state.last_metrics = metrics
         is_best = False
-        if not training_only and evals.due(epoch, epochs):
+        if not options.training_only and evals.due(epoch, epochs):
             state.validation_pending = True
             save(state, None, False)
             if stop.agreed():
@@ -180,19 +196,19 @@ def fit(parts: TrainComponents, plan_epoch: Callable[[int], EpochPlan], val_load
             is_best, val_metrics = validate(epoch)
             metrics.update(val_metrics)
         reporter.log([epoch], metrics)
-        reached = _target_reached(state, evals, metrics, epoch, ema_best, reporter)  # before the save records it
+        reached = _target_reached(state, evals, metrics, epoch, options.ema_best, reporter)  # before the save records it
         save(state, epoch, is_best)
         if parts.hooks.after_epoch is not None:
             parts.hooks.after_epoch(state, metrics)
-        if _early_stop(state, patience, reporter) or reached or stop.agreed():
+        if _early_stop(state, options.patience, reporter) or reached or stop.agreed():
             break
     return state
 
 
-def _validate_epoch(parts: TrainComponents, val_loader, state: RunState, epoch: int, *, prof, topk, criterion,
-                    reporter, print_freq, ema_best: bool) -> tuple[bool, dict]:
+def _validate_epoch(parts: TrainComponents, validator: Validator, state: RunState, epoch: int,
+                    ema_best: bool) -> tuple[bool, dict]:
     """Validate the trained ``epoch`` and update ``state``'s best; (is it a new best, its metrics)."""
-    metrics = _validate_all(parts, val_loader, epoch, prof, topk, criterion, reporter, print_freq)
+    metrics = validator.model_and_ema(parts.module, parts.ema.module if parts.ema is not None else None, epoch)
     top1 = _score(metrics, ema_best)
     is_best = top1 > state.best_top1
     state.best_top1 = max(state.best_top1, top1)
@@ -226,23 +242,3 @@ def _early_stop(state: RunState, patience: int, reporter) -> bool:
         reporter.message(f"early stopping: no better val.top1 for {patience} epochs")
         return True
     return False
-
-
-def _validate_all(parts: TrainComponents, val_loader, epoch, prof, topk, criterion, reporter, print_freq) -> dict:
-    compiled = compiling.view(parts.compiler)
-    metrics = trainer.validate(compiled(parts.module), val_loader, runtime=parts.runtime, criterion=criterion,
-                               topk=topk, prefix="val", prof=prof, epoch=epoch, log=reporter.log,
-                               print_freq=print_freq, progress=reporter.progress, compiler=parts.compiler)
-    if parts.ema is not None:
-        metrics.update(trainer.validate(compiled(parts.ema.module), val_loader, runtime=parts.runtime,
-                                        criterion=criterion, topk=topk, prefix="val_ema", prof=prof, epoch=epoch,
-                                        progress=reporter.progress, compiler=parts.compiler))
-    _report_skipped(val_loader, reporter, epoch)
-    return metrics
-
-
-def _report_skipped(loader, reporter, epoch: int) -> None:
-    skipped = loader.take_skipped()
-    if skipped:
-        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        reporter.message(f"epoch {epoch}: skipped {len(skipped)} unreadable file(s): {shown}")

@@ -1,4 +1,4 @@
-"""One training epoch and one validation pass.
+"""One training epoch (validation: :mod:`image_classification.engine.validation`).
 
 Hot-path rules: no step waits for the device. The loss is accumulated on the device and read
 back every ``print_freq`` iterations, one interval late (:class:`IntervalReport`); SGD on CUDA is
@@ -39,10 +39,16 @@ class Hooks:
     """Public points where a caller joins the training loop (fault injection in tests, profilers,
     extensions) instead of replacing the loop's private functions.
 
+    ``before_batch(images, target, batch_transform)``: each training micro-batch as it reaches the
+    model, before the batch transform (MixUp/CutMix, or ``None``) is applied to it.
     ``after_step(epoch, batches_done)``: after each optimizer step, before the stop flag is polled.
+    ``after_validation(epoch, metrics)``: after each validation (the model and its EMA); may return
+    other metrics to use instead (``None`` keeps them).
     ``after_epoch(run_state, metrics)``: after an epoch is recorded and saved.
     """
+    before_batch: Callable[[torch.Tensor, torch.Tensor, Callable | None], None] | None = None
     after_step: Callable[[int, int], None] | None = None
+    after_validation: Callable[[int, dict], dict | None] | None = None
     after_epoch: Callable[[object, dict], None] | None = None
 
 
@@ -143,7 +149,7 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start: EpochProgr
         parts.finetune.enter(epoch, parts)
     else:
         parts.model.train()
-    model, runtime = parts.model, parts.runtime
+    runtime = parts.runtime
     loader.set_epoch(epoch, start)
     # Batches are numbered (logs, hooks) in this run's split, from where the trained samples reach.
     start_batch = loader.batches_trained
@@ -204,6 +210,8 @@ def train_epoch(parts: TrainComponents, loader, *, epoch: int, start: EpochProgr
 
 
 def _forward_backward(parts: TrainComponents, images, target, group_size: int, sync: bool) -> torch.Tensor:
+    if parts.hooks.before_batch is not None:
+        parts.hooks.before_batch(images, target, parts.batch_transform)
     if parts.batch_transform is not None:
         images, target = parts.batch_transform(images, target)
     with _no_sync(parts.model, sync):
@@ -248,74 +256,3 @@ def _throughput(prefix: str, images: int, elapsed: float, data_wait: float) -> d
         return {}
     compute = max(elapsed - data_wait, 1e-9)
     return {f"{prefix}.total_ips": images / elapsed, f"{prefix}.compute_ips": images / compute}
-
-
-@torch.inference_mode()
-def validate(model: nn.Module, loader, *, runtime: Runtime, criterion: nn.Module, topk: int = 5,
-             prefix: str = "val", prof: int = -1, epoch: int = 0, print_freq: int = 10,
-             log: Callable[[list[int], dict], None] | None = None, progress=None,
-             compiler: Compiler | None = None) -> dict[str, float]:
-    """Top-1 / top-k accuracy (%), loss and latency over the whole validation split.
-
-    Every rank scores its own (uneven) shard; sums are all-reduced, so each image counts once.
-    Latency is measured per batch with a device sync (it is a latency measurement). With
-    ``compiler`` (``model`` is compiled by it), batches that compiled a graph are left out of
-    the latency and throughput and reported as ``{prefix}.compile_time``.
-    """
-    model.eval()
-    loader.set_epoch(epoch)
-    sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)  # loss*n, top1, topk, n
-    latencies, data_wait, compiled_images = [], 0.0, 0
-    clock = CompileClock(compiler)
-    start = end = time.perf_counter()
-    batches = progress(loader, len(loader), prefix) if progress else loader
-    for batch, (images, target) in enumerate(batches):
-        data_wait += time.perf_counter() - end
-        compute_start = time.perf_counter()
-        with runtime.autocast():
-            output = model(images)
-        loss = criterion(output, target)
-        runtime.synchronize()
-        if clock.compiled(time.perf_counter() - compute_start):
-            compiled_images += images.shape[0]
-        else:
-            latencies.append(time.perf_counter() - compute_start)
-        k = min(topk, output.shape[1])
-        hits = output.topk(k, dim=1).indices.eq(target.unsqueeze(1))
-        sums += torch.stack([loss.double() * target.shape[0], hits[:, 0].sum().double(),
-                             hits.any(dim=1).sum().double(), torch.tensor(float(target.shape[0]), device=sums.device,
-                                                                          dtype=torch.float64)])
-        if log is not None and (batch + 1) % print_freq == 0 and latencies:
-            log([epoch, 0, batch + 1], {f"{prefix}.compute_latency": latencies[-1]})
-        end = time.perf_counter()
-        if batch + 1 == prof:  # --prof N: stop after N batches without fetching another
-            break
-    elapsed = time.perf_counter() - start - clock.seconds
-    distributed.all_reduce_sum(sums)
-    loss_sum, top1, topk_hits, count = sums.tolist()
-    count = max(count, 1.0)
-    metrics = {f"{prefix}.top1": 100.0 * top1 / count, f"{prefix}.top{topk}": 100.0 * topk_hits / count,
-               f"{prefix}.loss": loss_sum / count}
-    metrics.update(_latency_metrics(prefix, latencies, int(count) - compiled_images, elapsed, data_wait))
-    if compiler is not None:
-        metrics[f"{prefix}.compile_time"] = clock.seconds
-    return metrics
-
-
-def _latency_metrics(prefix: str, latencies: list[float], images: int, elapsed: float, data_wait: float) -> dict:
-    if not latencies:
-        return {}
-    ordered = sorted(latencies)
-
-    def quantile(q: float) -> float:  # nearest rank
-        return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered))) - 1))]
-
-    compute = sum(latencies)
-    return {f"{prefix}.compute_latency": compute / len(latencies),
-            f"{prefix}.compute_latency_at90": quantile(0.90),
-            f"{prefix}.compute_latency_at95": quantile(0.95),
-            f"{prefix}.compute_latency_at99": quantile(0.99),
-            f"{prefix}.compute_latency_at100": ordered[-1],
-            f"{prefix}.compute_ips": images / compute if compute > 0 else 0.0,
-            f"{prefix}.total_ips": images / elapsed if elapsed > 0 else 0.0,
-            f"{prefix}.data_time": data_wait / len(latencies)}
