@@ -7,7 +7,8 @@ with the ImageNet mean/std, ``[N, 3, H, W]`` in ``config.memory_format``; labels
 MixUp/CutMix and one-hot targets are the engine's business, not the backend's.
 
 Sharding and epoch length follow ``image_classification.data.loaders.sampling`` for every backend, so
-the LR schedule and the checkpoints mean the same thing whichever backend produced the batches.
+the LR schedule and the checkpoints mean the same thing whichever backend produced the batches (its
+``SamplerEpochs`` gives a loader driven by a sampler the epoch methods of :class:`Loader`).
 Backends import this module; :mod:`image_classification.data.registry` maps ``--data-backend``
 names to them.
 """
@@ -47,7 +48,7 @@ class LoaderConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # training random-resized-crop area range
     randaugment_num_ops: int = 2  # augmentation "randaugment": operations per image
     randaugment_magnitude: int = 9  # augmentation "randaugment": strength, 0..30 (torchvision's and DALI's bins)
-    idle_priority: bool = False   # loader workers/threads run only on CPU cycles the model leaves (data.loaders.priority)
+    idle_priority: bool = False   # loader workers/threads run only on CPU cycles the model leaves (loaders.priority)
     # where the samples are (data.sources): DIR's format is detected unless data_format says it
     data_format: str = "auto"     # one of DATA_FORMATS
     train_shards: str | None = None  # a shard pattern (glob, brace range, URL) replacing DIR for train
