@@ -11,4 +11,4 @@ COPY requirements.txt .
 RUN grep -v -E "^(torch|torchvision)==" requirements.txt > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY . .
-RUN python -c "from image_classification.data.dali import import_dali; import_dali()"
+RUN python -c "from image_classification.data.loaders.dali import import_dali; import_dali()"

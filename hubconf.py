@@ -24,7 +24,7 @@ import torch as _torch
 
 from image_classification import models as _models
 from image_classification import preprocessing as _preprocessing
-from image_classification.data import transforms as _transforms
+from image_classification.data.loaders import transforms as _transforms
 from image_classification.deploy import labels as _labels
 from image_classification.deploy import loading as _loading
 from image_classification.models import catalogue as _catalogue

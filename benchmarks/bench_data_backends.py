@@ -43,8 +43,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from image_classification import machine  # noqa: E402
-from image_classification.data import convert, registry, remote  # noqa: E402
-from image_classification.data.registry import LoaderConfig  # noqa: E402
+from image_classification.data import registry, remote  # noqa: E402
+from image_classification.data.contract import AUGMENTATIONS, LoaderConfig  # noqa: E402
+from image_classification.data.prepare import convert  # noqa: E402
 from image_classification.errors import UserError  # noqa: E402
 
 MARKER = ".bench-jpegs.json"
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("-b", "--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads (default: 2)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--augmentation", default="none", choices=registry.AUGMENTATIONS)
+    parser.add_argument("--augmentation", default="none", choices=AUGMENTATIONS)
     parser.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic"))
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed per turn (default: 2)")
     parser.add_argument("--warmup", type=int, default=2, help="batches left out of the timing (default: 2)")

@@ -99,7 +99,7 @@ def make_dataset(root: Path, images: int = 512, copies: int = 4, seed: int = 0) 
 
 def packed_copy(folder: Path, target: Path, encoding: str, max_size: int) -> Path:
     """``prepare --to packed`` of ``folder`` into ``target`` (JPEG at q90; kept when already there)."""
-    from image_classification.data import prepare  # noqa: PLC0415
+    from image_classification.data.prepare import cli as prepare  # noqa: PLC0415
 
     command = ["--to", "packed", "--encoding", encoding, "--max-size", str(max_size), "--quality", "90",
                str(folder), str(target)]
@@ -121,10 +121,10 @@ def stage_costs(data: Path, size: int, args) -> dict[str, float]:
 
     from image_classification import precision  # noqa: PLC0415
     from image_classification.data import sources  # noqa: PLC0415
-    from image_classification.data.decode import split_crop  # noqa: PLC0415
-    from image_classification.data.device import Normalize  # noqa: PLC0415
-    from image_classification.data.pytorch import Collate, Sample  # noqa: PLC0415
-    from image_classification.data.transforms import train_transform  # noqa: PLC0415
+    from image_classification.data.loaders.decode import split_crop  # noqa: PLC0415
+    from image_classification.data.loaders.device import Normalize  # noqa: PLC0415
+    from image_classification.data.loaders.pytorch import Collate, Sample  # noqa: PLC0415
+    from image_classification.data.loaders.transforms import train_transform  # noqa: PLC0415
 
     torch.set_num_threads(1)
     amp_dtype = precision.choose("cpu", amp=True).amp_dtype

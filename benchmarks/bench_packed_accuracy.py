@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_loader_share import packed_copy  # noqa: E402  (this folder is sys.path[0] when run as a script)
 from image_classification import machine  # noqa: E402
-from image_classification.data.digits import write_digits  # noqa: E402
+from image_classification.data.prepare.digits import write_digits  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from image_classification import machine  # noqa: E402
-from image_classification.data.digits import write_digits  # noqa: E402
+from image_classification.data.prepare.digits import write_digits  # noqa: E402
 
 RECIPE = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "32", "--val-resize-size", "32",
           "--crop-scale", "0.7", "1", "-b", "16", "--lr", "0.04", "--lr-schedule", "cosine", "--label-smoothing", "0.1",

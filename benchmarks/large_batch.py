@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from image_classification import machine  # noqa: E402
 
-from image_classification.data.digits import write_digits  # noqa: E402
+from image_classification.data.prepare.digits import write_digits  # noqa: E402
 
 MICRO_BATCH = 32
 TRAIN_IMAGES = 1437  # the digits' training split

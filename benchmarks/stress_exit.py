@@ -46,7 +46,7 @@ def busy_loop() -> None:  # pragma: no cover - runs in a child process
 
 def write_data(root: Path) -> None:
     sys.path.insert(0, str(REPO))
-    from image_classification.data.digits import write_digits
+    from image_classification.data.prepare.digits import write_digits
     write_digits(root, size=16)
     for split, keep in (("train", 4), ("val", 2)):  # 40 training and 20 validation images
         for class_dir in (root / split).iterdir():

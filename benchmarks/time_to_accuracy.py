@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from image_classification import machine  # noqa: E402
-from image_classification.data.digits import write_digits  # noqa: E402
+from image_classification.data.prepare.digits import write_digits  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "pentagon", "bar", "star")
 MARKER = ".shapes.json"

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from image_classification import checkpoint, compiling, config, preprocessing, quantization, runtime
-from image_classification.data import priority
+from image_classification.data.loaders import priority
 from image_classification.data import registry as data_registry
-from image_classification.data.registry import LoaderConfig
+from image_classification.data.contract import LoaderConfig
 from image_classification.deploy import loading, runners
 from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma

@@ -39,7 +39,7 @@ import torch
 from image_classification.errors import UserError
 
 if TYPE_CHECKING:
-    from image_classification.data.sampling import EpochProgress
+    from image_classification.data.contract import EpochProgress
     from image_classification.engine.ema import ModelEma
     from image_classification.engine.loop import RunState
     from image_classification.engine.trainer import TrainComponents
@@ -306,7 +306,7 @@ def saved_rng_processes(saved: Mapping[str, Any]) -> int:
 def saved_progress(saved: Mapping[str, Any]) -> "EpochProgress":
     """Where epoch ``saved['epoch']`` stands. A file written before ``epoch_progress`` existed says
     only ``step_in_epoch`` batches of its split (its ``-b``, and one RNG state per process)."""
-    from image_classification.data.sampling import EpochProgress
+    from image_classification.data.contract import EpochProgress
     if "epoch_progress" in saved:
         return EpochProgress.from_record(saved["epoch_progress"])
     batches = int(saved.get("step_in_epoch", 0))

@@ -11,10 +11,10 @@ import argparse
 from typing import Any, Sequence
 
 from image_classification import machine
-from image_classification.data.priority import PRIORITIES
+from image_classification.data.loaders.priority import PRIORITIES
 from image_classification.data import registry as data_registry
-from image_classification.data.registry import AUGMENTATIONS, DATA_FORMATS, INTERPOLATIONS
-from image_classification.data.sampling import STREAMED_WINDOW
+from image_classification.data.contract import AUGMENTATIONS, DATA_FORMATS, INTERPOLATIONS
+from image_classification.data.loaders.sampling import STREAMED_WINDOW
 from image_classification.engine.optim import OPTIMIZERS
 from image_classification.engine.schedules import LR_SCALINGS, POLICIES
 from image_classification.errors import UserError

@@ -18,7 +18,7 @@ from typing import Any, Collection, Mapping
 
 import torch
 
-from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD
+from image_classification.data.contract import IMAGENET_MEAN, IMAGENET_STD
 from image_classification.errors import UserError
 
 #: What torchvision/PIL can do; DALI's "triangular" falls back to bilinear where only these exist.
@@ -65,11 +65,11 @@ class EvalPreprocessing:
 
     def transform(self):
         """PIL image -> uint8 CHW tensor (resize, center crop), as the validation loader does."""
-        from image_classification.data.transforms import val_transform
+        from image_classification.data.loaders.transforms import val_transform
         return val_transform(self.image_size, self.resize_size, self.pil_interpolation)
 
     def normalize(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):
-        from image_classification.data.device import Normalize
+        from image_classification.data.loaders.device import Normalize
         return Normalize(device, memory_format, mean=self.mean, std=self.std)
 
     def describe(self) -> str:

@@ -11,7 +11,7 @@ sys.path.insert(0, str(REPO))
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn's handwritten digits as an ImageFolder of 32 px JPEGs (1437 train, 360 val)."""
-    from image_classification.data.digits import write_digits
+    from image_classification.data.prepare.digits import write_digits
     root = tmp_path_factory.mktemp("digits32")
     write_digits(root, size=32)
     return root
@@ -20,7 +20,7 @@ def digits_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_digits_dir(tmp_path_factory) -> Path:
     """A 16 px, 120-image subset of the digits (fast end-to-end runs)."""
-    from image_classification.data.digits import write_digits
+    from image_classification.data.prepare.digits import write_digits
     full = tmp_path_factory.mktemp("digits16-full")
     write_digits(full, size=16)
     root = tmp_path_factory.mktemp("digits16")

@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from image_classification.data import registry, sampling
-from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
+from image_classification.data import registry
+from image_classification.data.contract import IMAGENET_MEAN, IMAGENET_STD, EpochProgress, LoaderConfig
+from image_classification.data.loaders import sampling
 from image_classification.errors import UserError
 from image_classification.reporting.dllogger import read_raport
-from image_classification.data.sampling import EpochProgress
 
 # DALI is pinned in requirements.txt: a DALI that fails to import fails this module, never skips it.
 import nvidia.dali  # noqa: F401,E402
@@ -239,7 +239,7 @@ def test_same_seed_gives_identical_batches(folder):
 
 
 def test_nhwc_is_channels_last_without_a_copy(folder, monkeypatch):
-    from image_classification.data import dali
+    from image_classification.data.loaders import dali
     original, produced = dali.as_torch, []
 
     def spy(*args):
@@ -331,7 +331,8 @@ def test_missing_dali_gives_the_install_command(monkeypatch):
 def test_the_toolkit_runs_without_dali():
     script = ("import sys; sys.modules['nvidia.dali'] = None\n"
               "from image_classification import cli\n"
-              "from image_classification.data import registry, dali\n"
+              "from image_classification.data import registry\n"
+              "from image_classification.data.loaders import dali\n"
               "assert {'dali-cpu', 'dali-gpu', 'pytorch'} <= set(registry.names())\n"
               "registry.get('pytorch'); registry.get('synthetic')\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from image_classification.data import registry, sampling
-from image_classification.data.checks import check_dataset, scan_split
-from image_classification.data.device import DeviceLoader
-from image_classification.data.digits import write_digits
-from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
-from image_classification.data.transforms import open_rgb, train_transform, val_transform
+from image_classification.data import registry
+from image_classification.data.contract import IMAGENET_MEAN, IMAGENET_STD, EpochProgress, LoaderConfig
+from image_classification.data.loaders import sampling
+from image_classification.data.loaders.device import DeviceLoader
+from image_classification.data.loaders.transforms import open_rgb, train_transform, val_transform
+from image_classification.data.prepare.digits import write_digits
+from image_classification.data.sources.folder import check_dataset, scan_split
 from image_classification.errors import UserError
-from image_classification.data.sampling import EpochProgress
 from tests.helpers.tiny_data import write_imagefolder
 
 SIZE = 16
@@ -411,7 +411,8 @@ def test_digits_refuses_a_foreign_folder(tmp_path):
 
 def test_a_registered_backend_can_be_chosen_on_the_command_line(monkeypatch):
     from image_classification import config
-    from image_classification.data import registry, synthetic
+    from image_classification.data import registry
+    from image_classification.data.loaders import synthetic
     monkeypatch.setitem(registry._BACKENDS, "test-synthetic", lambda: synthetic.BACKEND)
     # Before: config.py listed the built-in four, so argparse refused any other name.
     args = config.parse_args(["--data-backend", "test-synthetic", "--arch", "resnet18"])
@@ -444,7 +445,7 @@ class _CollectingDataset(torch.utils.data.Dataset):
 
 
 def test_loader_workers_fork_without_inheriting_garbage(tmp_path):
-    from image_classification.data.pytorch import HeldStartLoader
+    from image_classification.data.loaders.pytorch import HeldStartLoader
     record = tmp_path / "finalised-by"
     gc.disable()  # keep the cycle alive as garbage until the loader starts its workers
     try:

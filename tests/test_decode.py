@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from image_classification.data.decode import CropDecoder, reduction, split_crop
-from image_classification.data.checks import SplitScan
-from image_classification.data.pytorch import SourceDataset, sample_seed
+from image_classification.data.loaders.decode import CropDecoder, reduction, split_crop
+from image_classification.data.loaders.pytorch import SourceDataset, sample_seed
+from image_classification.data.loaders.transforms import open_rgb, train_transform
 from image_classification.data.sources import FolderSource
-from image_classification.data.transforms import open_rgb, train_transform
+from image_classification.data.sources.folder import SplitScan
 
 WIDTH, HEIGHT = 400, 300
 

@@ -163,7 +163,10 @@ def check_command(command: str) -> None:
         module = words[2]
         if module == "pip" or module == "pytest":
             return
-        importlib.import_module(module).build_parser().parse_args(words[3:])
+        entry = importlib.import_module(module)
+        if not hasattr(entry, "build_parser"):  # a package run with -m: its __main__ calls .cli
+            entry = importlib.import_module(f"{module}.cli")
+        entry.build_parser().parse_args(words[3:])
         return
     parse_program(words[1], words[2:])
 
@@ -211,3 +214,23 @@ def test_python_snippets_compile(page):
     for match in FENCE.finditer(page.read_text()):
         if match.group(1) == "python":
             compile(match.group(2), f"{page.name} snippet", "exec")
+
+
+PROJECT_DIRS = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")} | {
+    p.name for p in (ROOT / "image_classification").iterdir() if p.is_dir() and not p.name.startswith("_")}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_source_file_named_exists(page):
+    """A project file the text names in backticks (`engine/finetune.py`, `tests/test_packed.py`)
+    exists, from the top of the repository or under image_classification/: a module that moves takes
+    its mentions along. (Names outside the project's folders, e.g. other repositories' files, are not checked.)"""
+    named = set(re.findall(r"`((?:[\w.-]+/)+[\w-]+\.(?:py|sh|yml))`", page.read_text()))
+    ours = [name for name in sorted(named) if name.split("/")[0] in PROJECT_DIRS]
+    missing = [name for name in ours if not (ROOT / name).exists() and not (ROOT / "image_classification" / name).exists()]
+    assert not missing, f"{page.name} names files that do not exist: {missing}"
+
+
+def test_the_file_check_sees_project_paths():
+    named = re.findall(r"`((?:[\w.-]+/)+[\w-]+\.(?:py|sh|yml|md))`", (ROOT / "docs" / "data.md").read_text())
+    assert "data/loaders/decode.py" in named and "data/loaders/decode.py".split("/")[0] in PROJECT_DIRS

@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from image_classification import models
+from image_classification.data.loaders.sampling import SamplerEpochs, ShardSampler
 from image_classification.engine import schedules
 from image_classification.engine.ema import ModelEma, effective_decay
 from image_classification.engine.losses import SmoothedCrossEntropy
 from image_classification.engine.optim import build_optimizer, parameter_groups
 from image_classification.engine.trainer import TrainComponents, train_epoch
 from image_classification.runtime import build_runtime
-from image_classification import models
-from image_classification.data.sampling import SamplerEpochs, ShardSampler
 
 
 def _scheduled_lrs(policy, granularity="epoch", steps_per_epoch=1, epochs=10, **kwargs):

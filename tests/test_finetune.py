@@ -152,7 +152,7 @@ def test_backbone_lr_scale_groups_for_every_optimizer(name):
 
 
 def test_digits_export_a_subset_of_classes_with_few_training_images(tmp_path):
-    from image_classification.data.digits import main
+    from image_classification.data.prepare.digits import main
     assert main([str(tmp_path / "d"), "--classes", "6-9", "--train-per-class", "20", "--size", "8"]) == 0
     train, val = tmp_path / "d" / "train", tmp_path / "d" / "val"
     assert sorted(p.name for p in train.iterdir()) == ["6", "7", "8", "9"] == sorted(p.name for p in val.iterdir())

@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch import nn
 
 from image_classification import affinity, distributed, runtime
+from image_classification.data.loaders.sampling import SamplerEpochs, ShardSampler
 from image_classification.engine import optim
 from image_classification.errors import UserError
-from image_classification.data.sampling import SamplerEpochs, ShardSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,7 @@ def test_onnx_parity_on_cuda_disables_onnxruntime_tf32(monkeypatch, tmp_path):
 
 def test_dali_older_than_1_44_is_one_line_naming_the_version(monkeypatch):
     import nvidia.dali
-    from image_classification.data import dali
+    from image_classification.data.loaders import dali
     monkeypatch.setattr(nvidia.dali, "__version__", "1.42.0")
     with pytest.raises(UserError, match=r"needs NVIDIA DALI >= 1\.44 .*found 1\.42\.0"):
         dali.import_dali("dali-cpu")
@@ -177,7 +177,7 @@ class PinnedHostTensor:
 
 
 def test_dali_pinned_cpu_output_is_copied_not_imported():
-    from image_classification.data import dali
+    from image_classification.data.loaders import dali
     labels = np.array([3, 1, 4], dtype=np.int64)
     output = type("TensorList", (), {"as_tensor": lambda self: PinnedHostTensor(labels)})()
     tensor = dali.as_torch(output, dali.import_dali())
@@ -188,7 +188,7 @@ def test_dali_pinned_cpu_output_is_copied_not_imported():
 
 def test_dali_labels_join_the_images_on_the_gpu():
     from unittest import mock
-    from image_classification.data import dali
+    from image_classification.data.loaders import dali
     spec = dict(train=False, image_size=32, val_resize_size=36, crop_scale=(0.08, 1.0), interpolation="bilinear",
                 augmentation="none", randaugment_num_ops=2, randaugment_magnitude=9, layout="CHW")
     for decoder, gpu_tail, on_gpu in (("mixed", False, True), ("cpu", True, True), ("cpu", False, False)):

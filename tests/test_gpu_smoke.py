@@ -101,7 +101,7 @@ def test_compiled_amp_training_and_evaluation(small_digits_dir, tmp_path):
 
 
 def test_side_stream_prefetch_delivers_the_batches_unchanged():
-    from image_classification.data.device import DeviceLoader
+    from image_classification.data.loaders.device import DeviceLoader
     device = torch.device("cuda", torch.cuda.current_device())
     batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.arange(4) + 10 * i) for i in range(6)]
     loader = DeviceLoader(batches, device=device, memory_format=torch.channels_last, length=6, num_classes=60,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from image_classification.data import priority
-from image_classification.data.registry import LoaderConfig
+from image_classification.data.contract import LoaderConfig
+from image_classification.data.loaders import priority
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 from tiny_data import write_imagefolder  # noqa: E402
@@ -36,7 +36,7 @@ def test_auto_is_idle_only_when_the_model_is_on_the_cpu(choice, device, idle):
 
 @pytest.mark.parametrize("idle", [True, False])
 def test_pytorch_workers_run_at_idle_priority_and_the_main_process_does_not(tmp_path, idle):
-    from image_classification.data import pytorch
+    from image_classification.data.loaders import pytorch
     loader = pytorch.train_loader(_config(_folder(tmp_path), idle))
     batches = iter(loader)
     next(batches), next(batches)  # batch k comes from worker k % 2: both workers have started
@@ -49,7 +49,7 @@ def test_pytorch_workers_run_at_idle_priority_and_the_main_process_does_not(tmp_
 
 def test_dali_threads_run_at_idle_priority_and_the_main_thread_does_not(tmp_path):
     import nvidia.dali  # noqa: F401  (pinned: an import failure fails)
-    from image_classification.data import dali
+    from image_classification.data.loaders import dali
     before = set(os.listdir("/proc/self/task"))
     loader = dali.DaliLoader(_config(_folder(tmp_path), idle=True), train=True)
     assert len(list(loader)) == 4

@@ -19,10 +19,13 @@ from PIL import Image
 from torch import nn
 
 from image_classification import checkpoint, cli, machine
-from image_classification.data import pack, packed, prepare, registry, sampling, sources
-from image_classification.data.digits import write_digits
-from image_classification.data.registry import LoaderConfig
-from image_classification.data.resize import target_size
+from image_classification.data import registry, sources
+from image_classification.data.contract import LoaderConfig
+from image_classification.data.loaders import sampling
+from image_classification.data.prepare import pack
+from image_classification.data.prepare import cli as prepare
+from image_classification.data.prepare.digits import write_digits
+from image_classification.data.prepare.resize import target_size
 from image_classification.errors import UserError
 from image_classification.models import registry as models
 from image_classification.reporting.dllogger import read_raport

@@ -162,14 +162,14 @@ def _signal_set(status_path: str, field: str) -> set[int]:
 
 
 def _loader_config(data: Path, workers: int):
-    from image_classification.data.registry import LoaderConfig
+    from image_classification.data.contract import LoaderConfig
     return LoaderConfig(data_dir=str(data), image_size=16, val_resize_size=16, batch_size=2, workers=workers,
                         prefetch=2, interpolation="bilinear", augmentation="none",
                         memory_format=torch.contiguous_format, device=torch.device("cpu"))
 
 
 def _started_workers(tmp_path):
-    from image_classification.data import pytorch
+    from image_classification.data.loaders import pytorch
     loader = pytorch.train_loader(_loader_config(write_imagefolder(tmp_path, **TWO_CLASSES), workers=2))
     batches = iter(loader)
     next(batches), next(batches)  # batch k comes from worker k % 2: both workers have started
@@ -203,7 +203,7 @@ def test_a_worker_survives_a_foreign_sigterm_and_obeys_its_owners(start_method):
     # under forkserver (Python 3.14's default) the worker's parent is the fork server, not the
     # training process: the owner's pid is passed in, as the DataLoader's WorkerInit does
     from image_classification import signals
-    from image_classification.data.priority import WorkerInit
+    from image_classification.data.loaders.priority import WorkerInit
     context = multiprocessing.get_context(start_method)
     ready = context.Event()
     with signals.held():  # as the DataLoader starts its workers
@@ -221,8 +221,8 @@ def test_a_worker_survives_a_foreign_sigterm_and_obeys_its_owners(start_method):
 
 _LEAKED_LOADER = """
 import sys, torch
-from image_classification.data import pytorch
-from image_classification.data.registry import LoaderConfig
+from image_classification.data.contract import LoaderConfig
+from image_classification.data.loaders import pytorch
 config = LoaderConfig(data_dir=sys.argv[1], image_size=16, val_resize_size=16, batch_size=2, workers=2,
                       prefetch=2, interpolation="bilinear", augmentation="none",
                       memory_format=torch.contiguous_format, device=torch.device("cpu"))
@@ -253,7 +253,7 @@ def test_a_process_whose_loader_outlives_it_exits_cleanly(tmp_path):
 
 def test_dali_threads_leave_the_shutdown_signals_to_the_main_thread(tmp_path):
     import nvidia.dali  # noqa: F401  (pinned: an import failure fails)
-    from image_classification.data import dali
+    from image_classification.data.loaders import dali
     before = set(os.listdir("/proc/self/task"))
     loader = dali.DaliLoader(_loader_config(write_imagefolder(tmp_path, **TWO_CLASSES), workers=2), train=True)
     assert len(list(loader)) == 4

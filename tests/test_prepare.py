@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_classification.data import prepare
+from image_classification.data.prepare import cli as prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_classification.data import convert, prepare, sources
+from image_classification.data import sources
+from image_classification.data.prepare import convert
+from image_classification.data.prepare import cli as prepare
+from image_classification.data.sources.index import INDEX_SUFFIX, read_index
+from image_classification.data.sources.shards import CLASSES_FILE
 from tests.helpers.tiny_data import write_imagefolder
 
 
@@ -38,8 +42,8 @@ def source_samples(src, split) -> dict[str, tuple[bytes, int]]:
 
 
 def shard_files(dst) -> list[str]:
-    return sorted(name for name in os.listdir(dst) if not name.endswith(sources.INDEX_SUFFIX)
-                  and not name.startswith(".") and name != sources.CLASSES_FILE)
+    return sorted(name for name in os.listdir(dst) if not name.endswith(INDEX_SUFFIX)
+                  and not name.startswith(".") and name != CLASSES_FILE)
 
 
 def test_webdataset_round_trip(folder, tmp_path, capsys):
@@ -64,7 +68,7 @@ def test_webdataset_round_trip(folder, tmp_path, capsys):
             assert bmp[1] == 1 and bmp[0].startswith(b"\x89PNG")
             assert (np.asarray(Image.open(folder / "train/dog/plain.bmp")) ==
                     np.asarray(Image.open(__import__("io").BytesIO(bmp[0])))).all()
-    counts = [len(sources.read_index(str(dst / f"train-00000{k}.tar{sources.INDEX_SUFFIX}")).keys) for k in range(3)]
+    counts = [len(read_index(str(dst / f"train-00000{k}.tar{INDEX_SUFFIX}")).keys) for k in range(3)]
     assert counts == [10, 10, 6]
     labels = [int(x) for x in sources.open_source(str(dst), "train").labels[:10]]
     assert 0 < sum(labels) < 10  # training samples are shuffled across classes
@@ -116,7 +120,7 @@ def test_shard_size_is_respected(folder, tmp_path, data_format):
     sizes = [os.path.getsize(dst / name) for name in train]
     assert len(train) >= 3 and max(sizes) <= limit
     if data_format == "tfrecord":  # index sizes are whole frames: the next shard's first one did not fit
-        firsts = [sources.read_index(str(dst / (name + sources.INDEX_SUFFIX))).sizes[0] for name in train]
+        firsts = [read_index(str(dst / (name + INDEX_SUFFIX))).sizes[0] for name in train]
         assert all(size + first > limit for size, first in zip(sizes[:-1], firsts[1:]))
 
 

@@ -169,7 +169,8 @@ def test_s3_globs_listing_and_reading(tmp_path):
 
 def test_converted_shards_stream_over_http_and_s3(tmp_path):
     """prepare --to webdataset, then the shard layer reads them from a URL: index files first, each shard once."""
-    from image_classification.data import prepare, sources
+    from image_classification.data import sources
+    from image_classification.data.prepare import cli as prepare
     from tests.helpers.tiny_data import write_imagefolder
 
     src = write_imagefolder(tmp_path / "src", train_per_class=10, val_per_class=2, size=16)
@@ -200,14 +201,16 @@ def test_pytorch_loader_workers_stream_each_shard_once(tmp_path):
     """Two DataLoader workers read HTTP shards through one shard cache: every shard crosses the wire once."""
     import torch
 
-    from image_classification.data import prepare, registry
+    from image_classification.data import registry
+    from image_classification.data.contract import LoaderConfig
+    from image_classification.data.prepare import cli as prepare
     from tests.helpers.tiny_data import write_imagefolder
 
     src = write_imagefolder(tmp_path / "src", train_per_class=12, val_per_class=2, size=16)
     dst = tmp_path / "served" / "wds"
     assert prepare.main(["-j", "1", "--to", "webdataset", "--shard-samples", "6", str(src), str(dst)]) == 0
     with serve_http(tmp_path / "served") as server:
-        config = registry.LoaderConfig(
+        config = LoaderConfig(
             data_dir=None, image_size=16, val_resize_size=16, batch_size=4, workers=2, prefetch=2,
             interpolation="bilinear", augmentation="none", memory_format=torch.contiguous_format,
             device=torch.device("cpu"), train_shards=server.url + "/wds/train-{000000..000003}.tar",

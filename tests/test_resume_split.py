@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from image_classification import checkpoint
-from image_classification.data import prepare
+from image_classification.data.prepare import cli as prepare
 from tests.test_preemption import _launch, _preempt, _run
 
 SAMPLES = 100  # training images, numbered 0..99

@@ -68,7 +68,7 @@ def test_evaluate_onnx_normalises_with_the_mean_and_std_recorded_in_the_file(tmp
     evaluated = [r["data"] for r in read_raport(tmp_path / "eval" / "experiment_raport.json")
                  if r.get("type") == "LOG" and r["step"] == []][-1]["val.loss"]
 
-    from image_classification.data.transforms import open_rgb
+    from image_classification.data.loaders.transforms import open_rgb
     paths = sorted((data / "val").glob("*/*"))
     images = torch.stack([record.transform()(open_rgb(str(path))) for path in paths])
     labels = torch.tensor([("bird", "cat", "dog").index(path.parent.name) for path in paths])

@@ -21,11 +21,11 @@ from PIL import Image
 from tfrecord.reader import tfrecord_loader
 
 from image_classification import checkpoint, cli
-from image_classification.data import registry, sampling, sources
-from image_classification.data.registry import LoaderConfig
-from image_classification.models import registry as models
+from image_classification.data import registry, sources
+from image_classification.data.contract import EpochProgress, LoaderConfig
+from image_classification.data.loaders import sampling
 from image_classification.errors import UserError
-from image_classification.data.sampling import EpochProgress
+from image_classification.models import registry as models
 from tests.helpers.faults import sigterm_at_step
 from tests.helpers.net import free_port
 

@@ -176,7 +176,7 @@ def test_randaugment_flags_and_ramp_reach_the_backend(backend, small_digits_dir,
             return original(images, n, m, **kwargs)
         monkeypatch.setattr(rand_augment, "rand_augment", record)
     else:
-        from image_classification.data import transforms
+        from image_classification.data.loaders import transforms
         original = transforms.v2.RandAugment
 
         def record(num_ops, magnitude, **kwargs):

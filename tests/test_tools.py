@@ -26,8 +26,8 @@ import classify  # noqa: E402
 import hubconf  # noqa: E402
 import model2onnx  # noqa: E402
 from image_classification import checkpoint, cli, models, plot  # noqa: E402
-from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from image_classification.data.transforms import open_rgb, val_transform  # noqa: E402
+from image_classification.data.contract import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from image_classification.data.loaders.transforms import open_rgb, val_transform  # noqa: E402
 from image_classification.deploy import classifying, export_and_check, parity, runners  # noqa: E402
 from image_classification.deploy.labels import class_names, imagenet_classes  # noqa: E402
 from image_classification.deploy.loading import LoadedModel  # noqa: E402
@@ -529,8 +529,8 @@ def test_pretrained_downloads_are_hash_checked(tmp_path, monkeypatch, capsys):
     carried in the name while downloading; a name without one (NGC's) gets the download's SHA-256
     in its cached name, checked on every later use."""
     import hashlib
-    from image_classification.models import published
     from image_classification.errors import UserError
+    from image_classification.models import published
     source = tmp_path / "served"
     source.mkdir()
     payload = tmp_path / "payload.pth"

@@ -60,8 +60,8 @@ def test_training_batches_stay_full_and_name_each_unreadable_file_once(tmp_path)
 
     import torch
 
-    from image_classification.data import pytorch
-    from image_classification.data.registry import LoaderConfig
+    from image_classification.data.contract import LoaderConfig
+    from image_classification.data.loaders import pytorch
     data = _folder(tmp_path / "data", per_class=5, unreadable_per_class=3)
     config = LoaderConfig(data_dir=str(data), image_size=8, val_resize_size=8, batch_size=2, workers=0, prefetch=2,
                           interpolation="bilinear", augmentation="none", memory_format=torch.contiguous_format,

@@ -1,102 +1,39 @@
-"""Data backend registry and the contract every backend fulfils.
+"""``--data-backend`` names -> data backends (the contract they fulfil is :mod:`~image_classification.data.contract`).
 
-A backend turns a :class:`LoaderConfig` into a :class:`Loader`: an iterable of
-``(images, labels)`` batches that are already on ``config.device`` -- images float32, normalised
-with the ImageNet mean/std, ``[N, 3, H, W]`` in ``config.memory_format``; labels int64 ``[N]``.
-MixUp/CutMix and one-hot targets are the engine's business, not the backend's.
-
-Sharding and epoch length follow ``image_classification.data.sampling`` for every backend, so the
-LR schedule and the checkpoints mean the same thing whichever backend produced the batches.
+Each built-in backend's module is imported only when that backend is chosen, so an optional
+dependency (DALI) is imported only by the runs that use it; the backends themselves import only
+the contract, never this module.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import Callable
 
-import torch
-
+from image_classification.data.contract import Backend
 from image_classification.errors import UserError
 
-if TYPE_CHECKING:
-    from image_classification.data.sampling import EpochProgress
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
-AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment")
-DATA_FORMATS = ("auto", "folder", "tfrecord", "webdataset", "packed")  # what DIR holds (data.sources)
+def _pytorch() -> Backend:
+    from image_classification.data.loaders import pytorch
+    return pytorch.BACKEND
 
 
-@dataclass(frozen=True)
-class LoaderConfig:
-    data_dir: str | None          # DIR: an ImageFolder root (train/, val/) or a folder of shards (None for synthetic)
-    image_size: int               # training crop / validation crop (stage-wise training: one loader per size)
-    val_resize_size: int          # validation: resize the shorter side to this, then center crop
-    batch_size: int               # per process
-    workers: int
-    prefetch: int
-    interpolation: str
-    augmentation: str             # one of AUGMENTATIONS
-    memory_format: torch.memory_format
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    seed: int = 0                 # always set: main draws one when --seed is not given
-    num_classes: int | None = None  # --num-classes as given: synthetic (default 1000) and shard sources (default:
-                                    # from the data) use it; a folder's class folders decide
-    synthetic_epoch_size: int = 0  # synthetic only: samples per epoch (0 = backend default)
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # training random-resized-crop area range
-    randaugment_num_ops: int = 2  # augmentation "randaugment": operations per image
-    randaugment_magnitude: int = 9  # augmentation "randaugment": strength, 0..30 (torchvision's and DALI's bins)
-    idle_priority: bool = False   # loader workers/threads run only on CPU cycles the model leaves (data.priority)
-    # where the samples are (data.sources): DIR's format is detected unless data_format says it
-    data_format: str = "auto"     # one of DATA_FORMATS
-    train_shards: str | None = None  # a shard pattern (glob, brace range, URL) replacing DIR for train
-    val_shards: str | None = None    # ... and for val
-    index_dir: str | None = None  # --data-idx-dir: shard index files (looked up first, built here if writable)
-    cache_dir: str | None = None  # --shard-cache: remote shard copies and built index files
-    tfrecord_label_base: int = 1  # subtracted from TFRecord labels (TF-slim stores 1-based labels)
-    shard_window: int | None = None  # --shard-shuffle-window; None: data.sampling's default for the source
-    # normalisation on the device: the run's preprocessing record (ImageNet's, or an --onnx file's)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+def _synthetic() -> Backend:
+    from image_classification.data.loaders import synthetic
+    return synthetic.BACKEND
 
 
-class Loader(Protocol):
-    """What the engine needs from a backend's loader."""
-
-    num_classes: int
-    class_names: list[str]
-    description: str  # where the samples come from (format, shards, samples), for the run's first lines
-    epoch_size: int   # samples in an epoch's permutation (all processes together)
-
-    def __len__(self) -> int:
-        """Batches this process yields per epoch."""
-
-    def set_epoch(self, epoch: int, progress: EpochProgress | None = None) -> None:
-        """Select the epoch's shuffle; a training epoch leaves out the samples ``progress`` says are
-        trained (a mid-epoch resume, on any number of processes)."""
-
-    def progress_after(self, batches: int) -> EpochProgress:
-        """Where the epoch stands once every process has trained ``batches`` batches since ``set_epoch``."""
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        ...
-
-    def take_skipped(self) -> list[str]:
-        """Files skipped as unreadable since the last call (and forget them)."""
+def _dali_cpu() -> Backend:
+    from image_classification.data.loaders import dali  # imports nvidia.dali only when it is called
+    return dali.backend("cpu")
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    train_loader: Callable[[LoaderConfig], Loader]
-    val_loader: Callable[[LoaderConfig], Loader]
-    description: str = ""
-    interpolations: tuple[str, ...] = ("bilinear", "bicubic")  # the --interpolation names it can do
+def _dali_gpu() -> Backend:
+    from image_classification.data.loaders import dali
+    return dali.backend("gpu")
 
 
-_BACKENDS: dict[str, Callable[[], Backend]] = {}
+_BACKENDS: dict[str, Callable[[], Backend]] = {"pytorch": _pytorch, "synthetic": _synthetic,
+                                               "dali-cpu": _dali_cpu, "dali-gpu": _dali_gpu}
 
 
 def register(name: str, factory: Callable[[], Backend]) -> None:
@@ -106,18 +43,12 @@ def register(name: str, factory: Callable[[], Backend]) -> None:
 
 
 def names() -> list[str]:
-    _ensure_loaded()
     return list(_BACKENDS)
 
 
 def get(name: str) -> Backend:
-    _ensure_loaded()
     try:
         factory = _BACKENDS[name]
     except KeyError:
         raise UserError(f"unknown --data-backend {name!r}; choose one of: {', '.join(_BACKENDS)}") from None
     return factory()
-
-
-def _ensure_loaded() -> None:
-    from image_classification.data import backends  # noqa: F401  (registers the built-in backends)

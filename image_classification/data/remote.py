@@ -9,6 +9,8 @@ functions, so a remote location is one module's business:
   ``?``, ``[...]``) on local paths and on filesystems that can list (``s3://``; not ``http``);
 * :func:`exists` -- whether one location exists (an index file beside a shard, say);
 * :func:`list_dir` -- the names in a folder (local or a listable URL), for format detection;
+* :func:`join`, :func:`beside` -- a file's location in a folder, or beside another file (an index
+  or ``classes.txt`` beside a shard), local or URL;
 * :func:`local_copy` -- a local path holding the location's bytes: the path itself for a local
   file; for a URL a copy in the shard cache (:func:`default_cache_dir` unless one is named).
 
@@ -134,6 +136,16 @@ def list_dir(location: str) -> list[str]:
     except FileNotFoundError:
         raise UserError(f"{location}: not found") from None
     return sorted(posixpath.basename(entry.rstrip("/")) for entry in entries)
+
+
+def join(folder: str, name: str) -> str:
+    """The location of ``name`` in ``folder`` (a local path or a URL)."""
+    return folder.rstrip("/") + "/" + name if is_remote(folder) else os.path.join(folder, name)
+
+
+def beside(location: str, name: str) -> str:
+    """The location of ``name`` in the folder that holds ``location``."""
+    return join(location.rsplit("/", 1)[0] if is_remote(location) else os.path.dirname(location), name)
 
 
 def local_copy(location: str, cache_dir: str | None = None, max_cache_bytes: int | None = None) -> str:

@@ -13,8 +13,8 @@ import torch
 from PIL import UnidentifiedImageError
 
 from image_classification import compiling, config, models, preprocessing, quantization, runtime
-from image_classification.data.checks import is_image_file
-from image_classification.data.transforms import open_rgb
+from image_classification.data.sources.folder import is_image_file
+from image_classification.data.loaders.transforms import open_rgb
 from image_classification.deploy import fast_cpu, loading
 from image_classification.deploy.labels import class_names
 from image_classification.deploy.loading import LoadedModel

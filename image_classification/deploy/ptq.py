@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from image_classification import checkpoint
-from image_classification.data.checks import scan_split
-from image_classification.data.transforms import open_rgb
+from image_classification.data.sources.folder import scan_split
+from image_classification.data.loaders.transforms import open_rgb
 from image_classification.deploy import exporting, fast_cpu, runners
 from image_classification.deploy.parity import Parity, compare
 from image_classification.errors import UserError

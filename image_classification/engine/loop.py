@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from image_classification.data.sampling import EpochProgress
+from image_classification.data.contract import EpochProgress
 from image_classification.engine import trainer
 from image_classification.engine.stages import EpochPlan
 from image_classification.engine.trainer import TrainComponents

@@ -19,7 +19,7 @@ from torch import nn
 
 from image_classification import distributed
 from image_classification.compiling import CompileClock, Compiler, plain
-from image_classification.data.sampling import EpochProgress
+from image_classification.data.contract import EpochProgress
 from image_classification.engine.ema import ModelEma
 from image_classification.engine.finetune import FineTune
 from image_classification.runtime import Runtime

@@ -14,7 +14,7 @@ Three things differ from a plain ``ImageFolder`` + ``DataLoader``:
 * **Augmentation is reproducible.** Each sample's random crop/flip/policy is drawn from a
   generator seeded with ``(seed, epoch, sample index)``, so a batch's content does not depend on
   ``--workers``, on which worker decoded it, or on whether the epoch was resumed mid-way.
-* **Sharding is** :mod:`image_classification.data.sampling`, the same for every backend.
+* **Sharding is** :mod:`image_classification.data.loaders.sampling`, the same for every backend.
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from image_classification import signals
-from image_classification.data.decode import split_crop
-from image_classification.data.device import DeviceLoader
-from image_classification.data.priority import WorkerInit
-from image_classification.data.registry import Backend, LoaderConfig
-from image_classification.data.sampling import ShardSampler, source_sampler
+from image_classification.data.contract import Backend, LoaderConfig
+from image_classification.data.loaders.decode import split_crop
+from image_classification.data.loaders.device import DeviceLoader
+from image_classification.data.loaders.priority import WorkerInit
+from image_classification.data.loaders.sampling import ShardSampler, source_sampler
+from image_classification.data.loaders.transforms import Transform, open_rgb, train_transform, val_transform
 from image_classification.data.sources import SampleSource, open_split
-from image_classification.data.transforms import Transform, open_rgb, train_transform, val_transform
 from image_classification.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class SourceDataset(Dataset):
     """Samples of a :class:`SampleSource`, indexed by ``(epoch, index)`` (or a plain index: epoch 0).
 
     ``decode`` turns a binary file (the sample's bytes) into a PIL image; for training it is a
-    :class:`~image_classification.data.decode.CropDecoder`, which draws the random crop itself and
+    :class:`~image_classification.data.loaders.decode.CropDecoder`, which draws the random crop itself and
     decodes no more pixels than the crop needs, so it runs under the sample's seed too.
     With ``refill`` an unreadable sample's slot is filled by the next readable one (wrapping around),
     decoded and augmented under the slot's own seed, so every rank's batches stay full.

@@ -15,8 +15,8 @@ from typing import Iterator
 
 import torch
 
-from image_classification.data.registry import Backend, LoaderConfig
-from image_classification.data.sampling import SamplerEpochs, ShardSampler
+from image_classification.data.contract import Backend, LoaderConfig
+from image_classification.data.loaders.sampling import SamplerEpochs, ShardSampler
 from image_classification.errors import UserError
 
 DEFAULT_BATCHES = 64

@@ -1,10 +1,10 @@
 """A dataset -> its packed form: ``python -m image_classification.data.prepare --to packed SRC DST``.
 
 SRC is anything the loaders read (an ImageFolder, TFRecord or WebDataset shards, or another packed
-dataset); each split (``train``, ``val``) is written as :mod:`~image_classification.data.packed`
+dataset); each split (``train``, ``val``) is written as :mod:`~image_classification.data.sources.packed`
 describes: every image decoded once, its shorter side capped at ``--max-size`` (the rule of
-:mod:`~image_classification.data.resize`, as the copy and shard modes), converted to RGB (alpha
-over white, 16-bit scaled: :func:`~image_classification.data.transforms.to_rgb`, as the loaders
+:mod:`~image_classification.data.prepare.resize`, as the copy and shard modes), converted to RGB (alpha
+over white, 16-bit scaled: :func:`~image_classification.data.loaders.transforms.to_rgb`, as the loaders
 would on every read) and stored
 
 * ``raw``: a binary PPM, the pixels themselves -- reading one is a memory copy; or
@@ -50,10 +50,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from image_classification import machine
-from image_classification.data import packed, sources
-from image_classification.data.checks import SPLITS
-from image_classification.data.resize import load_capped
-from image_classification.data.transforms import open_rgb, to_rgb
+from image_classification.data import sources
+from image_classification.data.loaders.transforms import open_rgb, to_rgb
+from image_classification.data.prepare.resize import load_capped
+from image_classification.data.sources import packed
+from image_classification.data.sources.folder import SPLITS
 from image_classification.errors import UserError
 
 FORMAT = packed.FORMAT

@@ -1,8 +1,8 @@
 """The packed form of a split: images decoded once, capped, stored back to back in one memory-mapped file.
 
 ``python -m image_classification.data.prepare --to packed SRC DST`` writes it
-(:mod:`~image_classification.data.pack`); every backend reads it through :class:`PackedSource`, a
-:class:`~image_classification.data.sources.SampleSource` like the folder and the shards, so
+(:mod:`~image_classification.data.prepare.pack`); every backend reads it through :class:`PackedSource`, a
+:class:`~image_classification.data.sources.base.SampleSource` like the folder and the shards, so
 sharding, shuffling, exact resume and the bad-input rules are theirs unchanged.
 
 Layout, per split (``train``, ``val``) in DST::
@@ -23,7 +23,7 @@ copy: ~0.06 ms for 213x160, against ~0.5 ms to decode the same image as a JPEG q
 Integrity, checked where it is cheap: on open, the header's version, the data file's length
 (a truncated copy) and the index's length and CRC, each failure one line naming the file; on every
 read, the sample's CRC-32C (a few microseconds per 100 KB), a mismatch being a
-:class:`~image_classification.data.sources.ShardError` that the pytorch backend skips and counts
+:class:`~image_classification.data.sources.base.ShardError` that the pytorch backend skips and counts
 and DALI turns into one line, as for a damaged shard record.
 
 The data file is memory-mapped (``numpy.memmap``) on first read in each process, so DataLoader
@@ -37,7 +37,7 @@ import os
 import google_crc32c
 import numpy as np
 
-from image_classification.data.sources import SampleSource, ShardError
+from image_classification.data.sources.base import SampleSource, ShardError
 from image_classification.errors import UserError
 
 FORMAT = "packed"

@@ -7,17 +7,18 @@ Writes each split of the ImageFolder ``SRC`` (``train/``, ``val/``) as shards in
   its split without extension (``n01440764/n01440764_10026``), dots made ``_`` (WebDataset splits
   a member name at its first dot);
 * ``tfrecord``: TF-slim's ``build_imagenet_data.py`` layout, ``train-00000-of-00008`` ... /
-  ``validation-00000-of-00002``, one ``tf.train.Example`` a record with ``image/encoded``,
-  ``image/format``, ``image/filename``, ``image/height``, ``image/width``, ``image/colorspace``,
-  ``image/channels``, ``image/class/label`` (the class index + 1, as TF-slim stores it: 0 is its
-  background class), ``image/class/synset`` and ``image/class/text`` (the class folder name);
+  ``validation-00000-of-00002``, one ``tf.train.Example`` a record with TF-slim's features
+  (:mod:`image_classification.data.sources.tfrecord`, which owns them and the record frame for
+  both the reader and this writer): ``image/class/label`` is the class index + 1, as TF-slim
+  stores it (0 is its background class), ``image/class/synset`` and ``image/class/text`` the class
+  folder name;
 
 plus ``classes.txt`` (line k = class k) and each shard's index file (written with
-:func:`image_classification.data.sources.write_index`, the one owner of that format).
+:func:`image_classification.data.sources.index.write_index`, the one owner of that format).
 
 Every image is decoded once, in ``--workers`` processes, to check it; one that does not decode is
 listed and left out. JPEG, PNG and WebP bytes are stored unchanged unless ``--max-size`` resizes
-them (:mod:`~image_classification.data.resize`, the same rule as the copy mode); other formats
+them (:mod:`~image_classification.data.prepare.resize`, the same rule as the copy mode); other formats
 (BMP, TIFF, GIF, ...) are stored as PNG, since the shard readers decode only those three.
 Training samples are shuffled once with a fixed seed (as TF-slim does), so a shard holds a mix of
 classes and a loader's shuffle within a window of shards is a good shuffle; validation keeps the
@@ -36,7 +37,9 @@ conversion never looks like a dataset. DST files this tool did not record are ne
 a DST with unrecorded shards of a split is an error.
 
 The libraries write the bytes: ``webdataset.TarWriter`` the tar members (with fixed metadata), and
-``tfrecord``'s ``TFRecordWriter.serialize_tf_example``/``masked_crc`` the Example and its frame.
+``tfrecord``'s ``TFRecordWriter.serialize_tf_example`` the Example (through
+:func:`~image_classification.data.sources.tfrecord.example`; its frame is
+:func:`~image_classification.data.sources.tfrecord.frame`, with the reader's masked CRC-32C).
 Not ``webdataset.ShardWriter``: it names shards itself, writes them under their final names, and
 closes a shard only once it has passed the size limit; nor ``TFRecordWriter.write``: it opens a path
 of its own and cannot say a record's size before writing it, which the size limit needs.
@@ -56,9 +59,11 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from image_classification.data import sources
-from image_classification.data.checks import SPLITS, scan_split
-from image_classification.data.resize import load_capped, save_image
+from image_classification.data.prepare.resize import load_capped, save_image
+from image_classification.data.sources import tfrecord
+from image_classification.data.sources.folder import SPLITS, scan_split
+from image_classification.data.sources.index import index_name, read_index, write_index
+from image_classification.data.sources.shards import CLASSES_FILE, SPLIT_PREFIXES, build_index
 from image_classification.errors import UserError
 
 FORMATS = ("webdataset", "tfrecord")
@@ -115,7 +120,7 @@ def write_shards(src: str, dst: str, settings: Settings, workers: int) -> list[S
     scans = {split: scan_split(src, split) for split in splits}  # checks the class folders of both
     class_names = scans[splits[0]].class_names
     os.makedirs(dst, exist_ok=True)
-    _write_classes(os.path.join(dst, sources.CLASSES_FILE), class_names)
+    _write_classes(os.path.join(dst, CLASSES_FILE), class_names)
     return [_SplitWriter(src, dst, split, scans[split], class_names, settings).run(workers) for split in splits]
 
 
@@ -128,7 +133,7 @@ class _SplitWriter:
     def __init__(self, src: str, dst: str, split: str, scan, class_names: list[str], settings: Settings):
         self.dst, self.split, self.settings, self.class_names = dst, split, settings, class_names
         self.root = os.path.join(src, split)
-        self.prefix = sources.SPLIT_PREFIXES[settings.format][split][0]
+        self.prefix = SPLIT_PREFIXES[settings.format][split][0]
         samples = [(os.path.relpath(path, self.root), label) for path, label in scan.samples]
         if split == "train":
             random.Random(SHUFFLE_SEED).shuffle(samples)
@@ -187,20 +192,12 @@ class _SplitWriter:
         """What the shard stores for ``sample``: a tar member dict, or a serialized tf.train.Example."""
         if self.settings.format == "webdataset":
             return {"__key__": self.keys[sample.rel], sample.extension: sample.data, "cls": str(sample.label).encode()}
-        from tfrecord.writer import TFRecordWriter
-        name = self.class_names[sample.label].encode()
-        return TFRecordWriter.serialize_tf_example({
-            "image/encoded": (sample.data, "byte"),
-            "image/format": ({"jpg": b"JPEG", "png": b"PNG", "webp": b"WEBP"}[sample.extension], "byte"),
-            "image/filename": (os.path.basename(sample.rel).encode(), "byte"),
-            "image/height": (sample.height, "int"),
-            "image/width": (sample.width, "int"),
-            "image/colorspace": (sample.colorspace.encode(), "byte"),
-            "image/channels": (sample.channels, "int"),
-            "image/class/label": (sample.label + 1, "int"),  # TF-slim: 0 is the background class
-            "image/class/synset": (name, "byte"),
-            "image/class/text": (name, "byte"),
-        })
+        image_format = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[sample.extension]
+        return tfrecord.example(sample.data, image_format=image_format,
+                                filename=os.path.basename(sample.rel), height=sample.height, width=sample.width,
+                                colorspace=sample.colorspace, channels=sample.channels,
+                                label=sample.label + 1,  # TF-slim: 0 is the background class
+                                class_name=self.class_names[sample.label])
 
     # -- shard files and the manifest
     def _hidden(self, number: int, state: str) -> str:
@@ -225,10 +222,10 @@ class _SplitWriter:
             final = self._final(number, len(shards))
             if os.path.exists(self._hidden(number, "done")):
                 os.replace(self._hidden(number, "done"), final)
-            index_path = os.path.join(self.dst, sources.index_name(final))
-            index = sources.read_index(index_path)
+            index_path = os.path.join(self.dst, index_name(final))
+            index = read_index(index_path)
             if index is None or index.shard_size != shards[number]["bytes"]:  # written by an earlier run
-                sources.write_index(index_path, sources.build_index(final, self.settings.format))
+                write_index(index_path, build_index(final, self.settings.format))
             names.append(final)
         self._save_manifest(shards, complete=True)
         return names
@@ -300,7 +297,7 @@ class _OpenShard:
         if self.settings.format == "webdataset":
             self.writer.write(record)
         else:
-            self.file.write(_tfrecord_frame(record))
+            self.file.write(tfrecord.frame(record))
         self.size += self._cost(record)
         self.count += 1
 
@@ -367,14 +364,6 @@ class _Encode:
         bands = image.getbands()
         colorspace = "CMYK" if image.mode == "CMYK" else "RGB" if len(bands) >= 3 else "Grayscale"
         return Sample(rel, label, data, extension, image.width, image.height, len(bands), colorspace)
-
-
-def _tfrecord_frame(record: bytes) -> bytes:
-    """One TFRecord frame (length, masked CRC of the length, record, masked CRC of the record)."""
-    import struct
-    from tfrecord.writer import TFRecordWriter
-    length = struct.pack("<Q", len(record))
-    return length + TFRecordWriter.masked_crc(length) + record + TFRecordWriter.masked_crc(record)
 
 
 def _keys(rels: list[str]) -> dict[str, str]:

@@ -10,8 +10,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from image_classification.data.registry import IMAGENET_MEAN, IMAGENET_STD
-from image_classification.data.sampling import SamplerEpochs, ShardSampler
+from image_classification.data.contract import IMAGENET_MEAN, IMAGENET_STD
+from image_classification.data.loaders.sampling import SamplerEpochs, ShardSampler
 
 
 class Normalize:

@@ -17,7 +17,7 @@ the reader shards a dataset into contiguous blocks and shuffles with its own gen
 per-rank sample sets, padding and epoch length would differ from the pytorch backend's, and a
 mid-epoch resume would have to decode the batches it skips. (``fn.readers.tfrecord`` and
 ``fn.readers.webdataset`` have the same limits.) Here the sample order is
-:class:`~image_classification.data.sampling.ShardSampler`'s -- the one definition every backend
+:class:`~image_classification.data.loaders.sampling.ShardSampler`'s -- the one definition every backend
 uses -- and the source hands DALI the encoded bytes (``SampleSource.read``: a file, a tar member,
 a TFRecord's ``image/encoded``) of exactly the batches this rank gets in this epoch, leaving out
 what a mid-epoch resume says is trained. Both backends therefore see the same samples
@@ -65,10 +65,10 @@ import numpy as np
 import torch
 
 from image_classification import signals
-from image_classification.data import priority
-from image_classification.data.registry import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Backend,
+from image_classification.data.contract import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Backend,
                                                  LoaderConfig)
-from image_classification.data.sampling import SamplerEpochs, source_sampler
+from image_classification.data.loaders import priority
+from image_classification.data.loaders.sampling import SamplerEpochs, source_sampler
 from image_classification.data.sources import SampleSource, ShardError, open_split
 from image_classification.errors import UserError
 
@@ -327,7 +327,7 @@ class Feeder:
 # ---------------------------------------------------------------- the loader
 
 class DaliLoader(SamplerEpochs):
-    """A :class:`~image_classification.data.registry.Loader` over one split, driving one pipeline."""
+    """A :class:`~image_classification.data.contract.Loader` over one split, driving one pipeline."""
 
     def __init__(self, config: LoaderConfig, *, train: bool, kind: str = "cpu"):
         self.dali = import_dali(f"dali-{kind}")
@@ -410,7 +410,7 @@ class DaliLoader(SamplerEpochs):
     @contextlib.contextmanager
     def _starting_threads(self):
         """Around anything that may start DALI threads: they leave the shutdown signals to the main
-        thread, and they run at idle priority when the model shares the CPU (``data.priority``)."""
+        thread, and they run at idle priority when the model shares the CPU (``data.loaders.priority``)."""
         with signals.held(), priority.new_threads(self.idle_priority):
             yield
 

@@ -1,7 +1,7 @@
 """CPU image transforms for the pytorch backend, and a robust image opener.
 
 The transforms stop at uint8 CHW tensors: the float conversion and the mean/std normalisation run
-on the device (see ``image_classification.data.device``), where they are cheap, and a uint8 batch
+on the device (see ``image_classification.data.loaders.device``), where they are cheap, and a uint8 batch
 is a quarter of the bytes to copy.
 
 The whole chain runs on PIL images and converts to a tensor only at the end, because torchvision's
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from image_classification.data.registry import AUGMENTATIONS
+from image_classification.data.contract import AUGMENTATIONS
 from image_classification.errors import UserError
 
 Transform = Callable[[Image.Image], torch.Tensor]

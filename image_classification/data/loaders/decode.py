@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable
 from PIL import Image
 from torchvision.transforms import v2
 
-from image_classification.data.transforms import open_rgb, to_rgb
+from image_classification.data.loaders.transforms import open_rgb, to_rgb
 
 #: libjpeg's DCT-domain scales PIL's draft can select, largest first.
 REDUCTIONS = (8, 4, 2, 1)

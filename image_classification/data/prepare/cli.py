@@ -7,9 +7,9 @@
                                                 [--quality Q] SRC DST
 
 With ``--to``, the ImageFolder SRC becomes WebDataset tar or TF-slim TFRecord shards in DST, with
-index files and ``classes.txt``; see :mod:`image_classification.data.convert`. ``--to packed`` writes
+index files and ``classes.txt``; see :mod:`image_classification.data.prepare.convert`. ``--to packed`` writes
 any dataset the loaders read (folder or shards) as one memory-mapped file per split of images
-decoded once (:mod:`image_classification.data.pack`). The rest of this docstring is about the copy.
+decoded once (:mod:`image_classification.data.prepare.pack`). The rest of this docstring is about the copy.
 
 Every image file under SRC (the files the loaders read: image extensions, hidden entries ignored)
 is written to the same relative path under DST. An image whose shorter side is larger than
@@ -42,9 +42,9 @@ from typing import Sequence
 from tqdm import tqdm
 
 from image_classification import machine
-from image_classification.data import convert, pack
-from image_classification.data.checks import is_image_file
-from image_classification.data.resize import load_capped, save_image
+from image_classification.data.prepare import convert, pack
+from image_classification.data.prepare.resize import load_capped, save_image
+from image_classification.data.sources.folder import is_image_file
 from image_classification.errors import UserError, exit_status
 
 _SHOWN = 5
@@ -211,7 +211,3 @@ class _Job:
                 os.remove(part)
             raise
         return Outcome(rel, "resized" if resized else "copied")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

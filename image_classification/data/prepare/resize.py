@@ -1,6 +1,6 @@
 """Cap an image's shorter side: the one resize rule of ``prepare`` (copies) and ``prepare --to`` (shards).
 
-Why the shorter side: see :mod:`image_classification.data.prepare`.
+Why the shorter side: see :mod:`image_classification.data.prepare.cli`.
 """
 from __future__ import annotations
 

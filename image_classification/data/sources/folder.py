@@ -1,9 +1,9 @@
-"""Dataset layout checks, run when a loader is built, before any training step.
+"""The ImageFolder format: its layout rules, checked when a loader is built, and its source.
 
-Only directory listings and ``stat`` calls: nothing is decoded, so a broken layout is reported in
-seconds with one actionable line instead of a traceback deep inside a DataLoader worker. The scan
-returns the ``(path, class_index)`` list the dataset then uses, so ImageFolder's own scan is not
-repeated.
+The checks (:func:`scan_split`) make only directory listings and ``stat`` calls: nothing is
+decoded, so a broken layout is reported in seconds with one actionable line instead of a traceback
+deep inside a DataLoader worker. The scan returns the ``(path, class_index)`` list the dataset then
+uses (a :class:`FolderSource`), so ImageFolder's own scan is not repeated.
 
 Layout (ImageFolder): ``<data>/<split>/<class>/**/<image>``. Like ImageFolder, class folders are
 sorted by name, files are found recursively (following symlinks) and files without an image
@@ -20,8 +20,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from image_classification.data.sources.base import SampleSource
 from image_classification.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,31 @@ def scan_split(data_dir: str | None, split: str) -> SplitScan:
     if zero_byte:
         log.warning("skipping %d zero-byte file(s) in %s, e.g. %s", len(zero_byte), root, zero_byte[0])
     return SplitScan(root=root, class_names=class_names, samples=samples, zero_byte=zero_byte)
+
+
+class FolderSource(SampleSource):
+    """An ImageFolder split (a :func:`scan_split` result); sample ``i`` is a file."""
+
+    kind = "folder"
+
+    def __init__(self, scan: SplitScan):
+        self.location = scan.root
+        self.paths = [path for path, _ in scan.samples]
+        self.labels = np.array([label for _, label in scan.samples], dtype=np.int64)
+        self.shard_ids = np.zeros(len(self.paths), dtype=np.int64)
+        self.class_names = list(scan.class_names)
+        self.num_classes = len(self.class_names)
+        self.skipped = list(scan.zero_byte)  # scan_split has logged them already
+
+    def read(self, i: int) -> bytes:
+        with open(self.paths[i], "rb") as file:
+            return file.read()
+
+    def name(self, i: int) -> str:
+        return self.paths[i]
+
+    def describe(self) -> str:
+        return f"folder {self.location}: {len(self)} images, {self.num_classes} classes"
 
 
 def check_dataset(data_dir: str | None, splits: tuple[str, ...] = SPLITS) -> dict[str, SplitScan]:

@@ -18,12 +18,13 @@ node fetches its share, not every shard) -- at the cost of a less global shuffle
 Validation does not shuffle and does not pad: ranks get uneven strided shares and the engine sums
 correct counts across ranks, so every image is scored exactly once.
 
-A mid-epoch position is an :class:`EpochProgress`: the positions of the epoch's permutation
-already trained, which does not depend on the number of processes, the batch size or the workers.
-A resumed epoch lays out only the remaining positions, with the rules above, over however many
-processes it now has; so each sample of the epoch is trained once, whatever changed (fewer than
-``world_size * batch_size`` of the rest are left out, as in any epoch). Resumed with the split it
-was saved with, the layout of the rest is exactly what the uninterrupted run would have trained.
+A mid-epoch position is an :class:`~image_classification.data.contract.EpochProgress`: the positions
+of the epoch's permutation already trained, which does not depend on the number of processes, the
+batch size or the workers. A resumed epoch lays out only the remaining positions, with the rules
+above, over however many processes it now has; so each sample of the epoch is trained once, whatever
+changed (fewer than ``world_size * batch_size`` of the rest are left out, as in any epoch). Resumed
+with the split it was saved with, the layout of the rest is exactly what the uninterrupted run would
+have trained.
 
 Written by hand (rather than using DistributedSampler directly) because a mid-epoch resume must
 skip the samples already trained on without decoding them, on any number of processes, and DALI
@@ -31,15 +32,13 @@ needs the same index list.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from image_classification.data.registry import LoaderConfig
-
+from image_classification.data.contract import EpochProgress, LoaderConfig
 from image_classification.errors import UserError
 
 if TYPE_CHECKING:
@@ -48,56 +47,6 @@ if TYPE_CHECKING:
 #: ``--shard-shuffle-window`` when not given: a global shuffle for local data (random access is
 #: cheap), 8 shards at a time for streamed shards (each rank then holds ~8 shards in its cache).
 STREAMED_WINDOW = 8
-
-
-@dataclass(frozen=True)
-class EpochProgress:
-    """How far an epoch's training has got, independent of how it was split.
-
-    ``done``: sorted, disjoint half-open ranges of positions in the epoch's permutation (see
-    :func:`epoch_order`) already trained. ``then_batches``: on top of those, the first batches of
-    every rank of a layout with ``(batches, batch_size, world_size)`` -- how checkpoints written
-    before positions were recorded (``step_in_epoch`` only) still resume; the sampler turns it into
-    ranges. ``EpochProgress()`` is an epoch's start.
-    """
-    done: tuple[tuple[int, int], ...] = ()
-    then_batches: tuple[int, int, int] | None = None
-
-    @property
-    def started(self) -> bool:
-        return bool(self.done) or bool(self.then_batches and self.then_batches[0])
-
-    @property
-    def samples(self) -> int:
-        """Samples of the epoch trained (``then_batches`` counted as its ranks trained them)."""
-        extra = self.then_batches[0] * self.then_batches[1] * self.then_batches[2] if self.then_batches else 0
-        return sum(stop - start for start, stop in self.done) + extra
-
-    def record(self) -> list[list[int]]:
-        """For the checkpoint (``epoch_progress``); only ranges (the sampler resolved the rest)."""
-        if self.then_batches and self.then_batches[0]:
-            raise ValueError("resolve then_batches with ShardSampler.progress_after first")
-        return [[start, stop] for start, stop in self.done]
-
-    @classmethod
-    def after_batches(cls, batches: int, *, batch_size: int, world_size: int) -> "EpochProgress":
-        """An epoch's first ``batches`` batches on every rank of a split (``-b``, processes)."""
-        return cls(then_batches=(batches, batch_size, world_size)) if batches else cls()
-
-    @classmethod
-    def from_record(cls, ranges) -> "EpochProgress":
-        return cls(done=tuple((int(start), int(stop)) for start, stop in ranges))
-
-    @classmethod
-    def from_positions(cls, positions: np.ndarray) -> "EpochProgress":
-        """The ranges covering a set of positions."""
-        if len(positions) == 0:
-            return cls()
-        positions = np.unique(positions)
-        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-        starts = positions[np.concatenate(([0], breaks))]
-        stops = positions[np.concatenate((breaks - 1, [len(positions) - 1]))] + 1
-        return cls(done=tuple(zip(starts.tolist(), stops.tolist())))
 
 
 def epoch_order(num_samples: int, *, epoch: int, seed: int, shard_ids=None, window: int = 0) -> torch.Tensor:
@@ -226,7 +175,7 @@ class ShardSampler(Sampler[int]):
 
 
 class SamplerEpochs:
-    """The :class:`~image_classification.data.registry.Loader` protocol's epoch methods, for a loader
+    """The :class:`~image_classification.data.contract.Loader` protocol's epoch methods, for a loader
     whose batches follow ``self.sampler`` (every backend's)."""
     sampler: ShardSampler
 
