@@ -17,7 +17,9 @@ from typing import Sequence
 
 import torch
 
-from image_classification import checkpoint, models
+from image_classification import models
+from image_classification.checkpoints import contents, files
+from image_classification.checkpoints.contents import SavedRun
 from image_classification.deploy import loading
 from image_classification.errors import UserError, exit_status
 from image_classification.models import weights
@@ -48,34 +50,35 @@ def run(args: argparse.Namespace) -> int:
                         else f"checkpoint {source} is not a file")
     if out.exists() and out.resolve() == source.resolve():
         raise UserError("--weight-path must differ from --checkpoint-path (it would overwrite the checkpoint)")
-    loaded = loading.read_weights(str(source), ema=args.ema)
-    state = loaded.checkpoint
-    if state is None:
+    loaded = contents.read_weights(str(source), ema=args.ema)
+    saved = loaded.checkpoint
+    if saved is None:
         print(f"=> note: {source} is not a training checkpoint; writing its weights unchanged "
               "apart from module. prefixes")
-        state = {}
     else:
-        print(f"=> loaded {source}: arch {state.get('arch', 'unknown')}, epoch {state.get('epoch')}, "
-              f"best_prec1 {_format(state.get('best_prec1'))}")
+        print(f"=> loaded {source}: arch {saved.arch or 'unknown'}, epoch {saved.epoch}, "
+              f"best_prec1 {_format(saved.best_prec1)}")
 
     state_dict = {name: tensor.detach().clone().contiguous() for name, tensor in loaded.state_dict.items()}
-    _verify(state_dict, state, source)
-    checkpoint.write_atomic(checkpoint.serialize(state_dict), out)
+    _verify(state_dict, saved, source)
+    files.write_atomic(files.serialize(state_dict), out)
     kind = "EMA weights (state_dict_ema)" if args.ema else "weights (state_dict)"
     print(f"=> wrote {len(state_dict)} tensors, {kind}, to {out}")
 
     if args.labels_path:
-        names = checkpoint.model_record(state).class_names
+        names = saved.model.class_names if saved is not None else None
         if not names:
             raise UserError(f"{source} stores no class names; nothing to write to --labels-path")
-        checkpoint.write_atomic(("\n".join(map(str, names)) + "\n").encode("utf-8"), Path(args.labels_path))
+        files.write_atomic(("\n".join(map(str, names)) + "\n").encode("utf-8"), Path(args.labels_path))
         print(f"=> wrote {len(names)} class names to {args.labels_path}")
     return 0
 
 
-def _verify(state_dict: dict[str, torch.Tensor], state: dict, source: Path) -> None:
+def _verify(state_dict: dict[str, torch.Tensor], saved: SavedRun | None, source: Path) -> None:
     """Load the weights strictly into the checkpoint's architecture before writing anything."""
-    record = checkpoint.model_record(state)
+    if saved is None:
+        return
+    record = saved.model
     if not record.arch or record.arch not in models.names():
         return
     spec = models.get(record.arch)

@@ -24,6 +24,7 @@ import torch as _torch
 
 from image_classification import models as _models
 from image_classification import preprocessing as _preprocessing
+from image_classification.checkpoints import contents as _contents
 from image_classification.data.loaders import transforms as _transforms
 from image_classification.deploy import labels as _labels
 from image_classification.deploy import loading as _loading
@@ -40,13 +41,13 @@ def _build(arch, pretrained=False, pretrained_from_file=None, state_dict_key_map
     # num_classes other than the weights' (fine-tuning): all but the classifier load, the classifier is new
     fine_tune = dict(num_classes=num_classes, options=kwargs, new_classifier=num_classes is not None)
     if pretrained_from_file is not None:
-        state_dict, source = _loading.read_weights(str(pretrained_from_file)).state_dict, str(pretrained_from_file)
+        state_dict, source = _contents.read_weights(str(pretrained_from_file)).state_dict, str(pretrained_from_file)
     elif pretrained:
         entry = _catalogue.for_flag(pretrained, arch)  # True: NGC's file; or a name, e.g. "resnet50:IMAGENET1K_V2"
         if state_dict_key_map_fn is None:
             return _loading.load_published(entry, **fine_tune).model
         source = _catalogue.fetch(entry)  # hash-checked, loaded with weights_only=True
-        state_dict = _loading.read_weights(source).state_dict
+        state_dict = _contents.read_weights(source).state_dict
     else:
         return _loading.load_model(arch, num_classes=num_classes, options=kwargs).model
     if state_dict_key_map_fn is not None:

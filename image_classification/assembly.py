@@ -2,24 +2,23 @@
 
 ``cli.run`` reads top to bottom and calls these factories: the ``--onnx`` model, the compiler, the
 loaders' config and loaders, the model with its initial weights (and INT8 calibration), MixUp/CutMix,
-the training components (optimizer, scaler, DDP, EMA, LR schedule, restored from a checkpoint) and
-the checkpoint writer. ``flags`` is the run's read-only :class:`~image_classification.settings.Flags`.
+and the training components (optimizer, scaler, DDP, EMA, LR schedule, restored from a checkpoint).
+``flags`` is the run's read-only :class:`~image_classification.settings.Flags`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from image_classification import checkpoint, compiling, config, preprocessing, quantization, runtime
-from image_classification.data.loaders import priority
+from image_classification import compiling, config, preprocessing, quantization, runtime
+from image_classification.checkpoints.contents import SavedRun, read_weights
 from image_classification.data import registry as data_registry
 from image_classification.data.contract import LoaderConfig
-from image_classification.deploy import loading, runners
+from image_classification.data.loaders import priority
+from image_classification.deploy import runners
 from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma
 from image_classification.engine.finetune import FineTune
@@ -93,7 +92,7 @@ def resolve_classes(flags, loader) -> tuple[int, list[str]]:
     return found, list(loader.class_names)
 
 
-def build_model(flags, spec, onnx_model, resume: dict | None, rt: runtime.Runtime, num_classes: int,
+def build_model(flags, spec, onnx_model, resume: SavedRun | None, rt: runtime.Runtime, num_classes: int,
                 schedule: StageSchedule, train_loader,
                 published: catalogue.Entry | None = None) -> tuple[nn.Module, str | None]:
     """The --onnx file, or the architecture with its initial weights on the device (INT8-calibrated
@@ -110,7 +109,7 @@ def build_model(flags, spec, onnx_model, resume: dict | None, rt: runtime.Runtim
     return _quantize(model, flags, train_loader), note
 
 
-def _load_initial_weights(model: nn.Module, flags, spec, resume: dict | None,
+def _load_initial_weights(model: nn.Module, flags, spec, resume: SavedRun | None,
                           published: catalogue.Entry | None) -> tuple[nn.Module, str | None]:
     """Fill ``model`` from --resume, --pretrained-from-file or --pretrained; a QAT checkpoint
     first gets its quantizers back (their ranges are part of its state dict).
@@ -122,19 +121,19 @@ def _load_initial_weights(model: nn.Module, flags, spec, resume: dict | None,
     """
     note = None
     if resume is not None:
-        if resume.get("arch", flags.arch) != flags.arch:
-            raise UserError(f"{flags.resume} was trained with --arch {resume['arch']}, not --arch {flags.arch}")
-        model = quantization.restore(model, resume)
-        weights.load_state_dict_into(model, resume["state_dict"], source=flags.resume, arch=flags.arch)
+        if resume.arch is not None and resume.arch != flags.arch:
+            raise UserError(f"{flags.resume} was trained with --arch {resume.arch}, not --arch {flags.arch}")
+        model = quantization.restore(model, resume.quantizers)
+        weights.load_state_dict_into(model, resume.weights(), source=flags.resume, arch=flags.arch)
     elif flags.pretrained_from_file:
-        file = loading.read_weights(flags.pretrained_from_file)
-        model = quantization.restore(model, file.checkpoint)
+        file = read_weights(flags.pretrained_from_file)
+        model = quantization.restore(model, file.quantizers)
         note = weights.load_state_dict_into(model, file.state_dict, source=flags.pretrained_from_file,
                                             family=spec.family, arch=flags.arch,
                                             new_classifier=not quantization.is_quantized(model))
     elif published is not None:
         path = catalogue.fetch(published)
-        note = weights.load_state_dict_into(model, weights.load_state_dict_file(path), source=published.name,
+        note = weights.load_state_dict_into(model, read_weights(path).state_dict, source=published.name,
                                             family=spec.family, arch=flags.arch, new_classifier=True)
     return model, note
 
@@ -173,9 +172,9 @@ def _quantize(model: nn.Module, flags, train_loader) -> nn.Module:
     return quantization.calibrate(model, train_loader, flags.calib_batches)
 
 
-def ema_from_checkpoint(model: nn.Module, resume: dict) -> nn.Module:
+def ema_from_checkpoint(model: nn.Module, resume: SavedRun) -> nn.Module:
     ema_model = copy.deepcopy(model)
-    weights.load_state_dict_into(ema_model, resume["state_dict_ema"], source="state_dict_ema of the checkpoint")
+    weights.load_state_dict_into(ema_model, resume.weights(ema=True), source="state_dict_ema of the checkpoint")
     return ema_model
 
 
@@ -222,8 +221,8 @@ def training_parts(flags, model, staged: StagedTraining, rt, context, resume, ba
     ema = ModelEma(model, flags.use_ema) if flags.use_ema else None
     state = loop.RunState()
     if resume is not None:
-        state = checkpoint.restore(resume, optimizer=optimizer, scaler=scaler, ema=ema, rank=context.rank,
-                                   world_size=context.world_size, local_rank=context.local_rank)
+        state = resume.restore(optimizer=optimizer, scaler=scaler, ema=ema, rank=context.rank,
+                               world_size=context.world_size, local_rank=context.local_rank)
     # The schedule position is derived from where the epoch stands, not stored: a resume with
     # another split (processes, -b) takes the steps the rest of its epoch needs, so that the epoch
     # still ends where the schedule's next epoch begins.
@@ -249,38 +248,3 @@ def _wrap_distributed(model: nn.Module, device: torch.device, context) -> nn.Mod
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-
-
-class CheckpointWriter:
-    """``loop.fit``'s ``save``: every rank gathers its RNG state, rank 0 writes (with the run's
-    retention). :attr:`last` is the last checkpoint of this run (or the one it resumed), for the
-    line a surviving rank prints when another rank's process is gone."""
-
-    def __init__(self, flags, parts: TrainComponents, context, resume: dict | None, state: loop.RunState, *,
-                 class_names: list[str], seed: int, evaluation: preprocessing.EvalPreprocessing):
-        self.flags, self.parts, self.context = flags, parts, context
-        self.class_names, self.seed, self.evaluation = class_names, seed, evaluation
-        self.retention = checkpoint.Retention.resumed(flags.gather_checkpoints, resume, flags.resume)
-        self.last = [(flags.resume, state.epoch, state.progress.samples)] if resume is not None else []
-
-    def __call__(self, run_state: loop.RunState, epoch_index: int | None, is_best: bool) -> None:
-        flags = self.flags
-        if not flags.save_checkpoints:  # every rank sees the same flag: no rank gathers
-            return
-        self.last = [(str(Path(flags.workspace) / flags.checkpoint_filename), run_state.epoch,
-                      run_state.progress.samples)]
-        rng = _gather_rng_states()
-        if self.context.is_main:
-            checkpoint.save(checkpoint.capture(self.parts, run_state, args=flags, class_names=self.class_names,
-                                               rng=rng, seed=self.seed, evaluation=self.evaluation),
-                            flags.workspace, epoch_index=epoch_index, is_best=is_best,
-                            filename=flags.checkpoint_filename, retention=self.retention)
-
-
-def _gather_rng_states() -> list[dict]:
-    state = runtime.rng_state()
-    if not torch.distributed.is_initialized():
-        return [state]
-    states: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states

@@ -10,8 +10,10 @@ from typing import Any, Sequence
 
 import torch
 
-from image_classification import (assembly, checkpoint, compiling, config, distributed, models, precision,
-                                  preprocessing, runtime, settings)
+from image_classification import (assembly, compiling, config, distributed, models, precision, preprocessing,
+                                  runtime, settings)
+from image_classification.checkpoints import contents, writer
+from image_classification.checkpoints.contents import SavedRun
 from image_classification.data import registry as data_registry
 from image_classification.engine import loop, trainer
 from image_classification.engine.losses import SmoothedCrossEntropy
@@ -64,7 +66,7 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
                         f"{spec.family} model (set --conv-init instead)")
     onnx_model = assembly.open_onnx_model(args, rt.device)
     resume_from = settings.resume_path(args)
-    resume = checkpoint.load(resume_from) if resume_from else None
+    resume = contents.load(resume_from) if resume_from else None
     published = catalogue.for_flag(args.pretrained, args.arch)  # --pretrained [NAME]: preprocessing, options
     saved = onnx_model.preprocessing if onnx_model else (published.preprocessing if published else None)
     resolved = settings.resolve(
@@ -72,7 +74,7 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
         saved=saved, saved_image_size=onnx_model.image_size if onnx_model else None,
         model_defaults=published.model_options() if published else None,
         interpolations=data_registry.get(args.data_backend).interpolations, resume=resume_from,
-        resume_config=(resume or {}).get("config"), resume_finetune=checkpoint.finetune_record(resume))
+        resume_config=resume.config if resume else None, resume_finetune=resume.finetune if resume else {})
     flags, evaluation = resolved.flags, resolved.evaluation
     schedule = StageSchedule(n_stages=flags.n_stages, epochs=flags.epochs, base_size=flags.base_image_size,
                              final_size=flags.image_size, mixup=flags.mixup, cutmix=flags.cutmix,
@@ -87,7 +89,7 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
                                                train_loader, published)
 
     if context.is_main:
-        checkpoint.check_workspace(flags.workspace)
+        writer.check_workspace(flags.workspace)
     reporter = _reporter(flags, context.is_main, train_loader, val_loader)
     ctx = RunContext(flags, rt, context, reporter, evaluation, compiler, seed)
     hooks = hooks or trainer.Hooks()
@@ -158,12 +160,12 @@ def _show_runtime_notes(rt: runtime.Runtime, reporter: Reporter, is_main: bool) 
         print(warning, file=sys.stderr)
 
 
-def _resume_marker(flags, resume: dict | None) -> dict:
+def _resume_marker(flags, resume: SavedRun | None) -> dict:
     """Where a resumed training run continues: the raport is appended to, and this tells readers
     (``image_classification.plot``) that epochs from ``resume_epoch`` on are logged again."""
     if resume is None or flags.evaluate:
         return {}
-    return {"resume_epoch": int(resume["epoch"]), "resume_step": int(resume.get("step_in_epoch", 0))}
+    return {"resume_epoch": resume.epoch, "resume_step": resume.step_in_epoch}
 
 
 def _check_known_kernel_bugs(rt: runtime.Runtime, image_size: int) -> None:
@@ -192,7 +194,7 @@ def _shared_seed(seed: int | None, device: torch.device) -> int:
 def _evaluate(model, validator: Validator, resume) -> int:
     """``--evaluate``: the model and, when the checkpoint has one, its EMA; one summary record."""
     ema_model = None
-    if resume is not None and resume.get("state_dict_ema") is not None:
+    if resume is not None and resume.has_ema:
         ema_model = assembly.ema_from_checkpoint(model, resume)
     validator.report.log([], validator.model_and_ema(model, ema_model))
     return 0
@@ -224,8 +226,8 @@ def _train(ctx: RunContext, model, staged: StagedTraining, validator: Validator,
         reporter.message(f"{flags.resume} has already completed {state.epoch} of --epochs {flags.epochs}; "
                          "nothing to train")
         return 0
-    save = assembly.CheckpointWriter(flags, parts, ctx.dist, resume, state, class_names=class_names, seed=ctx.seed,
-                                     evaluation=ctx.evaluation)
+    save = writer.CheckpointWriter(flags, parts, ctx.dist, resume, state, class_names=class_names, seed=ctx.seed,
+                                   evaluation=ctx.evaluation)
     options = loop.LoopOptions(epochs=flags.epochs, run_epochs=flags.run_epochs, patience=flags.early_stopping_patience,
                                print_freq=flags.print_freq, prof=flags.prof, training_only=flags.training_only,
                                ema_best=flags.ema_best,
@@ -244,19 +246,19 @@ def _train(ctx: RunContext, model, staged: StagedTraining, validator: Validator,
     return 0
 
 
-def _resume_lines(path: str, resume: dict, state: loop.RunState, epoch_size: int, batching: Batching) -> list[str]:
+def _resume_lines(path: str, resume: SavedRun, state: loop.RunState, epoch_size: int, batching: Batching) -> list[str]:
     """Where a resumed run continues, what changed in the split, and what of the saved run's
     randomness cannot carry over to another number of processes."""
     where = (f"epoch {state.epoch} at sample {state.progress.samples} of {epoch_size}" if state.progress.started
              else f"epoch {state.epoch}")
     line = f"resumed from {path}: {where} on {batching.processes} process(es)"
-    split = checkpoint.saved_split(resume)
+    split = resume.split
     if split is not None and (split.processes, split.global_batch) != (batching.processes, batching.global_batch):
         line += f" (saved on {split.processes}); global batch {split.global_batch} -> {batching.global_batch}"
         if split.lr is not None:
             line += f", LR {split.lr:g} -> {batching.lr:g}"
     lines = [line]
-    saved_rng = checkpoint.saved_rng_processes(resume)
+    saved_rng = len(resume.rng_states)
     if saved_rng and saved_rng != batching.processes:
         lines.append(f"RNG states were saved for {saved_rng} process(es), this run has {batching.processes}: each "
                      "starts from --seed + rank instead, so MixUp/CutMix, dropout and DALI's augmentation draw "

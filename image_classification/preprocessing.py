@@ -78,21 +78,6 @@ class EvalPreprocessing:
                 f"and std {list(self.std)}")
 
 
-def from_checkpoint(checkpoint: Mapping[str, Any] | None) -> EvalPreprocessing | None:
-    """A training checkpoint's record; checkpoints before it was saved give it from their config."""
-    if not checkpoint:
-        return None
-    record = EvalPreprocessing.from_dict(checkpoint.get("eval_preprocessing"))
-    if record is not None:
-        return record
-    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
-    image_size = config.get("eval_image_size") or config.get("image_size")
-    if not image_size:
-        return None
-    return EvalPreprocessing(int(image_size), int(config.get("val_resize_size") or image_size + 32),
-                             str(config.get("interpolation") or "bilinear"))
-
-
 def resolve(saved: EvalPreprocessing | None, default_image_size: int, *, image_size: int | None = None,
             resize_size: int | None = None, interpolation: str | None = None,
             interpolations: Collection[str] | None = None) -> EvalPreprocessing:

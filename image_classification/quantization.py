@@ -26,7 +26,6 @@ from torch import nn
 
 from image_classification.errors import UserError
 
-CHECKPOINT_KEY = "modelopt_state"
 DEFAULT_CALIBRATION_BATCHES = 16
 
 
@@ -78,23 +77,14 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def state(model: nn.Module) -> dict[str, Any]:
-    """What :func:`restore` needs besides the state dict (store it under ``CHECKPOINT_KEY``)."""
+    """What :func:`restore` needs besides the state dict (a checkpoint stores it as ``modelopt_state``)."""
     mto, _ = _modelopt()
     return mto.modelopt_state(model)
 
 
-def saved_state(checkpoint: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The quantizer state of a training checkpoint, or None for an unquantized one."""
-    if checkpoint is None or not isinstance(checkpoint, Mapping):
-        return None
-    saved = checkpoint.get(CHECKPOINT_KEY)
-    return saved if isinstance(saved, Mapping) else None
-
-
-def restore(model: nn.Module, checkpoint: Mapping[str, Any] | None) -> nn.Module:
-    """Re-insert the quantizers a checkpoint was trained with (before its weights are loaded);
-    a checkpoint without quantizers returns ``model`` unchanged."""
-    saved = saved_state(checkpoint)
+def restore(model: nn.Module, saved: Mapping[str, Any] | None) -> nn.Module:
+    """Re-insert the quantizers a checkpoint was trained with (``saved``: its quantizer layout,
+    ``SavedRun.quantizers``), before its weights are loaded; None returns ``model`` unchanged."""
     if saved is None:
         return model
     mto, _ = _modelopt()

@@ -10,7 +10,8 @@ import torchvision
 
 import classify
 import model2onnx
-from image_classification import checkpoint, cli, config, models
+from image_classification import cli, config, models
+from image_classification.checkpoints.files import read_pth
 from image_classification.deploy import loading
 from image_classification.errors import UserError
 from image_classification.models import catalogue, published, weights
@@ -106,7 +107,7 @@ def test_pretrained_name_fine_tunes_with_its_preprocessing_and_classify_and_expo
     assert cli.main([*args, "--workspace", str(tmp_path / "ws"), str(data)]) == 0
     assert ("=> fc.weight/fc.bias from resnet18:TEST (1000 classes) left out: new classifier for 3 classes"
             in capsys.readouterr().out)
-    saved = checkpoint.load(tmp_path / "ws" / "checkpoint.pth.tar")
+    saved = read_pth(tmp_path / "ws" / "checkpoint.pth.tar")
     # No size flags: the entry's preprocessing is the run's (training crop 28, evaluation resize 36 bicubic).
     assert saved["eval_preprocessing"] == EvalPreprocessing(28, 36, "bicubic").as_dict()
     assert saved["config"]["image_size"] == 28 and saved["config"]["pretrained"] == "resnet18:TEST"

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from image_classification import checkpoint, cli
+from image_classification import cli
+from image_classification.checkpoints.files import read_pth
 from image_classification.engine import trainer
 from image_classification.models.registry import ModelSpec, register
 from image_classification.reporting.dllogger import read_raport
@@ -78,7 +79,7 @@ def test_compiled_run_checkpoints_as_eager_and_resumes(tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert cli.main([*common, "--run-epochs", "1", "--workspace", str(eager)]) == 0
     assert cli.main([*common, "--run-epochs", "1", "--compile", "eager", "--workspace", str(compiled)]) == 0
-    saved = {name: checkpoint.load(path / "checkpoint.pth.tar") for name, path in
+    saved = {name: read_pth(path / "checkpoint.pth.tar") for name, path in
              (("eager", eager), ("compiled", compiled))}
     for key in ("state_dict", "state_dict_ema"):
         assert list(saved["compiled"][key]) == list(saved["eager"][key]), key
@@ -91,7 +92,7 @@ def test_compiled_run_checkpoints_as_eager_and_resumes(tmp_path):
 
     assert cli.main([*common, "--run-epochs", "2", "--compile", "eager", "--resume",
                      str(compiled / "checkpoint.pth.tar"), "--workspace", str(compiled)]) == 0
-    resumed = checkpoint.load(compiled / "checkpoint.pth.tar")
+    resumed = read_pth(compiled / "checkpoint.pth.tar")
     assert resumed["epoch"] == 3 and list(resumed["state_dict"]) == list(saved["eager"]["state_dict"])
     # The validation batch shape was compiled in the first epoch of this process: not again.
     assert epochs(compiled)[2]["val.compile_time"] == 0.0
@@ -120,7 +121,7 @@ def test_compiled_ddp_on_gloo_trains_and_ranks_agree(small_digits_dir, tmp_path)
     rank0 = torch.load(tmp_path / "weights.rank0", weights_only=True)
     rank1 = torch.load(tmp_path / "weights.rank1", weights_only=True)
     assert all(torch.equal(tensor, rank1[name]) for name, tensor in rank0.items())
-    assert not any("_orig_mod" in name for name in checkpoint.load(tmp_path / "checkpoint.pth.tar")["state_dict"])
+    assert not any("_orig_mod" in name for name in read_pth(tmp_path / "checkpoint.pth.tar")["state_dict"])
     assert summary(tmp_path)["compiled_graphs"] > 0
 
 

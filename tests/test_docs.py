@@ -9,14 +9,12 @@ commands are run for real by tests/test_seed_readme.py.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import importlib.util
 import io
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_classification import checkpoint, cli, models
+from image_classification import cli, models
+from image_classification.checkpoints.files import read_pth
 from image_classification.engine.optim import build_optimizer
 from image_classification.engine.schedules import build_scheduler
 from image_classification.errors import UserError
@@ -54,8 +55,8 @@ def test_weights_of_another_class_count_load_all_but_a_new_classifier_then_probe
                      "classes\n") == 1
     assert "=> epochs 0-1: only the classifier (fc) trains" in out
     source = torch.load(ten_class_weights, weights_only=True)
-    probe = checkpoint.load(tmp_path / "checkpoint_0001.pth.tar")   # after the 2 classifier-only epochs
-    final = checkpoint.load(tmp_path / "checkpoint_0003.pth.tar")
+    probe = read_pth(tmp_path / "checkpoint_0001.pth.tar")   # after the 2 classifier-only epochs
+    final = read_pth(tmp_path / "checkpoint_0003.pth.tar")
     assert probe["state_dict"]["fc.weight"].shape == (3, 512)
     # The frozen backbone, BatchNorm statistics included, is the file's to the bit, and so is the EMA's
     # (it started from the loaded model); the classifier trained.
@@ -80,7 +81,7 @@ def test_a_resume_in_the_middle_of_each_phase_continues_exactly(three_classes, t
     assert run([*start, "--run-epochs", "1"], split, three_classes) == 0      # epoch 0 of the 2 probe epochs
     resume = [*FINETUNE, "--resume", str(split / "checkpoint.pth.tar")]      # the phases come from the checkpoint
     assert run(resume, split, three_classes, hooks=sigterm_at_step(6 + 3)) == 0  # step 3 of epoch 2: fine-tuning
-    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    saved = read_pth(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (2, 3)
     assert run(resume, split, three_classes) == 0
     expected = {r["step"][0]: r["data"] for r in read_raport(straight / "experiment_raport.json")
@@ -89,7 +90,7 @@ def test_a_resume_in_the_middle_of_each_phase_continues_exactly(three_classes, t
                if r.get("type") == "LOG" and isinstance(r["step"], list) and len(r["step"]) == 1}
     for epoch in (1, 3):
         assert resumed[epoch]["train.loss"] == expected[epoch]["train.loss"], epoch
-    a, b = checkpoint.load(straight / "checkpoint.pth.tar"), checkpoint.load(split / "checkpoint.pth.tar")
+    a, b = read_pth(straight / "checkpoint.pth.tar"), read_pth(split / "checkpoint.pth.tar")
     for key in ("state_dict", "state_dict_ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
@@ -104,7 +105,7 @@ def test_efficientnet_stage_wise_fine_tune_replaces_classifier_fc(three_classes,
     assert run(args, tmp_path / "ws", three_classes) == 0
     assert (f"=> classifier.fc.weight/classifier.fc.bias from {tmp_path / 'b0.pth'} (7 classes) left out: "
             "new classifier for 3 classes") in capsys.readouterr().out
-    final = checkpoint.load(tmp_path / "ws" / "checkpoint.pth.tar")
+    final = read_pth(tmp_path / "ws" / "checkpoint.pth.tar")
     assert final["state_dict"]["classifier.fc.weight"].shape == (3, 1280)
     assert final["finetune"]["classifier"] == "classifier.fc"
 

@@ -88,7 +88,7 @@ def test_bf16(small_digits_dir, tmp_path, fp32_losses):
 def test_compiled_amp_training_and_evaluation(small_digits_dir, tmp_path):
     """--compile (Inductor) with fp16 AMP, channels_last, EMA and two stage sizes: learns, compiles
     once per size, and its checkpoint keys are an eager run's."""
-    from image_classification import checkpoint
+    from image_classification.checkpoints.files import read_pth
     records = train(small_digits_dir, tmp_path, "--compile", "--amp", "--memory-format", "nhwc", "--use-ema", "0.9",
                     "--n-stages", "2", "--base-image-size", "32", "--image-size", "64", "--val-resize-size", "64",
                     "--epochs", "2")
@@ -96,7 +96,7 @@ def test_compiled_amp_training_and_evaluation(small_digits_dir, tmp_path):
     epochs = {r["step"][0]: r["data"] for r in records if isinstance(r["step"], list) and len(r["step"]) == 1}
     assert epochs[0]["train.compile_time"] > 0 and epochs[1]["train.compile_time"] > 0  # one per size
     assert summary(records)["compiled_graphs"] > 0
-    saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    saved = read_pth(tmp_path / "checkpoint.pth.tar")
     assert not any("_orig_mod" in key for key in (*saved["state_dict"], *saved["state_dict_ema"]))
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from image_classification import checkpoint, cli, config
+from image_classification import cli, config
+from image_classification.checkpoints.files import read_pth
 from image_classification.engine import schedules
 from image_classification.engine.loop import EvalPlan
 from image_classification.engine.optim import build_optimizer
@@ -303,12 +304,12 @@ def test_eval_every_and_target_top1_stop_the_run_and_record_the_epoch(small_digi
     assert sorted(epochs) == [0, 1] and "val.top1" not in epochs[0] and epochs[1]["val.top1"] >= 1
     summary = [r["data"] for r in _records(raport) if r["step"] == []][-1]
     assert summary["target_top1_epoch"] == 1 and summary["epochs_completed"] == 2
-    assert checkpoint.load(tmp_path / "target" / "checkpoint.pth.tar")["epoch"] == 2
+    assert read_pth(tmp_path / "target" / "checkpoint.pth.tar")["epoch"] == 2
     # A resume of a run that reached its target trains nothing (before: it went on to --epochs).
     assert _run([*args, "--target-top1", "1", "--auto-resume"], tmp_path / "target", small_digits_dir) == 0
     assert "reached --target-top1 1 after epoch 1; nothing to train" in capsys.readouterr().out
     assert sorted(_epochs(raport)) == [0, 1]
-    assert checkpoint.load(tmp_path / "target" / "checkpoint.pth.tar")["epoch"] == 2
+    assert read_pth(tmp_path / "target" / "checkpoint.pth.tar")["epoch"] == 2
     summary = [r["data"] for r in _records(raport) if r["step"] == []][-1]
     assert summary["target_top1_epoch"] == 1 and summary["epochs_completed"] == 2
     # Without a target: validations after epochs 2 and 4 and the last (5), counted from 1.
@@ -326,7 +327,7 @@ def test_lars_resume_reproduces_the_uninterrupted_run(small_digits_dir, tmp_path
     for metric in ("train.loss", "train.lr"):
         assert _iterations(split / "experiment_raport.json", metric) == \
             _iterations(straight / "experiment_raport.json", metric)
-    a, b = (checkpoint.load(path / "checkpoint.pth.tar") for path in (straight, split))
+    a, b = (read_pth(path / "checkpoint.pth.tar") for path in (straight, split))
     assert all(torch.equal(t, b["state_dict"][k]) for k, t in a["state_dict"].items())
     assert all(torch.equal(t, b["state_dict_ema"][k]) for k, t in a["state_dict_ema"].items())
     buffers_a, buffers_b = (state["optimizer"]["state"] for state in (a, b))

@@ -473,9 +473,9 @@ def test_two_process_gloo_training_through_multiproc(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:] + (tmp_path / "GPU_1.log").read_text()[-2000:]
     assert (tmp_path / "GPU_1.log").exists()
     import torch
-    from image_classification import checkpoint
+    from image_classification.checkpoints.files import read_pth
     from image_classification.reporting.dllogger import read_raport
-    saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    saved = read_pth(tmp_path / "checkpoint.pth.tar")
     # one RNG state per rank, each rank's own (seeded seed + rank), and a world of 2 in the raport
     assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
     parameters = [r["data"] for r in read_raport(tmp_path / "experiment_raport.json") if r.get("step") == "PARAMETER"]

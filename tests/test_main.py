@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_classification import assembly, checkpoint, cli
+from image_classification import assembly, cli
+from image_classification.checkpoints import contents, files
+from image_classification.checkpoints.files import read_pth
 from image_classification.reporting.dllogger import read_raport
 from tests.helpers.faults import sigterm_at_step
 from tests.helpers.net import free_port
@@ -46,7 +48,7 @@ def test_resnet18_learns_digits_above_90_percent(digits_dir, tmp_path):
     epochs = epoch_records(tmp_path / "experiment_raport.json")
     assert max(e["val.top1"] for e in epochs.values()) > 90.0
     assert epochs[5]["train.loss"] < epochs[0]["train.loss"]
-    best = checkpoint.load(tmp_path / "model_best.pth.tar")
+    best = read_pth(tmp_path / "model_best.pth.tar")
     assert best["best_prec1"] > 90.0 and best["class_names"] == [str(d) for d in range(10)]
 
 
@@ -54,14 +56,14 @@ def test_resume_at_epoch_boundary_reproduces_the_uninterrupted_run(small_digits_
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_main(STATEFUL, straight, small_digits_dir) == 0
     assert run_main([*STATEFUL, "--run-epochs", "1"], split, small_digits_dir) == 0
-    assert checkpoint.load(split / "checkpoint.pth.tar")["epoch"] == 1
+    assert read_pth(split / "checkpoint.pth.tar")["epoch"] == 1
     assert run_main([*STATEFUL, "--resume", str(split / "checkpoint.pth.tar")], split, small_digits_dir) == 0
     expected, resumed = epoch_records(straight / "experiment_raport.json"), epoch_records(split / "experiment_raport.json")
     for epoch in (1, 2):
         for metric in ("train.loss", "train.lr", "val.top1", "val.loss", "val_ema.loss"):
             assert resumed[epoch][metric] == expected[epoch][metric], (epoch, metric)
-    final_a = checkpoint.load(straight / "checkpoint.pth.tar")
-    final_b = checkpoint.load(split / "checkpoint.pth.tar")
+    final_a = read_pth(straight / "checkpoint.pth.tar")
+    final_b = read_pth(split / "checkpoint.pth.tar")
     for key in ("state_dict", "state_dict_ema"):
         for name, tensor in final_a[key].items():
             assert torch.equal(tensor, final_b[key][name]), (key, name)
@@ -72,15 +74,15 @@ def test_sigterm_mid_epoch_saves_position_and_resume_reproduces_the_run(small_di
     assert run_main(STATEFUL, straight, small_digits_dir) == 0
     # 100 images / 8 = 12 batches = 6 optimizer steps per epoch
     assert run_main(STATEFUL, split, small_digits_dir, hooks=sigterm_at_step(8)) == 0
-    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    saved = read_pth(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 4)  # 2 steps of 2 micro-batches into epoch 1
     assert run_main([*STATEFUL, "--resume", str(split / "checkpoint.pth.tar")], split, small_digits_dir) == 0
     expected, resumed = epoch_records(straight / "experiment_raport.json"), epoch_records(split / "experiment_raport.json")
     assert resumed[2]["train.loss"] == expected[2]["train.loss"]
     for metric in ("val.top1", "val.loss", "val_ema.loss"):
         assert resumed[1][metric] == expected[1][metric]
-    final_a = checkpoint.load(straight / "checkpoint.pth.tar")["state_dict"]
-    final_b = checkpoint.load(split / "checkpoint.pth.tar")["state_dict"]
+    final_a = read_pth(straight / "checkpoint.pth.tar")["state_dict"]
+    final_b = read_pth(split / "checkpoint.pth.tar")["state_dict"]
     assert all(torch.equal(t, final_b[k]) for k, t in final_a.items())
 
 
@@ -100,7 +102,7 @@ def test_evaluate_from_a_finished_checkpoint_and_from_weights(small_digits_dir, 
     assert result["val.top1"] == trained["val.top1"] and result["val_ema.loss"] == trained["val_ema.loss"]
 
     weights = tmp_path / "weights.pth"
-    torch.save(checkpoint.load(tmp_path / "checkpoint.pth.tar")["state_dict"], weights)
+    torch.save(read_pth(tmp_path / "checkpoint.pth.tar")["state_dict"], weights)
     assert run_main([*evaluate, "--pretrained-from-file", str(weights)], tmp_path, small_digits_dir) == 0
     assert summary(tmp_path / "eval.json")["val.top1"] == trained["val.top1"]
 
@@ -216,9 +218,9 @@ def test_efficientnet_b0_learns_digits_and_resumes(digits_dir, tmp_path):
     # model_best.pth.tar is the epoch that scored it (before: a comparison with best_prec1 itself).
     scores = {epoch: max(record["val.top1"], record["val_ema.top1"]) for epoch, record in epochs.items()}
     best_epoch = max(scores, key=lambda epoch: (scores[epoch], -epoch))
-    best = checkpoint.load(tmp_path / "model_best.pth.tar")
+    best = read_pth(tmp_path / "model_best.pth.tar")
     assert best["best_prec1"] == pytest.approx(scores[best_epoch]) and best["epoch"] == best_epoch + 1
-    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["best_prec1"] == pytest.approx(max(scores.values()))
+    assert read_pth(tmp_path / "checkpoint.pth.tar")["best_prec1"] == pytest.approx(max(scores.values()))
     assert best["arch"] == "efficientnet-b0" and "state_dict_ema" in best
 
 
@@ -283,11 +285,11 @@ def test_torchrun_restart_after_a_rank_dies_resumes_and_completes(small_digits_d
     assert f"=> resumed from {tmp_path / 'ws' / 'checkpoint.pth.tar'}: epoch 1 on 2 process(es)\n" in run.stdout
     starts = [r["data"] for r in read_raport(tmp_path / "ws" / "experiment_raport.json") if r.get("step") == "PARAMETER"]
     assert [s.get("resume_epoch") for s in starts] == [None, 1]  # the restart appended to the raport
-    final = checkpoint.load(tmp_path / "ws" / "checkpoint.pth.tar")
+    final = read_pth(tmp_path / "ws" / "checkpoint.pth.tar")
     assert final["epoch"] == 3
     expected = _torchrun(2, common, tmp_path / "clean", small_digits_dir)
     assert expected.returncode == 0, expected.stderr[-3000:]
-    reference = checkpoint.load(tmp_path / "clean" / "checkpoint.pth.tar")["state_dict"]
+    reference = read_pth(tmp_path / "clean" / "checkpoint.pth.tar")["state_dict"]
     assert all(torch.equal(t, final["state_dict"][k]) for k, t in reference.items())
 
 
@@ -357,7 +359,7 @@ def test_fp16_grad_scaler_on_the_cpu_skips_overflowing_steps_and_backs_off(small
     assert run_main([*args, "--static-loss-scale", str(huge), "--dynamic-loss-scale"], tmp_path,
                     small_digits_dir) == 0
     assert iteration_records(tmp_path / "experiment_raport.json", "train.grad_scale") == [huge / 2, huge / 4, huge / 8]
-    saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    saved = read_pth(tmp_path / "checkpoint.pth.tar")
     assert saved["scaler"]["scale"] == huge / 8
     assert saved["optimizer"]["state"] == {}  # every step was skipped: no momentum buffer exists
     assert all(torch.equal(t, tiny_cnn().state_dict()[k]) for k, t in saved["state_dict"].items())
@@ -365,7 +367,7 @@ def test_fp16_grad_scaler_on_the_cpu_skips_overflowing_steps_and_backs_off(small
     fixed = tmp_path / "fixed"
     assert run_main([*args, "--static-loss-scale", str(huge)], fixed, small_digits_dir) == 0
     assert iteration_records(fixed / "experiment_raport.json", "train.grad_scale") == [huge] * 3
-    assert checkpoint.load(fixed / "checkpoint.pth.tar")["optimizer"]["state"] == {}
+    assert read_pth(fixed / "checkpoint.pth.tar")["optimizer"]["state"] == {}
 
 
 def test_fp16_grad_scaler_state_is_checkpointed_and_resume_reproduces_the_run(small_digits_dir, tmp_path, tiny_cnn):
@@ -377,11 +379,11 @@ def test_fp16_grad_scaler_state_is_checkpointed_and_resume_reproduces_the_run(sm
     scales = iteration_records(straight / "experiment_raport.json", "train.grad_scale")
     assert scales[0] < 1048576 and len(scales) == 12
     assert run_main([*args, "--run-epochs", "1"], split, small_digits_dir) == 0
-    assert checkpoint.load(split / "checkpoint.pth.tar")["scaler"]["scale"] == scales[5]
+    assert read_pth(split / "checkpoint.pth.tar")["scaler"]["scale"] == scales[5]
     assert run_main([*args, "--resume", str(split / "checkpoint.pth.tar")], split, small_digits_dir) == 0
     assert iteration_records(split / "experiment_raport.json", "train.loss") == \
         iteration_records(straight / "experiment_raport.json", "train.loss")
-    final_a, final_b = (checkpoint.load(p / "checkpoint.pth.tar") for p in (straight, split))
+    final_a, final_b = (read_pth(p / "checkpoint.pth.tar") for p in (straight, split))
     assert final_a["scaler"] == final_b["scaler"]
     assert all(torch.equal(t, final_b["state_dict"][k]) for k, t in final_a["state_dict"].items())
 
@@ -389,20 +391,20 @@ def test_fp16_grad_scaler_state_is_checkpointed_and_resume_reproduces_the_run(sm
 def test_a_save_that_fails_mid_run_stops_with_one_line_and_keeps_the_previous_checkpoint(
         small_digits_dir, tmp_path, capsys, monkeypatch, tiny_cnn):
     writes = {"count": 0}
-    real_write = checkpoint.write_atomic
+    real_write = files.write_atomic
 
     def disk_full_on_second_epoch(data, path):
         writes["count"] += 1
         if writes["count"] > 1:
             raise OSError(28, "No space left on device")
         real_write(data, path)
-    monkeypatch.setattr(checkpoint, "write_atomic", disk_full_on_second_epoch)
+    monkeypatch.setattr(files, "write_atomic", disk_full_on_second_epoch)
     args = [*TINY, "--epochs", "3", "--prof", "2", "--training-only"]
     assert run_main(args, tmp_path, small_digits_dir) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: could not write checkpoint {tmp_path / 'checkpoint.pth.tar'}: No space left on device; "
                    "the previous checkpoint files are intact"]
-    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["epoch"] == 1
+    assert read_pth(tmp_path / "checkpoint.pth.tar")["epoch"] == 1
 
 
 def test_unwritable_workspace_stops_before_training(small_digits_dir, capsys, tiny_cnn):
@@ -415,11 +417,11 @@ def test_resume_with_use_ema_from_a_checkpoint_without_ema_starts_the_average_at
         small_digits_dir, tmp_path, tiny_cnn):
     args = [*TINY, "--epochs", "2", "--prof", "1", "--training-only"]
     assert run_main([*args, "--run-epochs", "1"], tmp_path, small_digits_dir) == 0
-    loaded = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    loaded = read_pth(tmp_path / "checkpoint.pth.tar")
     assert "state_dict_ema" not in loaded
     assert run_main([*args, "--use-ema", "0.99", "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path,
                     small_digits_dir) == 0
-    final = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    final = read_pth(tmp_path / "checkpoint.pth.tar")
     assert final["ema_updates"] == 1
     for name, weight in final["state_dict"].items():  # one update: decay min(0.99, 1/10) = 0.1
         torch.testing.assert_close(final["state_dict_ema"][name], 0.1 * loaded["state_dict"][name] + 0.9 * weight)
@@ -437,7 +439,7 @@ def test_a_first_epoch_at_0_percent_is_still_the_best_so_far(small_digits_dir, t
     args = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "24", "--val-resize-size", "24",
             "-b", "8", "--epochs", "1", "--prof", "2", "--workers", "0", "--seed", "1", "--device", "cpu"]
     assert run_main(args, tmp_path, small_digits_dir, hooks=trainer.Hooks(after_validation=scored_zero)) == 0
-    best = checkpoint.load(tmp_path / "model_best.pth.tar")
+    best = read_pth(tmp_path / "model_best.pth.tar")
     assert best["best_prec1"] == 0.0 and best["epoch"] == 1
     assert summary(tmp_path / "experiment_raport.json")["val.top1"] == 0.0
 
@@ -446,7 +448,7 @@ def test_a_training_only_checkpoint_keeps_best_prec1_at_0(small_digits_dir, tmp_
     args = ["--arch", "resnet18", "--data-backend", "pytorch", "--image-size", "24", "-b", "8", "--epochs", "1",
             "--prof", "2", "--workers", "0", "--seed", "1", "--device", "cpu", "--training-only"]
     assert run_main(args, tmp_path, small_digits_dir) == 0
-    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["best_prec1"] == 0.0
+    assert read_pth(tmp_path / "checkpoint.pth.tar")["best_prec1"] == 0.0
     assert "val.top1" not in summary(tmp_path / "experiment_raport.json")
 
 
@@ -465,7 +467,7 @@ def test_a_stop_on_the_epochs_last_step_keeps_its_training_record_and_skips_vali
     first = epoch_records(tmp_path / "experiment_raport.json")[0]
     assert first["train.loss"] > 0 and first["train.total_ips"] > 0 and "val.top1" not in first
     assert validated == []
-    saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    saved = read_pth(tmp_path / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"], saved["validation_pending"]) == (1, 0, True)
     # The resumed run validates the trained epoch first, then goes on.
     assert run_main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, small_digits_dir,
@@ -473,7 +475,7 @@ def test_a_stop_on_the_epochs_last_step_keeps_its_training_record_and_skips_vali
     assert validated == [0, 1]
     epochs = epoch_records(tmp_path / "experiment_raport.json")
     assert "val.top1" in epochs[0] and "train.loss" in epochs[1] and "val.top1" in epochs[1]
-    assert not checkpoint.load(tmp_path / "checkpoint.pth.tar")["validation_pending"]
+    assert not read_pth(tmp_path / "checkpoint.pth.tar")["validation_pending"]
 
 
 class _Killed(BaseException):
@@ -489,12 +491,12 @@ def test_a_run_killed_during_validation_keeps_the_trained_epoch(small_digits_dir
     with pytest.raises(_Killed):
         run_main(args, tmp_path, small_digits_dir, hooks=trainer.Hooks(after_validation=killed))
     # Before: the epoch was saved only after its validation, so nothing was on disk.
-    saved = checkpoint.load(tmp_path / "checkpoint.pth.tar")
+    saved = read_pth(tmp_path / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"], saved["validation_pending"]) == (1, 0, True)
     assert run_main([*args, "--auto-resume"], tmp_path, small_digits_dir) == 0
     epochs = epoch_records(tmp_path / "experiment_raport.json")
     assert "val.top1" in epochs[0] and "val.top1" in epochs[1]
-    assert checkpoint.load(tmp_path / "model_best.pth.tar")["epoch"] in (1, 2)
+    assert read_pth(tmp_path / "model_best.pth.tar")["epoch"] in (1, 2)
 
 
 def test_the_first_validation_after_resuming_a_never_validated_run_is_a_new_best(
@@ -502,11 +504,11 @@ def test_the_first_validation_after_resuming_a_never_validated_run_is_a_new_best
     from image_classification.engine import trainer
     args = [*TINY, "--epochs", "2", "--prof", "2"]
     assert run_main([*args, "--run-epochs", "1", "--training-only"], tmp_path, small_digits_dir) == 0
-    assert checkpoint.load(tmp_path / "checkpoint.pth.tar")["best_prec1"] == 0.0  # the reference's range
+    assert read_pth(tmp_path / "checkpoint.pth.tar")["best_prec1"] == 0.0  # the reference's range
     assert run_main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")], tmp_path, small_digits_dir,
                     hooks=trainer.Hooks(after_validation=scored_zero)) == 0
     # Before: the resumed run read best_prec1 0.0 as a real score, and 0 % was no improvement on it.
-    best = checkpoint.load(tmp_path / "model_best.pth.tar")
+    best = read_pth(tmp_path / "model_best.pth.tar")
     assert (best["epoch"], best["best_prec1"]) == (2, 0.0)
 
 
@@ -527,11 +529,11 @@ def test_a_checkpoint_written_before_the_schema_owner_resumes_and_loads(small_di
     old = Path(__file__).resolve().parent / "data" / "format1_tiny_cnn.pth.tar"
     resume = tmp_path / "checkpoint.pth.tar"
     shutil.copyfile(old, resume)
-    assert checkpoint.load(resume)["format_version"] == 1
+    assert read_pth(resume)["format_version"] == 1
     args = [*TINY, "--val-resize-size", "20", "--epochs", "2", "--prof", "2", "--use-ema", "0.9"]
     assert run_main([*args, "--resume", str(resume)], tmp_path, small_digits_dir) == 0
-    final = checkpoint.load(resume)
-    assert (final["epoch"], final["format_version"], final["ema_updates"]) == (2, checkpoint.FORMAT_VERSION, 4)
+    final = read_pth(resume)
+    assert (final["epoch"], final["format_version"], final["ema_updates"]) == (2, contents.FORMAT_VERSION, 4)
     assert final["eval_preprocessing"] == preprocessing.EvalPreprocessing(16, 20).as_dict()
     assert loading.load_model(None, str(old)).preprocessing == preprocessing.EvalPreprocessing(16, 20)
 

@@ -22,7 +22,7 @@ from image_classification.models.efficientnet import (
     scale_depth,
     scale_width,
 )
-from tests.helpers.models import randomise_batch_norm
+from tests.helpers.models import load_file_into, randomise_batch_norm
 
 PARAM_COUNTS = {
     "efficientnet-b0": 5_288_548,
@@ -219,7 +219,7 @@ def test_torchvision_weights_give_identical_logits(v: str, tmp_path: Path) -> No
     expected = logits(tv, x)
     for trt in (True, False):
         model = build(f"efficientnet-{v}", trt=trt, bn_epsilon=1e-5)
-        weights.load_pretrained(model, path)
+        load_file_into(model, path)
         if trt:
             assert torch.equal(logits(model, x), expected)
         else:
@@ -239,7 +239,7 @@ def test_torchvision_weights_do_not_fit_widese(tmp_path: Path) -> None:
     tv = torchvision.models.efficientnet_b0(weights=None)
     path = save(tv.state_dict(), tmp_path / "tv.pth")
     with pytest.raises(UserError, match="shape mismatch at layers"):
-        weights.load_pretrained(build("efficientnet-widese-b0"), path)
+        load_file_into(build("efficientnet-widese-b0"), path)
 
 
 def test_converter_leaves_other_formats_alone() -> None:
@@ -256,7 +256,7 @@ def test_ngc_style_checkpoint_round_trips(tmp_path: Path) -> None:
                "epoch": 3}
     path = save(wrapped, tmp_path / "ngc.pth")
     target = build("efficientnet-b0")
-    weights.load_pretrained(target, path)
+    load_file_into(target, path)
     assert torch.equal(logits(target), logits(source))
 
 
@@ -265,7 +265,7 @@ def test_trt_and_linear_se_weights_are_interchangeable(src_trt: bool, tmp_path: 
     source = randomise_batch_norm(build("efficientnet-b0", trt=src_trt), weight=True)
     path = save(source.state_dict(), tmp_path / "w.pth")
     target = build("efficientnet-b0", trt=not src_trt)
-    weights.load_pretrained(target, path)
+    load_file_into(target, path)
     assert target.layers[1].block0.se.squeeze.weight.dim() == (2 if src_trt else 4)
     torch.testing.assert_close(logits(target), logits(source), rtol=1e-5, atol=1e-6)
 

@@ -13,10 +13,11 @@ import torch
 import torchvision
 from torch import nn
 
+from image_classification.checkpoints.contents import read_weights
 from image_classification.errors import UserError
 from image_classification.models import registry, weights
 from image_classification.models.resnet import ResNet, ResNetConfig
-from tests.helpers.models import randomise_batch_norm
+from tests.helpers.models import load_file_into, randomise_batch_norm
 
 PARAM_COUNTS = {
     "resnet18": 11_689_512,
@@ -180,7 +181,7 @@ def test_torchvision_weights_give_identical_logits(arch: str, tmp_path: Path) ->
     theirs = randomise_batch_norm(getattr(torchvision.models, arch.replace("-", "_"))(weights=None), weight=True).eval()
     path = save(theirs.state_dict(), tmp_path / "tv.pth")
     ours = build(arch)
-    weights.load_pretrained(ours, path, "resnet")
+    load_file_into(ours, path, "resnet")
     torch.testing.assert_close(logits(ours), logits(theirs))
 
 
@@ -191,7 +192,7 @@ def test_torchvision_reference_checkpoint_with_args(tmp_path: Path) -> None:
     theirs = torchvision.models.resnet18(weights=None).eval()
     ckpt = {"model": theirs.state_dict(), "epoch": 3, "args": argparse.Namespace(lr=0.1)}
     ours = build("resnet18")
-    weights.load_pretrained(ours, save(ckpt, tmp_path / "ckpt.pth"), "resnet")
+    load_file_into(ours, save(ckpt, tmp_path / "ckpt.pth"), "resnet")
     torch.testing.assert_close(logits(ours), logits(theirs))
 
 
@@ -206,7 +207,7 @@ def test_ngc_style_checkpoint_round_trips(tmp_path: Path) -> None:
     assert "module.layer4.2.conv3.weight" in renamed
     path = save({"state_dict": renamed, "epoch": 3}, tmp_path / "ngc.pth.tar")
     target = build("resnet50")
-    weights.load_pretrained(target, path, "resnet")
+    load_file_into(target, path, "resnet")
     torch.testing.assert_close(logits(target), logits(source))
 
 
@@ -216,10 +217,10 @@ def test_compiled_model_prefix_and_explicit_key(tmp_path: Path) -> None:
             "state_dict_ema": {f"_orig_mod.{k}": v for k, v in ema.state_dict().items()}}
     path = save(ckpt, tmp_path / "ckpt.pth")
     target = build("resnet18")
-    weights.load_pretrained(target, path, "resnet", key="state_dict_ema")
+    load_file_into(target, path, "resnet", key="state_dict_ema")
     torch.testing.assert_close(logits(target), logits(ema))
     with pytest.raises(UserError, match="no entry 'ema'.*state_dict_ema"):
-        weights.load_state_dict_file(path, key="ema")
+        read_weights(path, key="ema")
 
 
 @pytest.mark.parametrize("src_trt,dst_trt", [(False, True), (True, False)])
@@ -230,7 +231,7 @@ def test_se_weights_reshape_between_linear_and_conv(src_trt: bool, dst_trt: bool
     squeeze = "layers.1.0.squeeze.squeeze.weight"
     assert source.state_dict()[squeeze].dim() == (4 if src_trt else 2)
     assert target.state_dict()[squeeze].dim() == (4 if dst_trt else 2)
-    weights.load_pretrained(target, save(source.state_dict(), tmp_path / "se.pth"), "resnet")
+    load_file_into(target, save(source.state_dict(), tmp_path / "se.pth"), "resnet")
     torch.testing.assert_close(logits(target), logits(source))
 
 
@@ -243,7 +244,7 @@ def test_trt_se_resnext_builds_conv_se() -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"nope\.pth does not exist"):
-        weights.load_pretrained(build("resnet18"), str(tmp_path / "nope.pth"), "resnet")
+        load_file_into(build("resnet18"), str(tmp_path / "nope.pth"), "resnet")
 
 
 def test_truncated_file(tmp_path: Path) -> None:
@@ -251,21 +252,21 @@ def test_truncated_file(tmp_path: Path) -> None:
     data = Path(path).read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match=r"cut\.pth is not a readable PyTorch file"):
-        weights.load_state_dict_file(str(tmp_path / "cut.pth"))
+        read_weights(str(tmp_path / "cut.pth"))
 
 
 @pytest.mark.parametrize("content", [os.urandom(4096), b"", b"hello world"])
 def test_garbage_file(content: bytes, tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(content)
     with pytest.raises(UserError, match=r"junk\.pth is not a readable PyTorch file"):
-        weights.load_state_dict_file(str(tmp_path / "junk.pth"))
+        read_weights(str(tmp_path / "junk.pth"))
 
 
 def test_file_needing_unsafe_unpickling(tmp_path: Path) -> None:
     obj = {"fc.weight": torch.zeros(1), "ratio": fractions.Fraction(1, 3)}
     path = save(obj, tmp_path / "u.pth")
     with pytest.raises(UserError, match=r"u\.pth holds a fractions\.Fraction object.*unsafe"):
-        weights.load_state_dict_file(path)
+        read_weights(path)
 
 
 @pytest.mark.parametrize("obj,why", [([torch.zeros(1)], "holds a list"),
@@ -273,13 +274,13 @@ def test_file_needing_unsafe_unpickling(tmp_path: Path) -> None:
                                      ({}, "does not contain a state dict")])
 def test_file_that_is_not_a_state_dict(obj: object, why: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=why):
-        weights.load_state_dict_file(save(obj, tmp_path / "x.pth"))
+        read_weights(save(obj, tmp_path / "x.pth"))
 
 
 def test_wrong_arch(tmp_path: Path) -> None:
     path = save(build("resnet18").state_dict(), tmp_path / "rn18.pth")
     with pytest.raises(UserError) as info:
-        weights.load_pretrained(build("resnet50"), path, "resnet")
+        load_file_into(build("resnet50"), path, "resnet")
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"weights in {path} do not fit --arch resnet50: ")
@@ -291,7 +292,7 @@ def test_wrong_num_classes_suggests_the_flag(tmp_path: Path) -> None:
     path = save(build("resnet18", num_classes=10).state_dict(), tmp_path / "ten.pth")
     with pytest.raises(UserError, match=r"shape mismatch at fc\.weight: file \[10, 512\] vs "
                                         r"model \[1000, 512\] \(use --num-classes 10\)"):
-        weights.load_pretrained(build("resnet18"), path, "resnet")
+        load_file_into(build("resnet18"), path, "resnet")
 
 
 # ---------------------------------------------------------------- converter registry
@@ -307,7 +308,7 @@ def test_family_converter_applies_before_strict_load(tmp_path: Path) -> None:
 
     weights.register_converter("test-family-a", strip_backbone)
     target = build("resnet18")
-    weights.load_pretrained(target, save(foreign, tmp_path / "f.pth"), "test-family-a")
+    load_file_into(target, save(foreign, tmp_path / "f.pth"), "test-family-a")
     torch.testing.assert_close(logits(target), logits(source))
 
 

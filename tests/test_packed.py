@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from image_classification import checkpoint, cli, machine
+from image_classification import cli, machine
+from image_classification.checkpoints.files import read_pth
 from image_classification.data import registry, sources
 from image_classification.data.contract import LoaderConfig
 from image_classification.data.loaders import sampling
@@ -347,7 +348,7 @@ def test_main_trains_from_the_packed_digits(digits, backend, tmp_path, capsys):
     sizes = [r["data"]["train.image_size"] for r in read_raport(tmp_path / "packed" / "experiment_raport.json")
              if isinstance(r.get("step"), list) and len(r["step"]) == 1 and "train.image_size" in r.get("data", {})]
     assert sizes == [12, 16]
-    saved = checkpoint.load(tmp_path / "packed" / "checkpoint.pth.tar")
+    saved = read_pth(tmp_path / "packed" / "checkpoint.pth.tar")
     assert saved["epoch"] == 2 and saved["class_names"] == [str(k) for k in range(10)]
     assert _top1(tmp_path / "packed") > 20  # 10 classes: chance is 10 %
     if backend == "pytorch":
@@ -356,7 +357,7 @@ def test_main_trains_from_the_packed_digits(digits, backend, tmp_path, capsys):
         same = [*TINY, "--data-backend", backend, "--epochs", "1", "--crop-scale", "0.35", "1", "--training-only"]
         for form in ("packed", "folder"):
             assert cli.main([*same, "--workspace", str(tmp_path / f"same-{form}"), str(digits / form)]) == 0
-        weights = [checkpoint.load(tmp_path / f"same-{form}" / "checkpoint.pth.tar")["state_dict"]
+        weights = [read_pth(tmp_path / f"same-{form}" / "checkpoint.pth.tar")["state_dict"]
                    for form in ("packed", "folder")]
         assert all(torch.equal(tensor, weights[1][name]) for name, tensor in weights[0].items())
 
@@ -373,11 +374,11 @@ def test_sigterm_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     assert cli.main([*args, "--workspace", str(straight)]) == 0
     # 48 samples / 8 = 6 steps per epoch: 2 steps into epoch 1
     assert cli.main([*args, "--workspace", str(split)], hooks=sigterm_at_step(8)) == 0
-    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    saved = read_pth(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
     assert cli.main([*args, "--workspace", str(split), "--resume", str(split / "checkpoint.pth.tar")]) == 0
-    expected = checkpoint.load(straight / "checkpoint.pth.tar")["state_dict"]
-    resumed = checkpoint.load(split / "checkpoint.pth.tar")["state_dict"]
+    expected = read_pth(straight / "checkpoint.pth.tar")["state_dict"]
+    resumed = read_pth(split / "checkpoint.pth.tar")["state_dict"]
     assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_classification import checkpoint
+from image_classification.checkpoints.files import read_pth
 from image_classification.engine import loop
 from tests.helpers.net import free_port
 from tests.helpers.tiny_data import write_imagefolder
@@ -82,11 +82,11 @@ def test_group_sigterm_mid_epoch_checkpoints_exits_0_and_resumes(small_digits_di
     # is killed by signal: Terminated" and no checkpoint.
     assert status == 0, output[-3000:]
     assert "Traceback" not in output
-    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    saved = read_pth(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (0, 5)
     assert (split / "exit.rank0").read_text() == "0"
     _run(_launch("main", 1), split, small_digits_dir, [*args, "--resume", str(split / "checkpoint.pth.tar")])
-    assert checkpoint.load(split / "checkpoint.pth.tar")["epoch"] == 1
+    assert read_pth(split / "checkpoint.pth.tar")["epoch"] == 1
     if backend == "pytorch":  # (DALI's augmentation stream is not resumable: same batches, other crops)
         _run(_launch("main", 1), tmp_path / "straight", small_digits_dir, args)
         expected, resumed = _weights(tmp_path / "straight"), _weights(split)
@@ -106,7 +106,7 @@ def test_group_sigterm_stops_both_ranks_at_the_same_step(small_digits_dir, tmp_p
     assert [(split / f"stopped.rank{rank}").read_text() for rank in (0, 1)] == ["0 32", "0 32"]
     assert not any("gloo" in (split / f"threads.rank{rank}").read_text() for rank in (0, 1))  # group destroyed
     assert sorted(path.name for path in split.glob("*.pth.tar")) == ["checkpoint.pth.tar"]
-    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    saved = read_pth(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (0, 4)
     if launcher == "multiproc":
         resume = [*args, "--resume", str(split / "checkpoint.pth.tar")]

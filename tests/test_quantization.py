@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT))
 
 import classify  # noqa: E402
 import model2onnx  # noqa: E402
-from image_classification import checkpoint, cli, models, quantization  # noqa: E402
+from image_classification import cli, models, quantization  # noqa: E402
+from image_classification.checkpoints.files import read_pth  # noqa: E402
 from image_classification.deploy import runners  # noqa: E402
 from image_classification.models.registry import ModelSpec, register  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
@@ -79,8 +80,8 @@ def test_qat_keeps_fp32_accuracy_and_saves_int8_quantizers(fp32, qat):
     fp32_top1, qat_top1 = summary(fp32)["val.top1"], summary(qat)["val.top1"]
     assert fp32_top1 > 50
     assert qat_top1 > fp32_top1 - 2.0, (fp32_top1, qat_top1)
-    saved = checkpoint.load(qat / "checkpoint.pth.tar")  # weights_only=True
-    assert saved["arch"] == ARCH and quantization.CHECKPOINT_KEY in saved
+    saved = read_pth(qat / "checkpoint.pth.tar")  # weights_only=True
+    assert saved["arch"] == ARCH and "modelopt_state" in saved
     amax = {k: v for k, v in saved["state_dict"].items() if k.endswith("_quantizer._amax")}
     # Every conv and the linear layer: a per-tensor input range and one weight range per output channel.
     assert amax["0.weight_quantizer._amax"].numel() == 16 and amax["11.weight_quantizer._amax"].numel() == 10
@@ -88,7 +89,7 @@ def test_qat_keeps_fp32_accuracy_and_saves_int8_quantizers(fp32, qat):
     # Max calibration: a weight range is the largest |weight| of its output channel in the fp32
     # model that was calibrated; the first input's range is the largest |normalised pixel| seen,
     # at most (1 - 0.406) / 0.225 = 2.64 (white in the blue channel), and above black's 2.12 in red.
-    start = checkpoint.load(fp32 / "model_best.pth.tar")["state_dict"]
+    start = read_pth(fp32 / "model_best.pth.tar")["state_dict"]
     for layer in ("0", "3", "6", "11"):
         per_channel = start[f"{layer}.weight"].abs().flatten(1).amax(dim=1)
         torch.testing.assert_close(amax[f"{layer}.weight_quantizer._amax"].flatten(), per_channel)
@@ -102,7 +103,7 @@ def test_qat_resume_reproduces_the_uninterrupted_run(fp32, qat, digits_dir, tmp_
     assert cli.main([*args, "--resume", str(tmp_path / "checkpoint.pth.tar")]) == 0
     assert epochs(tmp_path)[1]["train.loss"] == epochs(qat)[1]["train.loss"]
     assert epochs(tmp_path)[1]["val.top1"] == epochs(qat)[1]["val.top1"]
-    straight, resumed = (checkpoint.load(w / "checkpoint.pth.tar")["state_dict"] for w in (qat, tmp_path))
+    straight, resumed = (read_pth(w / "checkpoint.pth.tar")["state_dict"] for w in (qat, tmp_path))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 

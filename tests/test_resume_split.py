@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_classification import checkpoint
+from image_classification.checkpoints.files import read_pth
 from image_classification.data.prepare import cli as prepare
 from tests.test_preemption import _launch, _preempt, _run
 
@@ -67,7 +67,7 @@ def test_a_resume_on_another_split_trains_each_remaining_sample_once(numbered, n
     assert status in (0, 1), output[-3000:]  # (torchrun reports a SIGTERM it forwarded as 1)
     before = _seen(workspace)
     assert len(before) == (4 if saved_ranks > 1 else 3) * saved_ranks * saved_batch
-    assert checkpoint.load(workspace / "checkpoint.pth.tar")["epoch_progress"] != []
+    assert read_pth(workspace / "checkpoint.pth.tar")["epoch_progress"] != []
     for path in workspace.glob("weights.seen.rank*"):
         path.unlink()
 
@@ -79,7 +79,7 @@ def test_a_resume_on_another_split_trains_each_remaining_sample_once(numbered, n
     assert set(trained) <= set(range(SAMPLES))
     left_out = SAMPLES - len(trained)
     assert 0 <= left_out < ranks * batch  # only the rest's last incomplete global batch
-    assert checkpoint.load(workspace / "checkpoint.pth.tar")["epoch"] == 1
+    assert read_pth(workspace / "checkpoint.pth.tar")["epoch"] == 1
     changed = (f" (saved on {saved_ranks}); global batch {saved_ranks * saved_batch} -> {ranks * batch}, "
                "LR 0.1 -> 0.1") if (ranks, batch) != saved else ""
     assert (f"=> resumed from {workspace / 'checkpoint.pth.tar'}: epoch 0 at sample {len(before)} of {SAMPLES} on "

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import model2onnx
-from image_classification import checkpoint, cli, config, settings
+from image_classification import cli, config, settings
+from image_classification.checkpoints import writer
 from image_classification.models import registry
 from image_classification.preprocessing import EvalPreprocessing
 from image_classification.reporting.dllogger import read_raport
@@ -57,7 +58,7 @@ def test_evaluate_onnx_normalises_with_the_mean_and_std_recorded_in_the_file(tmp
     state = {"epoch": 1, "arch": "resnet18", "num_classes": 3, "class_names": ["bird", "cat", "dog"],
              "state_dict": model.state_dict(), "eval_preprocessing": record.as_dict(),
              "config": {"image_size": 32, "val_resize_size": 40}}
-    checkpoint.save(state, tmp_path, epoch_index=None, is_best=False, filename="run.pth.tar")
+    writer.save(state, tmp_path, epoch_index=None, is_best=False, filename="run.pth.tar")
     onnx_file = tmp_path / "model.onnx"
     assert model2onnx.main(["--weights", str(tmp_path / "run.pth.tar"), "--device", "cpu", "--output",
                             str(onnx_file), "--no-check"]) == 0

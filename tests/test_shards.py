@@ -20,7 +20,8 @@ from torch import nn
 from PIL import Image
 from tfrecord.reader import tfrecord_loader
 
-from image_classification import checkpoint, cli
+from image_classification import cli
+from image_classification.checkpoints.files import read_pth
 from image_classification.data import registry, sources
 from image_classification.data.contract import EpochProgress, LoaderConfig
 from image_classification.data.loaders import sampling
@@ -412,7 +413,7 @@ TINY = ["--arch", "shards-tiny", "--image-size", "16", "--val-resize-size", "16"
 
 
 def _classes(workspace: Path) -> int:
-    return checkpoint.load(workspace / "checkpoint.pth.tar")["state_dict"]["4.weight"].shape[0]
+    return read_pth(workspace / "checkpoint.pth.tar")["state_dict"]["4.weight"].shape[0]
 
 
 def _run(args, workspace, data, tmp_path, hooks=None) -> int:
@@ -429,7 +430,7 @@ def test_main_trains_and_validates_from_shards(kind, backend, tmp_path, capsys):
     assert out.startswith(f"=> {kind} {data}: 2 shard(s), 80 samples, 10 classes\n"
                           if kind == "tfrecord" else f"=> {kind} {data}: 5 shard(s), 80 samples, 10 classes\n")
     assert f"=> {kind} {data}: " in out.splitlines()[1] and "30 samples" in out.splitlines()[1]
-    saved = checkpoint.load(tmp_path / "ws" / "checkpoint.pth.tar")
+    saved = read_pth(tmp_path / "ws" / "checkpoint.pth.tar")
     assert saved["epoch"] == 2 and saved["class_names"] == (
         [f"d{k}" for k in range(10)] if kind == "tfrecord" else [str(k) for k in range(10)])
     assert _classes(tmp_path / "ws") == 10
@@ -467,11 +468,11 @@ def test_sigterm_mid_epoch_on_shards_then_resume_gives_the_same_weights(tmp_path
     assert _run(args, straight, data, tmp_path) == 0
     # 80 samples / 8 = 10 steps per epoch: 3 steps into epoch 1
     assert _run(args, split, data, tmp_path, hooks=sigterm_at_step(13)) == 0
-    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    saved = read_pth(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 3)
     assert _run([*args, "--resume", str(split / "checkpoint.pth.tar")], split, data, tmp_path) == 0
-    expected = checkpoint.load(straight / "checkpoint.pth.tar")["state_dict"]
-    resumed = checkpoint.load(split / "checkpoint.pth.tar")["state_dict"]
+    expected = read_pth(straight / "checkpoint.pth.tar")["state_dict"]
+    resumed = read_pth(split / "checkpoint.pth.tar")["state_dict"]
     assert all(torch.equal(tensor, resumed[name]) for name, tensor in expected.items())
 
 
@@ -488,5 +489,5 @@ def test_two_gloo_ranks_on_a_damaged_shard_stay_in_step(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "unreadable file(s): " in run.stdout and "train-00000-of-00002 record " in run.stdout
-    saved = checkpoint.load(workspace / "checkpoint.pth.tar")
+    saved = read_pth(workspace / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (2, 0)

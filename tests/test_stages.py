@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from image_classification import checkpoint, cli, config
+from image_classification import cli, config
+from image_classification.checkpoints.files import read_pth
 from image_classification.engine import trainer
 from image_classification.engine.stages import StageSchedule
 from image_classification.errors import UserError
@@ -145,7 +146,7 @@ def test_interrupted_mid_stage_resume_reproduces_the_uninterrupted_run(small_dig
     assert run(args, straight, small_digits_dir) == 0
     # 5 batches into epoch 2, the first epoch of stage 1
     assert run(args, split, small_digits_dir, hooks=sigterm_at_step(12 * 2 + 5)) == 0
-    saved = checkpoint.load(split / "checkpoint.pth.tar")
+    saved = read_pth(split / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (2, 5)
     assert run([*args, "--resume", str(split / "checkpoint.pth.tar")], split, small_digits_dir) == 0
     expected, resumed = epoch_records(straight / "experiment_raport.json"), epoch_records(split / "experiment_raport.json")
@@ -154,8 +155,8 @@ def test_interrupted_mid_stage_resume_reproduces_the_uninterrupted_run(small_dig
     for epoch in (2, 3):
         for metric in ("train.image_size", "val.loss", "val.top1"):
             assert resumed[epoch][metric] == expected[epoch][metric], (epoch, metric)
-    final_a = checkpoint.load(straight / "checkpoint.pth.tar")["state_dict"]
-    final_b = checkpoint.load(split / "checkpoint.pth.tar")["state_dict"]
+    final_a = read_pth(straight / "checkpoint.pth.tar")["state_dict"]
+    final_b = read_pth(split / "checkpoint.pth.tar")["state_dict"]
     assert all(torch.equal(t, final_b[k]) for k, t in final_a.items())
 
 

@@ -25,7 +25,9 @@ import checkpoint2model  # noqa: E402
 import classify  # noqa: E402
 import hubconf  # noqa: E402
 import model2onnx  # noqa: E402
-from image_classification import checkpoint, cli, models, plot  # noqa: E402
+from image_classification import cli, models, plot  # noqa: E402
+from image_classification.checkpoints import contents, writer  # noqa: E402
+from image_classification.checkpoints.files import read_pth  # noqa: E402
 from image_classification.data.contract import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from image_classification.data.loaders.transforms import open_rgb, val_transform  # noqa: E402
 from image_classification.deploy import classifying, export_and_check, parity, runners  # noqa: E402
@@ -85,9 +87,9 @@ def training_checkpoint(tmp_path_factory) -> dict:
              "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
              "state_dict_ema": ema.state_dict()}
     folder = tmp_path_factory.mktemp("run")
-    checkpoint.save(state, folder, epoch_index=None, is_best=False)
+    writer.save(state, folder, epoch_index=None, is_best=False)
     no_ema = {k: v for k, v in state.items() if k != "state_dict_ema"}
-    checkpoint.save(no_ema, folder, epoch_index=None, is_best=False, filename="no_ema.pth.tar")
+    writer.save(no_ema, folder, epoch_index=None, is_best=False, filename="no_ema.pth.tar")
     return {"path": folder / "checkpoint.pth.tar", "no_ema": folder / "no_ema.pth.tar", "model": model,
             "ema": ema}
 
@@ -496,14 +498,14 @@ def test_classify_bad_inputs(capsys, tmp_path, images, resnet18_weights, trainin
 
 def test_tools_refuse_a_checkpoint_of_a_newer_format_in_one_line(capsys, tmp_path, images, training_checkpoint):
     newer = tmp_path / "newer.pth.tar"
-    saved = checkpoint.load(training_checkpoint["path"])
-    torch.save({**saved, "format_version": checkpoint.FORMAT_VERSION + 1}, newer)
+    saved = read_pth(training_checkpoint["path"])
+    torch.save({**saved, "format_version": contents.FORMAT_VERSION + 1}, newer)
     out = tmp_path / "out.pth"
     for tool, argv in ((classify, ["--weights", str(newer), "--image", str(images["png"])]),
                        (model2onnx, ["--weights", str(newer), "--output", str(tmp_path / "m.onnx")]),
                        (checkpoint2model, ["--checkpoint-path", str(newer), "--weight-path", str(out)])):
         assert tool.main(argv) == 2
-        assert f"has format_version {checkpoint.FORMAT_VERSION + 1}, newer than" in _one_error_line(capsys)
+        assert f"has format_version {contents.FORMAT_VERSION + 1}, newer than" in _one_error_line(capsys)
     assert not out.exists() and not (tmp_path / "m.onnx").exists()
 
 
@@ -628,9 +630,9 @@ def test_an_export_at_another_size_scales_the_trained_resize_for_every_consumer(
 
 
 def test_main_evaluate_onnx_uses_the_interpolation_recorded_in_the_file(tmp_path, training_checkpoint):
-    saved = checkpoint.load(training_checkpoint["path"])
+    saved = read_pth(training_checkpoint["path"])
     saved["config"] = {**saved["config"], "interpolation": "bicubic"}
-    checkpoint.save(saved, tmp_path, epoch_index=None, is_best=False, filename="bicubic.pth.tar")
+    writer.save(saved, tmp_path, epoch_index=None, is_best=False, filename="bicubic.pth.tar")
     output = tmp_path / "bicubic.onnx"
     assert model2onnx.main(["--weights", str(tmp_path / "bicubic.pth.tar"), "--device", "cpu", "--output",
                             str(output), "--no-check"]) == 0

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from image_classification import checkpoint, cli
+from image_classification import cli
+from image_classification.checkpoints.files import read_pth
 from tests.helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def test_ranks_stay_in_step_when_unreadable_files_empty_a_batch(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "skipped" in run.stdout + run.stderr and "unreadable file(s)" in run.stdout + run.stderr
-    saved = checkpoint.load(workspace / "checkpoint.pth.tar")
+    saved = read_pth(workspace / "checkpoint.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (2, 0)
 
 

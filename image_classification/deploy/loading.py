@@ -3,22 +3,23 @@ building the model with what the file knows about it.
 
 :func:`load_model` builds ``--arch`` and fills it from a plain weights file (ours, NGC,
 torchvision) or from a training checkpoint (optionally its EMA weights), read once with
-``weights_only=True``. A training checkpoint (``image_classification.checkpoint`` owns its keys)
-also supplies the architecture, the number of classes, the class names and the evaluation
-preprocessing it was trained with.
+``weights_only=True`` (:func:`image_classification.checkpoints.contents.read_weights`). A training
+checkpoint also supplies the architecture, the number of classes, the class names and the
+evaluation preprocessing it was trained with.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
 import torch
 from torch import nn
 
-from image_classification import checkpoint, config, models, preprocessing, quantization
+from image_classification import config, models, preprocessing, quantization
+from image_classification.checkpoints.contents import ModelRecord, SavedRun, read_weights
 from image_classification.errors import UserError
 from image_classification.models import weights
 from image_classification.models.registry import ModelSpec
@@ -52,7 +53,7 @@ class LoadedModel:
     num_classes: int
     # From a training checkpoint (None for plain weights or random init).
     class_names: list[str] | None = None
-    checkpoint: dict[str, Any] | None = None
+    checkpoint: SavedRun | None = None
     # The evaluation preprocessing saved with the model (checkpoint or ONNX metadata), if any.
     preprocessing: EvalPreprocessing | None = None
     # The input size the model is fixed to (an ONNX file's), if any: the default crop.
@@ -71,35 +72,6 @@ def resolve_preprocessing(loaded: LoadedModel, *, image_size: int | None = None,
     default_size = loaded.input_size or loaded.spec.default_image_size
     return preprocessing.resolve(loaded.preprocessing, default_size, image_size=image_size, resize_size=resize_size,
                                  interpolation=interpolation, interpolations=interpolations)
-
-
-@dataclass
-class WeightsFile:
-    state_dict: Mapping[str, torch.Tensor]
-    checkpoint: dict[str, Any] | None = field(default=None)  # the whole training checkpoint
-
-
-def read_weights(path: str, ema: bool = False) -> WeightsFile:
-    """Read ``path`` once (``weights_only``): a training checkpoint or a plain weights file.
-
-    ``ema`` selects a training checkpoint's ``state_dict_ema``; a clear error when it has none.
-    """
-    obj = weights.read_file(path)  # one-line UserErrors for missing, unreadable and unsafe files
-    if checkpoint.is_training_checkpoint(obj):
-        saved = dict(obj)
-        checkpoint.check_format(saved, path)
-        key = "state_dict"
-        if ema:
-            if not isinstance(saved.get("state_dict_ema"), Mapping):
-                raise UserError(f"checkpoint {path} has no EMA weights (state_dict_ema): it was trained "
-                                "without --use-ema; drop --ema")
-            key = "state_dict_ema"
-        state_dict = weights.strip_prefixes(weights.unwrap(saved, path, key), path)
-        return WeightsFile(state_dict, saved)
-    if ema:
-        raise UserError(f"--ema needs a training checkpoint with state_dict_ema; {path} is a plain "
-                        "weights file")
-    return WeightsFile(weights.strip_prefixes(weights.unwrap(obj, path, None), path))
 
 
 def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
@@ -127,7 +99,7 @@ def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool =
     elif ema:
         raise UserError("--ema needs a training checkpoint (--pretrained-from-file CKPT)")
     saved = file.checkpoint if file else None
-    record = checkpoint.model_record(saved) if saved is not None else checkpoint.ModelRecord(None, None, None)
+    record = saved.model if saved is not None else ModelRecord(None, None, None)
     if arch is None:
         arch = record.arch or "resnet50"
     elif record.arch and record.arch != arch:
@@ -135,7 +107,7 @@ def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool =
     spec = models.get(arch)
     num_classes = num_classes or record.num_classes or (infer_num_classes(state_dict) if state_dict else None) or 1000
     options = {**record.options, **dict(options or {})}
-    model = quantization.restore(spec.build(num_classes=num_classes, **options), saved)
+    model = quantization.restore(spec.build(num_classes=num_classes, **options), file.quantizers if file else None)
     if state_dict is not None:
         note = weights.load_state_dict_into(model, state_dict, source=source or "state dict", family=spec.family,
                                             arch=arch, new_classifier=new_classifier)
@@ -144,7 +116,7 @@ def load_model(arch: str | None, weights_path: str | None = None, *, ema: bool =
     model.eval()
     names = record.class_names if record.class_names and len(record.class_names) == num_classes else None
     return LoadedModel(model=model, spec=spec, num_classes=num_classes, class_names=names, checkpoint=saved,
-                       preprocessing=preprocessing.from_checkpoint(saved))
+                       preprocessing=saved.preprocessing if saved is not None else None)
 
 
 def load_source(arch: str | None, source: str | None = None, *, ema: bool = False, num_classes: int | None = None,

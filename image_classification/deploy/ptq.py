@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from image_classification import checkpoint
+from image_classification.checkpoints import files
 from image_classification.data.sources.folder import scan_split
 from image_classification.data.loaders.transforms import open_rgb
 from image_classification.deploy import exporting, fast_cpu, runners
@@ -121,7 +121,7 @@ def quantize_best(model: nn.Module, images: torch.Tensor, output: str, *, opset:
             if best.parity.top1_agreement >= 1.0:
                 break
         with open(os.path.join(tmp, "best.onnx"), "rb") as handle:
-            checkpoint.write_atomic(handle.read(), output)
+            files.write_atomic(handle.read(), output)
     return best, tried
 
 

@@ -1,9 +1,9 @@
-"""Loading weight files into models, shared by every family.
+"""Loading state dicts into models, shared by every family.
 
-Files are always read with ``weights_only=True``: a weights file is untrusted input and must not
-be able to run code. Checkpoints from the reference (``{"state_dict": ...}``), torchvision's
-reference scripts (``{"model": ...}``), DDP (``module.``) and torch.compile (``_orig_mod.``) are
-unwrapped here; key renames that depend on the target model live in :func:`adapt_state_dict`.
+Reading a file is :func:`image_classification.checkpoints.contents.read_weights`' job (the wrapper
+entries of the reference's and torchvision's files are picked out there). Here: the names of DDP
+(``module.``) and torch.compile (``_orig_mod.``) are unwrapped, key renames that depend on the target
+model live in :func:`adapt_state_dict`, and :func:`load_state_dict_into` loads strictly.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ Converter = Callable[[StateDict, set[str]], StateDict]
 
 _CONVERTERS: dict[str, list[Converter]] = {}
 
-_WRAPPER_KEYS = ("state_dict", "model")  # reference checkpoints, torchvision reference checkpoints
 _PREFIXES = ("module.", "_orig_mod.")
 _LAYER_RE = re.compile(r"^layer(\d+)\.")
 _SE_SUFFIXES = ("squeeze.weight", "expand.weight")
@@ -39,50 +38,7 @@ def register_converter(family: str, fn: Converter) -> Converter:
     return fn
 
 
-# ---------------------------------------------------------------- reading a file
-
-def load_state_dict_file(path: str, key: str | None = None) -> StateDict:
-    """Read a weights file or training checkpoint and return a plain ``name -> tensor`` dict."""
-    obj = read_file(path)
-    state_dict = unwrap(obj, path, key)
-    return strip_prefixes(state_dict, path)
-
-
-def read_file(path: str) -> object:
-    """The file's object, read safely (``checkpoint.read_pth``, the one reader)."""
-    from image_classification.checkpoint import read_pth
-    return read_pth(path, "weights file")
-
-
-def _first_sentence(exc: BaseException) -> str:
-    text = str(exc).strip().split(". ")[0].splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def unwrap(obj: object, path: str, key: str | None) -> Mapping[str, object]:
-    """Pick the state dict out of a checkpoint: ``key`` if given, else a known wrapper entry."""
-    if not isinstance(obj, Mapping):
-        raise UserError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
-    if key is not None:
-        if key not in obj:
-            raise UserError(f"weights file {path} has no entry {key!r}; "
-                            f"it has: {', '.join(map(str, list(obj)[:10]))}")
-        obj = obj[key]
-    else:
-        for wrapper in _WRAPPER_KEYS:
-            if isinstance(obj.get(wrapper), Mapping):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise UserError(f"weights file {path} does not contain a state dict"
-                        + (f" under {key!r}" if key else ""))
-    bad = next((k for k, v in obj.items() if not isinstance(k, str)
-                or not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise UserError(f"weights file {path} is not a state dict: entry {bad!r} is not a tensor "
-                        f"(entries: {', '.join(map(str, list(obj)[:10]))})")
-    return obj
-
+# ---------------------------------------------------------------- names
 
 def strip_prefixes(state_dict: Mapping[str, object], path: str) -> StateDict:
     """Drop leading ``module.`` (DDP) and ``_orig_mod.`` (torch.compile), in any nesting."""
@@ -96,6 +52,11 @@ def strip_prefixes(state_dict: Mapping[str, object], path: str) -> StateDict:
                             f"module./_orig_mod. prefix)")
         out[new] = tensor  # type: ignore[assignment]
     return out
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip().split(". ")[0].splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- matching a model
@@ -147,12 +108,6 @@ def _reshape_se(state_dict: StateDict, target: Mapping[str, torch.Tensor]) -> St
 
 
 # ---------------------------------------------------------------- loading
-
-def load_pretrained(model: nn.Module, path: str, family: str | None = None,
-                    key: str | None = None, arch: str | None = None) -> None:
-    """Load ``path`` into ``model`` strictly; any mismatch is one UserError line saying what."""
-    load_state_dict_into(model, load_state_dict_file(path, key), source=path, family=family, arch=arch)
-
 
 def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str,
                          family: str | None = None, arch: str | None = None,

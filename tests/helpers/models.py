@@ -18,3 +18,11 @@ def randomise_batch_norm(model: torch.nn.Module, mean: float = 0.1, var: tuple[f
                     module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
                     module.bias.copy_((torch.rand(n, generator=generator) * 2 - 1) * mean)
     return model
+
+
+def load_file_into(model: torch.nn.Module, path, family: str | None = None, key: str | None = None) -> None:
+    """Read a weights file (``checkpoints.contents.read_weights``; ``key``: its entry holding the
+    weights) and load it strictly into ``model``, as ``--pretrained-from-file`` does."""
+    from image_classification.checkpoints.contents import read_weights
+    from image_classification.models import weights
+    weights.load_state_dict_into(model, read_weights(path, key=key).state_dict, source=str(path), family=family)
