@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from image_classification import cli, config, machine, precision, runtime
+from image_classification import cli, config, machine, precision, runtime, settings
 from image_classification.models.registry import ModelSpec, register
 from image_classification.reporting.dllogger import read_raport
 
@@ -122,12 +122,17 @@ def test_memory_format_auto_on_cuda_follows_the_gpus_tensor_cores(monkeypatch, c
 
 # ---------------------------------------------------------------- --workers from the usable cores
 
+def _workers(argv: list[str]) -> int:
+    """--workers as the run resolves it (settings.resolve fills it in)."""
+    return settings.resolve(config.parse_args(argv), default_image_size=224).flags.workers
+
+
 def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert config.parse_args(["--device", "cpu"]).workers == 2
+    assert _workers(["--device", "cpu"]) == 2
     monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
-    assert config.parse_args([]).workers == 5  # the reference's default where the cores allow
-    assert config.parse_args(["-j", "7"]).workers == 7 and config.parse_args(["--workers", "0"]).workers == 0
+    assert _workers([]) == 5  # the reference's default where the cores allow
+    assert _workers(["-j", "7"]) == 7 and _workers(["--workers", "0"]) == 0
 
 
 @pytest.mark.parametrize("env, workers", [
@@ -141,7 +146,7 @@ def test_default_workers_share_the_cores_among_the_nodes_processes(monkeypatch, 
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert config.parse_args([]).workers == workers
+    assert _workers([]) == workers
 
 
 # ---------------------------------------------------------------- the machine line of every benchmark
