@@ -15,7 +15,8 @@ from torch import nn
 
 from image_classification import checkpoint, cli
 from image_classification.engine import trainer
-from image_classification.models.registry import ModelSpec, register
+from image_classification.models.registry import ModelSpec
+from tests.helpers.registered import registered_model
 from image_classification.reporting.dllogger import read_raport
 from tests.helpers.net import free_port
 
@@ -27,7 +28,12 @@ def _compile_cnn(num_classes: int = 10) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
 
 
-register(ModelSpec("compile-cnn", "test", _compile_cnn, default_image_size=16))
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cnn_registered():
+    """The test-only architecture, registered while this module's tests run."""
+    with registered_model(ModelSpec("compile-cnn", "test", _compile_cnn, default_image_size=16)):
+        yield
+
 
 COMMON = ["--arch", "compile-cnn", "--data-backend", "synthetic", "--synthetic-epoch-size", "24", "-b", "4",
           "--lr", "0.05", "--device", "cpu", "--workers", "0", "--seed", "5", "--num-classes", "4", "--print-freq", "3"]

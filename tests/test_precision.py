@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from image_classification import cli, config, machine, precision, runtime, settings
-from image_classification.models.registry import ModelSpec, register
+from image_classification.models.registry import ModelSpec
+from tests.helpers.registered import registered_model
 from image_classification.reporting.dllogger import read_raport
 
 
@@ -14,7 +15,13 @@ def _tiny(num_classes: int = 10) -> nn.Module:
                          nn.Linear(4, num_classes))
 
 
-register(ModelSpec("precision-cnn", "test", _tiny, default_image_size=24))
+@pytest.fixture(scope="module", autouse=True)
+def _precision_cnn():
+    """The test-only architecture, registered while this module's tests run."""
+    with registered_model(ModelSpec("precision-cnn", "test", _tiny, default_image_size=24)):
+        yield
+
+
 TINY = ["--arch", "precision-cnn", "--data-backend", "synthetic", "--device", "cpu", "-b", "4", "--epochs", "1",
         "--prof", "2", "--training-only", "--no-checkpoints", "--workers", "0", "--synthetic-epoch-size", "8"]
 

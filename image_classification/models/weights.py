@@ -39,6 +39,11 @@ def register_converter(family: str, fn: Converter) -> Converter:
     return fn
 
 
+def unregister_converter(family: str, fn: Converter) -> None:
+    """Remove a converter :func:`register_converter` added (a plugin's or a test's)."""
+    _CONVERTERS[family].remove(fn)
+
+
 # ---------------------------------------------------------------- reading a file
 
 def load_state_dict_file(path: str, key: str | None = None) -> StateDict:
