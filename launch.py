@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from image_classification import cli, config
+from image_classification import cli, config, flag_rules, settings
 from image_classification.errors import UserError
 
 DEFAULT_CFG = Path(__file__).resolve().with_name("configs.yml")
@@ -124,11 +124,12 @@ def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], dict
 
 def dry_run(options: argparse.Namespace, rest: Sequence[str], presets: dict[str, Any]) -> int:
     args = config.parse_args(rest, presets)
-    config.validate(args)
+    flag_rules.check(args)
     recipe = f" --recipe {options.recipe}" if options.recipe else ""
     print(f"# launch.py --model {options.model} --precision {options.precision} --platform {options.platform} "
           f"--mode {options.mode}{recipe}: resolved main.py arguments")
-    print(yaml.safe_dump(vars(args), sort_keys=True, default_flow_style=None), end="")
+    resolved = {**vars(args), "workers": settings.loader_workers(args.workers)}
+    print(yaml.safe_dump(resolved, sort_keys=True, default_flow_style=None), end="")
     return 0
 
 

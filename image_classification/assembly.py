@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from image_classification import compiling, config, preprocessing, quantization, runtime
+from image_classification import compiling, preprocessing, quantization, runtime, settings
 from image_classification.checkpoints.contents import SavedRun, read_weights
 from image_classification.data import registry as data_registry
 from image_classification.data.contract import LoaderConfig
@@ -46,10 +46,6 @@ def compiler_for(flags, schedule: StageSchedule) -> compiling.Compiler | None:
     stage size, plus the validation batch and its last incomplete one)."""
     if flags.compile is None:
         return None
-    for flag, present in (("--jit script", flags.jit != "no"), ("--onnx", flags.onnx is not None),
-                          ("--quantize", flags.quantize)):
-        if present:
-            raise UserError(f"--compile does not combine with {flag}")
     sizes = {stage.image_size for stage in schedule.stages}
     frozen_phase = 1 if flags.freeze_backbone_epochs else 0  # another graph: no backward through the backbone
     return compiling.Compiler(flags.compile, shapes=len(sizes) + 2 + frozen_phase)
@@ -101,7 +97,7 @@ def build_model(flags, spec, onnx_model, resume: SavedRun | None, rt: runtime.Ru
     if onnx_model is not None:
         onnx_model.check_classes(num_classes)
         return onnx_model, None
-    model = spec.build(num_classes=num_classes, **config.model_options(flags))
+    model = spec.build(num_classes=num_classes, **settings.model_options(flags))
     model, note = _load_initial_weights(model, flags, spec, resume, published)
     model = model.to(rt.device, memory_format=rt.memory_format)
     if not flags.evaluate:

@@ -10,14 +10,14 @@ from typing import Any, Sequence
 
 import torch
 
-from image_classification import (assembly, compiling, config, distributed, models, precision, preprocessing,
-                                  runtime, settings)
+from image_classification import (assembly, compiling, config, distributed, flag_rules, models, precision,
+                                  preprocessing, runtime, settings)
 from image_classification.checkpoints import contents, writer
 from image_classification.checkpoints.contents import SavedRun
 from image_classification.data import registry as data_registry
 from image_classification.engine import loop, trainer
 from image_classification.engine.losses import SmoothedCrossEntropy
-from image_classification.engine.schedules import Batching, scaled_lr
+from image_classification.engine.schedules import Batching
 from image_classification.engine.stages import StagedTraining, StageSchedule
 from image_classification.engine.validation import Validator
 from image_classification.errors import UserError, exit_status
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = No
     callbacks on the training loop (:class:`~image_classification.engine.trainer.Hooks`)."""
     def parse_and_run() -> int:
         args = config.parse_args(argv, defaults)
-        config.validate(args)
+        flag_rules.check(args)
         return run(args, hooks)
     try:
         return exit_status(parse_and_run)
@@ -61,9 +61,6 @@ def run(args, hooks: trainer.Hooks | None = None) -> int:
     seed = _shared_seed(args.seed, rt.device)
     runtime.seed_everything(seed + context.rank)
     spec = models.get(args.arch)
-    if args.model_config and spec.family != "resnet":
-        raise UserError(f"-c/--model-config presets ResNet initialisation; --arch {args.arch} is an "
-                        f"{spec.family} model (set --conv-init instead)")
     onnx_model = assembly.open_onnx_model(args, rt.device)
     resume_from = settings.resume_path(args)
     resume = contents.load(resume_from) if resume_from else None
@@ -202,12 +199,9 @@ def _evaluate(model, validator: Validator, resume) -> int:
 
 def _batching(flags, world_size: int) -> Batching:
     """The global batch and the LR it gets (``--lr-base-batch``), decided once for the run."""
-    steps = config.accumulation_steps(flags.optimizer_batch_size, flags.batch_size, world_size)
-    global_batch = flags.batch_size * world_size * steps
-    lr = scaled_lr(flags.lr, global_batch=global_batch, base_batch=flags.lr_base_batch, rule=flags.lr_scaling)
-    return Batching(batch_size=flags.batch_size, processes=world_size, accumulation_steps=steps,
-                    global_batch=global_batch, lr=lr, given_lr=flags.lr, base_batch=flags.lr_base_batch,
-                    rule=flags.lr_scaling or "linear")
+    return Batching.plan(batch_size=flags.batch_size, processes=world_size,
+                         optimizer_batch_size=flags.optimizer_batch_size, lr=flags.lr, base_batch=flags.lr_base_batch,
+                         rule=flags.lr_scaling)
 
 
 def _train(ctx: RunContext, model, staged: StagedTraining, validator: Validator, resume, batching: Batching, *,

@@ -4,13 +4,15 @@ Names, defaults and meanings follow the reference ``main.py`` (see README "Flags
 reference lacks follow its dash style. Model flags accept both the reference's underscore spelling
 (``--num_classes``) and dashes (``--num-classes``). ``launch.py`` feeds ``configs.yml`` presets in
 as parser defaults, so an explicit flag on the command line always wins.
+
+This module parses only: the rules between flags are :mod:`image_classification.flag_rules`', the
+values the flags leave open :mod:`image_classification.settings`'.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from image_classification import machine
 from image_classification.data.loaders.priority import PRIORITIES
 from image_classification.data import registry as data_registry
 from image_classification.data.contract import AUGMENTATIONS, DATA_FORMATS, INTERPOLATIONS
@@ -18,16 +20,9 @@ from image_classification.data.loaders.sampling import STREAMED_WINDOW
 from image_classification.engine.optim import OPTIMIZERS
 from image_classification.engine.schedules import LR_SCALINGS, POLICIES
 from image_classification.errors import UserError
+from image_classification.models.resnet import INIT_PRESETS
 
 LR_SCHEDULES = tuple(POLICIES)
-# -c/--model-config presets of the ResNet model flags, as the reference's config table had them
-# (all four use ReLU; none zero-inits the last BN of a block).
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "classic": {"conv_init": "fan_out", "last_bn_0_init": False},
-    "fanin": {"conv_init": "fan_in", "last_bn_0_init": False},
-    "grp-fanin": {"conv_init": "fan_in", "last_bn_0_init": False},
-    "grp-fanout": {"conv_init": "fan_out", "last_bn_0_init": False},
-}
 DEFAULT_TOPK = 5
 GPU_AFFINITIES = ("none", "socket", "socket_single", "socket_single_unique",
                   "socket_unique_interleaved", "socket_unique_contiguous")
@@ -282,7 +277,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run control, checkpoints and logging")
     group.add_argument("--arch", "-a", default="resnet50", metavar="ARCH",
                        help="model architecture, see README for the list (default: resnet50)")
-    group.add_argument("--model-config", "-c", default=None, choices=tuple(MODEL_CONFIGS), metavar="CONF",
+    group.add_argument("--model-config", "-c", default=None, choices=tuple(INIT_PRESETS), metavar="CONF",
                        help="ResNet init preset: classic | fanin | grp-fanin | grp-fanout; classic and grp-fanout "
                             "mean --conv-init fan_out, fanin and grp-fanin --conv-init fan_in, all --last-bn-0-init "
                             "false; an explicit --conv-init/--last-bn-0-init must agree with it (default: none, "
@@ -344,12 +339,16 @@ def add_onnx_flag(parser: argparse.ArgumentParser) -> None:
                              "(e.g. the INT8 export of a QAT checkpoint)")
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, helps: Mapping[str, str] | None = None) -> None:
+    """The model flags; ``helps``: another tool's wording of some of them, by dest."""
+    helps = helps or {}
     group = parser.add_argument_group("model (defaults come from --arch)")
     group.add_argument("--num-classes", "--num_classes", dest="num_classes", default=None, type=positive_int,
-                       metavar="N", help="output classes (default: the dataset's; 1000 for synthetic data)")
+                       metavar="N", help=helps.get("num_classes", "output classes (default: the dataset's; 1000 for "
+                                                                  "synthetic data)"))
     group.add_argument("--pretrained-from-file", default=None, metavar="PATH",
-                       help="initialise from this weights file (our, NGC or torchvision format)")
+                       help=helps.get("pretrained_from_file",
+                                      "initialise from this weights file (our, NGC or torchvision format)"))
     group.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="NAME",
                        help="start from published ImageNet weights, downloaded once into torch.hub's cache (needs "
                             "network access): NAME is ARCH:TAG, e.g. resnet50:IMAGENET1K_V2 (list them: python -m "
@@ -398,134 +397,13 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     return parser
 
 
-def model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The model flags the user (or a preset) actually set, with ``-c CONF``'s preset filled in."""
-    options = {dest: getattr(args, dest) for dest in MODEL_OPTION_DESTS if getattr(args, dest) is not None}
-    conf = getattr(args, "model_config", None)
-    preset = MODEL_CONFIGS[conf] if conf else {}
-    for dest, value in preset.items():
-        if dest in options and options[dest] != value:
-            flag = "--" + dest.replace("_", "-")
-            raise UserError(f"-c {conf} means {flag} {str(value).lower()}, but {flag} "
-                            f"{str(options[dest]).lower()} was given; drop one of them")
-    return {**preset, **options}
-
-
-def validate(args: argparse.Namespace) -> None:
-    """Reject flag combinations that cannot work, with one line each (dataset-dependent checks
-    happen once the data is known)."""
-    # DIR is not needed for a split read from --train-shards / --val-shards
-    unnamed = [split for split, unused, shards in (("train", args.evaluate, args.train_shards),
-                                                   ("val", args.training_only, args.val_shards))
-               if not unused and not shards]
-    if args.data is None and args.data_backend != "synthetic" and unnamed:
-        raise UserError(f"--data-backend {args.data_backend} needs the dataset directory DIR "
-                        f"(or --{unnamed[0]}-shards; or use --data-backend synthetic)")
-    if args.evaluate and args.training_only:
-        raise UserError("--evaluate and --training-only exclude each other")
-    if args.label_smoothing >= 1:
-        raise UserError(f"--label-smoothing must be below 1, got {args.label_smoothing}")
-    if args.use_ema is not None and not 0 < args.use_ema < 1:
-        raise UserError(f"--use-ema takes a decay in (0, 1), e.g. 0.9999; got {args.use_ema}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0 epochs, got {args.warmup}")
-    if args.run_epochs == 0 or args.run_epochs < -1:
-        raise UserError("--run-epochs must be a positive number of epochs or -1 (all)")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.static_loss_scale is not None and args.static_loss_scale <= 0:
-        raise UserError(f"--static-loss-scale must be positive, got {args.static_loss_scale}")
-    if args.auto_resume and args.resume:
-        raise UserError("--auto-resume and --resume exclude each other")
-    if args.ema_best and args.use_ema is None:
-        raise UserError("--ema-best needs --use-ema DECAY")
-    if args.pretrained and args.pretrained_from_file:
-        raise UserError("--pretrained and --pretrained-from-file exclude each other")
-    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        raise UserError(f"--crop-scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale[0]} {args.crop_scale[1]}")
-    if args.onnx is not None and not args.evaluate:
-        raise UserError("--onnx runs an exported model for evaluation only; add --evaluate")
-    if args.onnx is not None and (args.resume or args.pretrained_from_file or args.pretrained or args.quantize):
-        raise UserError("--onnx evaluates the exported file as it is; drop --resume/--pretrained-from-file/"
-                        "--pretrained/--quantize")
-    if not 0 <= args.randaugment_magnitude <= 30:
-        raise UserError(f"--randaugment-magnitude must be in 0..30, got {args.randaugment_magnitude}")
-    if args.base_image_size is not None and args.n_stages == 1:
-        raise UserError("--base-image-size needs --n-stages 2 or more")
-    model_options(args)  # a -c preset that contradicts an explicit model flag
-    _validate_finetune(args)
-    _validate_large_batch(args)
-    if sorted(args.lr_milestones) != args.lr_milestones:
-        raise UserError(f"--lr-milestones must be increasing, got {args.lr_milestones}")
-
-
-def _validate_finetune(args: argparse.Namespace) -> None:
-    given = [flag for flag, value in (("--freeze-backbone-epochs", args.freeze_backbone_epochs),
-                                      ("--backbone-lr-scale", args.backbone_lr_scale)) if value is not None]
-    if not given:
-        return
-    if args.freeze_backbone_epochs is not None and args.freeze_backbone_epochs < 0:
-        raise UserError(f"--freeze-backbone-epochs must be >= 0 epochs, got {args.freeze_backbone_epochs}")
-    if args.evaluate:
-        raise UserError(f"{given[0]} is for training; drop it with --evaluate")
-    if not (args.pretrained or args.pretrained_from_file or args.resume or args.auto_resume):
-        raise UserError(f"{given[0]} fine-tunes pretrained weights: give --pretrained-from-file PATH or --pretrained")
-    if args.freeze_backbone_epochs and args.jit != "no":
-        raise UserError("--freeze-backbone-epochs does not combine with --jit script")
-
-
-def _validate_large_batch(args: argparse.Namespace) -> None:
-    if args.lr_scaling is not None and args.lr_base_batch is None:
-        raise UserError(f"--lr-scaling {args.lr_scaling} scales a per-batch LR; give --lr-base-batch B with it")
-    if not all(0 <= beta < 1 for beta in args.adam_betas):
-        raise UserError(f"--adam-betas must be in [0, 1), got {args.adam_betas[0]} {args.adam_betas[1]}")
-    if args.eval_offset < 0:
-        raise UserError(f"--eval-offset must be >= 0, got {args.eval_offset}")
-    if args.target_top1 is not None and not 0 < args.target_top1 <= 100:
-        raise UserError(f"--target-top1 is a top-1 accuracy in (0, 100] %, got {args.target_top1}")
-    if args.target_top1 is not None and args.training_only:
-        raise UserError("--target-top1 needs validation; drop --training-only")
-
-
-def topk_for(requested: int | None, num_classes: int, owner: str) -> int:
-    """``--topk`` as given, else ``min(5, classes)``: a 2-class model shows both classes rather
-    than failing or reporting a meaningless top-5. ``owner`` names whose classes, in the error."""
-    if requested is None:
-        return min(DEFAULT_TOPK, num_classes)
-    if requested > num_classes:
-        raise UserError(f"--topk {requested} is more than {owner}'s {num_classes} classes")
-    return requested
-
-
-def accumulation_steps(optimizer_batch_size: int, batch_size: int, world_size: int) -> int:
-    """Micro-batches per optimizer step so that ``batch x processes x steps == optimizer batch``."""
-    if optimizer_batch_size == -1:
-        return 1
-    per_step = batch_size * world_size
-    if optimizer_batch_size < per_step or optimizer_batch_size % per_step:
-        raise UserError(
-            f"--optimizer-batch-size {optimizer_batch_size} must be a multiple of --batch-size x processes "
-            f"= {batch_size} x {world_size} = {per_step}")
-    return optimizer_batch_size // per_step
-
-
 def parse_args(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> argparse.Namespace:
     """Parse ``argv``; ``defaults`` (from launch.py presets) replace the built-in defaults only."""
     parser = build_parser()
     if defaults:
         _check_presets(parser, defaults)
         parser.set_defaults(**defaults)
-    args = _bare_pretrained(parser, _bare_gather_checkpoints(parser, parser.parse_args(argv)))
-    if args.workers is None:
-        args.workers = default_workers()
-    return args
-
-
-def default_workers() -> int:
-    """The reference's 5, or fewer where this process's share of the usable cores (its affinity
-    mask, divided among the node's training processes) is smaller: more workers than cores only
-    compete with each other and the model (and PyTorch warns every run)."""
-    return min(5, machine.cores_per_process())
+    return _bare_pretrained(parser, _bare_gather_checkpoints(parser, parser.parse_args(argv)))
 
 
 def _bare_gather_checkpoints(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -554,7 +432,7 @@ def _bare_pretrained(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def _check_presets(parser: argparse.ArgumentParser, presets: dict[str, Any]) -> None:
     """Check preset values as command-line values are checked (argparse checks neither the
     choices nor the types of defaults), so a typo in configs.yml is one clear line."""
-    actions = {action.dest: action for action in parser._actions}
+    actions = {action.dest: action for action in parser_actions(parser)}
     unknown = set(presets) - set(actions)
     if unknown:
         raise UserError(f"unknown preset key(s): {', '.join(sorted(unknown))}")
@@ -569,3 +447,10 @@ def _check_presets(parser: argparse.ArgumentParser, presets: dict[str, Any]) -> 
                 raise UserError(f"preset {key}: {presets[key]!r} is invalid ({error})") from None
         if action.choices is not None and value not in action.choices:
             raise UserError(f"preset {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+
+
+def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every option and positional of ``parser``. argparse has no public way to list them (its
+    ``add_argument`` returns each one, but the flags are added in many groups); this is the one
+    place that reads the private list."""
+    return list(parser._actions)

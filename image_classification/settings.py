@@ -2,9 +2,9 @@
 
 ``main.py``'s flags leave many values to be decided (sizes and interpolation from the architecture
 or an ``--onnx`` file's record, ``--base-image-size`` from the stage count, ``--auto-resume``'s
-checkpoint, the retention a resumed run keeps, ``--topk`` from the classes). :func:`resolve`
-decides all of them in one place and returns :class:`Flags`: the parsed namespace with those
-values filled in, frozen. The raport's PARAMETER record and the checkpoint's ``config`` are
+checkpoint, the retention a resumed run keeps, ``--workers`` from the usable cores, ``--topk`` from
+the classes). :func:`resolve` decides all of them in one place and returns :class:`Flags`: the
+parsed namespace with those values filled in, frozen. The raport's PARAMETER record and the checkpoint's ``config`` are
 ``vars(flags)``, so they hold what the run used; nothing later can change a setting behind them.
 """
 from __future__ import annotations
@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
-from image_classification import config, preprocessing
+from image_classification import config, flag_rules, machine, preprocessing
+from image_classification.errors import UserError
+from image_classification.models.resnet import INIT_PRESETS
 from image_classification.preprocessing import EvalPreprocessing
 
 
@@ -76,7 +78,8 @@ def resolve(args: argparse.Namespace, *, default_image_size: int, saved: EvalPre
     model_options = {key: getattr(args, key) if getattr(args, key) is not None
                      else saved_options.get(key, (model_defaults or {}).get(key))
                      for key in config.MODEL_OPTION_DESTS}
-    flags = Flags({**vars(args), **finetune, **model_options, "quantize": args.quantize or quantized_arch,
+    flags = Flags({**vars(args), **finetune, **model_options, "workers": loader_workers(args.workers),
+                   "quantize": args.quantize or quantized_arch,
                    "image_size": trained.image_size, "base_image_size": base_image_size,
                    "eval_image_size": evaluation.image_size, "val_resize_size": evaluation.resize_size,
                    "interpolation": evaluation.interpolation, "gather_checkpoints": gather, "resume": resume})
@@ -92,4 +95,29 @@ def resume_path(args: argparse.Namespace) -> str | None:
 
 def for_dataset(flags: Flags, num_classes: int) -> Flags:
     """``--topk`` once the classes are known (as given, else ``min(5, classes)``)."""
-    return flags.replace(topk=config.topk_for(flags.topk, num_classes, "the dataset"))
+    return flags.replace(topk=topk_for(flags.topk, num_classes, "the dataset"))
+
+
+def topk_for(requested: int | None, num_classes: int, owner: str) -> int:
+    """``--topk`` as given, else ``min(5, classes)``: a 2-class model shows both classes rather
+    than failing or reporting a meaningless top-5. ``owner`` names whose classes, in the error."""
+    if requested is None:
+        return min(config.DEFAULT_TOPK, num_classes)
+    if requested > num_classes:
+        raise UserError(f"--topk {requested} is more than {owner}'s {num_classes} classes")
+    return requested
+
+
+def loader_workers(requested: int | None) -> int:
+    """``--workers`` as given, else the reference's 5, or fewer where this process's share of the
+    usable cores (its affinity mask, divided among the node's training processes) is smaller: more
+    workers than cores only compete with each other and the model (and PyTorch warns every run)."""
+    return requested if requested is not None else min(5, machine.cores_per_process())
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The model flags that are set, with ``-c CONF``'s preset filled in (which they must agree with)."""
+    flag_rules.check_model_preset(args)
+    options = {dest: getattr(args, dest) for dest in config.MODEL_OPTION_DESTS if getattr(args, dest) is not None}
+    conf = getattr(args, "model_config", None)
+    return {**(INIT_PRESETS[conf] if conf else {}), **options}

@@ -409,14 +409,25 @@ def test_digits_refuses_a_foreign_folder(tmp_path):
     assert os.listdir(tmp_path) == ["mine.txt"]
 
 
-def test_a_registered_backend_can_be_chosen_on_the_command_line(monkeypatch):
+def test_a_registered_backend_can_be_chosen_on_the_command_line():
     from image_classification import config
     from image_classification.data import registry
     from image_classification.data.loaders import synthetic
-    monkeypatch.setitem(registry._BACKENDS, "test-synthetic", lambda: synthetic.BACKEND)
-    # Before: config.py listed the built-in four, so argparse refused any other name.
-    args = config.parse_args(["--data-backend", "test-synthetic", "--arch", "resnet18"])
-    assert args.data_backend == "test-synthetic" and "test-synthetic" in config.build_parser().format_help()
+    from tests.helpers.registered import registered_backend
+
+    def backend_choices() -> list[str]:
+        return [action.choices for action in config.parser_actions(config.build_parser())
+                if action.dest == "data_backend"][0]
+
+    built_in = registry.names()
+    with registered_backend("test-synthetic", lambda: synthetic.BACKEND):
+        # Before: config.py listed the built-in four, so argparse refused any other name.
+        args = config.parse_args(["--data-backend", "test-synthetic", "--arch", "resnet18"])
+        assert args.data_backend == "test-synthetic" and registry.get("test-synthetic") is synthetic.BACKEND
+        assert backend_choices() == [*built_in, "test-synthetic"]
+    assert backend_choices() == built_in == registry.names()  # unregistered: gone from the choices too
+    with pytest.raises(SystemExit):
+        config.parse_args(["--data-backend", "test-synthetic"])
 
 
 # ---------------------------------------------------------------- forked workers inherit no garbage

@@ -19,6 +19,7 @@ from tests.helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+VAL_IMAGES = 40  # small_digits_dir (tests/conftest.py): 10 classes x 4 validation images
 TINY = ["--arch", "resnet18", "--image-size", "32", "--val-resize-size", "32", "-b", "8", "--epochs", "1",
         "--lr", "0.01", "--print-freq", "1", "--seed", "1", "--workers", "2", "--device", "cuda"]
 
@@ -50,7 +51,8 @@ def check_learning(records: list[dict], reference: list[float] | None = None) ->
     one-epoch recipe does not learn yet, checked on the CPU: see issue 19's report.)"""
     losses = [d["train.loss"] for d in steps(records)]
     assert len(losses) >= 8 and all(math.isfinite(loss) for loss in losses), losses
-    assert 0.0 <= summary(records)["val.top1"] <= 100.0
+    correct = summary(records)["val.top1"] * VAL_IMAGES / 100  # a whole number of the 40 images, once each
+    assert correct == pytest.approx(round(correct), abs=1e-6) and 0 <= round(correct) <= VAL_IMAGES, correct
     if reference is not None:
         assert losses[0] == pytest.approx(reference[0], rel=0.02), (losses[0], reference[0])
 
@@ -167,8 +169,15 @@ def test_classify_and_model2onnx_on_cuda(small_digits_dir, tmp_path):
     train(small_digits_dir, tmp_path, "--amp")
     weights = tmp_path / "checkpoint.pth.tar"
     image = next((small_digits_dir / "val").glob("*/*"))
-    out = run("classify.py", "--pretrained-from-file", str(weights), "--json", "--image", str(image)).stdout
-    assert json.loads(out)
+    classify = ["classify.py", "--pretrained-from-file", str(weights), "--json", "--image", str(image)]
+    on_gpu, on_cpu = (json.loads(run(*classify, *extra).stdout) for extra in ((), ("--cpu",)))
+    assert (on_gpu["device"], on_gpu["precision"], on_gpu["num_classes"]) == ("cuda:0", "AMP-fp16", 10)
+    assert [result["image"] for result in on_gpu["results"]] == [str(image)]
+    gpu, cpu = ({p["index"]: p["probability"] for p in document["results"][0]["predictions"]}
+                for document in (on_gpu, on_cpu))
+    assert len(gpu) == 5 and sum(gpu.values()) <= 1 + 1e-3  # the top 5 of 10 classes, from one softmax
+    assert max(gpu.values()) == pytest.approx(max(cpu.values()), abs=0.01)  # fp16 on the GPU, the CPU's answer
+    assert all(gpu[index] == pytest.approx(cpu[index], abs=0.01) for index in set(gpu) & set(cpu))
     onnx = run("model2onnx.py", "--pretrained-from-file", str(weights), "--device", "cuda", "--image-size", "32",
                "--output", str(tmp_path / "m.onnx"))
     assert "check passed" in onnx.stdout

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from image_classification import cli, config
+from image_classification import cli, config, flag_rules
 from image_classification.checkpoints.files import read_pth
 from image_classification.engine import schedules
 from image_classification.engine.loop import EvalPlan
 from image_classification.engine.optim import build_optimizer
 from image_classification.errors import UserError
-from image_classification.models.registry import ModelSpec, register
+from image_classification.models.registry import ModelSpec
+from tests.helpers.registered import registered_model
 from image_classification.reporting.dllogger import read_raport
 from image_classification.runtime import build_runtime
 from tests.helpers.net import free_port
@@ -42,7 +43,12 @@ class ConvBn(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-register(ModelSpec("lars-bn-cnn", "test", ConvBn, default_image_size=16))
+@pytest.fixture(scope="module", autouse=True)
+def _lars_bn_cnn():
+    """The test-only architecture, registered while this module's tests run."""
+    with registered_model(ModelSpec("lars-bn-cnn", "test", ConvBn, default_image_size=16)):
+        yield
+
 
 
 def _with_grads(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -196,14 +202,18 @@ def test_fp16_grad_scaler_unscales_before_the_trust_ratio(name):
         torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-7)
 
 
-def test_optimizer_flags_that_do_not_apply_are_one_line_errors():
-    model = ConvBn()
-    with pytest.raises(UserError, match="needs --optimizer lamb"):
-        build_optimizer(model, name="sgd", lr=0.1, momentum=0.9, weight_decay=0, max_grad_norm=1.0)
-    with pytest.raises(UserError, match="lars or lamb"):
-        build_optimizer(model, name="adamw", lr=0.1, momentum=0.9, weight_decay=0, trust_clip=True)
-    with pytest.raises(UserError, match="--nesterov"):
-        build_optimizer(model, name="lamb", lr=0.1, momentum=0.9, weight_decay=0, nesterov=True)
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "sgd", "--max-grad-norm", "1"], "--max-grad-norm clips LAMB's gradients; it needs --optimizer lamb"),
+    (["--optimizer", "adamw", "--trust-clip"], "--trust-clip clips the trust ratio of --optimizer lars or lamb"),
+    (["--optimizer", "lamb", "--nesterov"], "--nesterov needs --optimizer sgd or lars and --momentum > 0"),
+    (["--optimizer", "sgd", "--nesterov", "--momentum", "0"], "--nesterov needs --optimizer sgd or lars and --momentum > 0"),
+])
+def test_optimizer_flags_that_do_not_apply_are_one_line_errors(argv, message):
+    with pytest.raises(UserError) as error:
+        flag_rules.check(config.parse_args(["--data-backend", "synthetic", *argv]))
+    assert str(error.value) == message
+    flag_rules.check(config.parse_args(["--data-backend", "synthetic", "--optimizer", "lars", "--nesterov",
+                                        "--trust-clip"]))  # where they apply: accepted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,12 +245,17 @@ def test_lr_scaling_rule_uses_the_global_batch(processes, accumulation):
     argv = ["--data-backend", "synthetic", "-b", "32", "--lr", "0.1", "--lr-base-batch", "256",
             "--optimizer-batch-size", str(32 * processes * accumulation)]
     global_batch = 32 * processes * accumulation
+    def plan(argv):
+        flags = config.parse_args(argv)
+        return schedules.Batching.plan(batch_size=flags.batch_size, processes=processes,
+                                       optimizer_batch_size=flags.optimizer_batch_size, lr=flags.lr,
+                                       base_batch=flags.lr_base_batch, rule=flags.lr_scaling)
     for rule, factor in (("linear", global_batch / 256), ("sqrt", math.sqrt(global_batch / 256))):
-        batching = cli._batching(config.parse_args([*argv, "--lr-scaling", rule]), processes)
+        batching = plan([*argv, "--lr-scaling", rule])
         assert (batching.global_batch, batching.accumulation_steps) == (global_batch, accumulation)
         assert batching.lr == pytest.approx(0.1 * factor)
-    assert cli._batching(config.parse_args(argv), processes).lr == pytest.approx(0.1 * global_batch / 256)
-    plain = cli._batching(config.parse_args(argv[:6] + argv[8:]), processes)  # no --lr-base-batch: absolute
+    assert plan(argv).lr == pytest.approx(0.1 * global_batch / 256)
+    plain = plan(argv[:6] + argv[8:])  # no --lr-base-batch: absolute
     assert plain.lr == 0.1 and plain.record() == {"global_batch": global_batch, "effective_lr": 0.1}
 
 
@@ -254,7 +269,7 @@ def test_lr_scaling_rule_uses_the_global_batch(processes, accumulation):
 def test_bad_large_batch_flags_are_one_line_errors(argv, message):
     args = config.parse_args(["--data-backend", "synthetic", *argv])
     with pytest.raises(UserError) as error:
-        config.validate(args)
+        flag_rules.check(args)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -346,13 +361,13 @@ def test_recipes_resolve_with_every_mode_and_reach_their_global_batch(recipe):
         presets = launch.resolve_presets(cfg, model="resnet50", precision="AMP", platform="DGXH100", mode=mode,
                                          recipe=recipe)
         args = config.parse_args(["/data"], presets)
-        config.validate(args)
+        flag_rules.check(args)
         assert (args.optimizer, args.lr_schedule, args.lr_poly_power) == ("lars", "poly", 2.0)
     presets = launch.resolve_presets(cfg, model="resnet50", precision="AMP", platform="DGXH100", mode="convergence",
                                      recipe=recipe)
     args = config.parse_args(["/data"], presets)
     processes = args.optimizer_batch_size // args.batch_size
-    assert config.accumulation_steps(args.optimizer_batch_size, args.batch_size, processes) == 1
+    assert schedules.accumulation_steps(args.optimizer_batch_size, args.batch_size, processes) == 1
     assert (args.eval_every, args.target_top1, args.label_smoothing, args.mixup) == (4, 75.9, 0.1, 0.0)
 
 

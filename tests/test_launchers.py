@@ -24,7 +24,8 @@ if str(ROOT) not in sys.path:
 
 import launch  # noqa: E402
 import multiproc  # noqa: E402
-from image_classification import config  # noqa: E402
+from image_classification import config, flag_rules  # noqa: E402
+from image_classification.engine import schedules  # noqa: E402
 from tests.helpers.net import free_port  # noqa: E402
 
 CFG = launch.load_config(ROOT / "configs.yml")
@@ -123,7 +124,7 @@ def test_every_combination_resolves_to_a_valid_configuration(model, mode):
     for _, platform, precision in (c for c in _combinations() if c[0] == model):
         presets = launch.resolve_presets(CFG, model=model, precision=precision, platform=platform, mode=mode)
         args = config.parse_args(["/data"], presets)
-        config.validate(args)
+        flag_rules.check(args)
         assert args.arch == model
         assert args.amp == (precision == "AMP")
         if precision != "AMP":
@@ -135,7 +136,7 @@ def test_every_combination_resolves_to_a_valid_configuration(model, mode):
             "benchmark_inference": (True, False), "convergence": (False, False), "evaluate": (True, False)}[mode]
         assert args.save_checkpoints == (mode == "convergence")
         for processes in (1, 2, 8):  # the global batch is reachable by accumulation
-            config.accumulation_steps(args.optimizer_batch_size, args.batch_size, processes)
+            schedules.accumulation_steps(args.optimizer_batch_size, args.batch_size, processes)
 
 
 def test_mode_beats_model_and_cli_beats_everything(capsys):
@@ -311,7 +312,7 @@ def test_recipe_resolves_in_dry_run(name, python_shim, tmp_path, capsys):
         resolved = _dry_run(spawn.training_script_args, capsys)
         assert (resolved["data"], resolved["workspace"], resolved["print_freq"]) == ("/imagenet", "my_ws", 7)
         assert resolved["raport_file"] == (f"raport_{size}.json" if inference else "raport.json")
-        config.accumulation_steps(resolved["optimizer_batch_size"], resolved["batch_size"], spawn.nproc_per_node)
+        schedules.accumulation_steps(resolved["optimizer_batch_size"], resolved["batch_size"], spawn.nproc_per_node)
         if inference:
             assert resolved["batch_size"] == size and resolved["evaluate"]
         elif parts["epochs"]:

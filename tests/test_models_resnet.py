@@ -307,16 +307,25 @@ def test_family_converter_applies_before_strict_load(tmp_path: Path) -> None:
         return {k.removeprefix("backbone."): v for k, v in sd.items()}
 
     weights.register_converter("test-family-a", strip_backbone)
-    target = build("resnet18")
-    load_file_into(target, save(foreign, tmp_path / "f.pth"), "test-family-a")
+    try:
+        target = build("resnet18")
+        load_file_into(target, save(foreign, tmp_path / "f.pth"), "test-family-a")
+    finally:
+        weights.unregister_converter("test-family-a", strip_backbone)
     torch.testing.assert_close(logits(target), logits(source))
 
 
 def test_converter_may_not_drop_keys() -> None:
-    weights.register_converter("test-family-b", lambda sd, keys: dict(list(sd.items())[:-1]))
+    def drop_last(sd: dict, target_keys: set[str]) -> dict:
+        return dict(list(sd.items())[:-1])
+
+    weights.register_converter("test-family-b", drop_last)
     model = build("resnet18")
-    with pytest.raises(ValueError, match="must not drop keys"):
-        weights.adapt_state_dict(model.state_dict(), model, "test-family-b")
+    try:
+        with pytest.raises(ValueError, match="must not drop keys"):
+            weights.adapt_state_dict(model.state_dict(), model, "test-family-b")
+    finally:
+        weights.unregister_converter("test-family-b", drop_last)
 
 
 def test_layer_rename_only_when_it_matches() -> None:

@@ -31,6 +31,7 @@ from image_classification.errors import UserError
 from image_classification.models import registry as models
 from image_classification.reporting.dllogger import read_raport
 from tests.helpers.faults import sigterm_at_step
+from tests.helpers.registered import registered_model
 
 try:
     import nvidia.dali  # noqa: F401
@@ -316,8 +317,13 @@ def _tiny(num_classes: int = 10) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
 
 
-if "packed-tiny" not in models.names():
-    models.register(models.ModelSpec("packed-tiny", "test", _tiny, default_image_size=16))
+@pytest.fixture(scope="module", autouse=True)
+def _packed_tiny_registered():
+    """The test-only architecture, registered while this module's tests run."""
+    with registered_model(models.ModelSpec("packed-tiny", "test", _tiny, default_image_size=16)):
+        yield
+
+
 TINY = ["--arch", "packed-tiny", "--image-size", "16", "--val-resize-size", "16", "-b", "32", "--lr", "0.2",
         "--seed", "7", "--device", "cpu", "--workers", "2", "--print-freq", "100"]
 

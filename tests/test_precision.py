@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from image_classification import cli, config, machine, precision, runtime
-from image_classification.models.registry import ModelSpec, register
+from image_classification import cli, config, machine, precision, runtime, settings
+from image_classification.models.registry import ModelSpec
+from tests.helpers.registered import registered_model
 from image_classification.reporting.dllogger import read_raport
 
 
@@ -14,7 +15,13 @@ def _tiny(num_classes: int = 10) -> nn.Module:
                          nn.Linear(4, num_classes))
 
 
-register(ModelSpec("precision-cnn", "test", _tiny, default_image_size=24))
+@pytest.fixture(scope="module", autouse=True)
+def _precision_cnn():
+    """The test-only architecture, registered while this module's tests run."""
+    with registered_model(ModelSpec("precision-cnn", "test", _tiny, default_image_size=24)):
+        yield
+
+
 TINY = ["--arch", "precision-cnn", "--data-backend", "synthetic", "--device", "cpu", "-b", "4", "--epochs", "1",
         "--prof", "2", "--training-only", "--no-checkpoints", "--workers", "0", "--synthetic-epoch-size", "8"]
 
@@ -122,12 +129,17 @@ def test_memory_format_auto_on_cuda_follows_the_gpus_tensor_cores(monkeypatch, c
 
 # ---------------------------------------------------------------- --workers from the usable cores
 
+def _workers(argv: list[str]) -> int:
+    """--workers as the run resolves it (settings.resolve fills it in)."""
+    return settings.resolve(config.parse_args(argv), default_image_size=224).flags.workers
+
+
 def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert config.parse_args(["--device", "cpu"]).workers == 2
+    assert _workers(["--device", "cpu"]) == 2
     monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
-    assert config.parse_args([]).workers == 5  # the reference's default where the cores allow
-    assert config.parse_args(["-j", "7"]).workers == 7 and config.parse_args(["--workers", "0"]).workers == 0
+    assert _workers([]) == 5  # the reference's default where the cores allow
+    assert _workers(["-j", "7"]) == 7 and _workers(["--workers", "0"]) == 0
 
 
 @pytest.mark.parametrize("env, workers", [
@@ -141,7 +153,7 @@ def test_default_workers_share_the_cores_among_the_nodes_processes(monkeypatch, 
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert config.parse_args([]).workers == workers
+    assert _workers([]) == workers
 
 
 # ---------------------------------------------------------------- the machine line of every benchmark
@@ -160,11 +172,24 @@ def test_machine_line_names_cpu_cores_capabilities_and_versions(cpu_features, mo
     assert ", bf16 native (amx_bf16), AMX amx_tile/amx_bf16/amx_int8, VNNI none," in machine.describe()
 
 
+def _first_print_in_main(script) -> str | None:
+    import ast
+    tree = ast.parse(script.read_text())
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    prints = sorted((node for node in ast.walk(main) if isinstance(node, ast.Call)
+                     and isinstance(node.func, ast.Name) and node.func.id == "print"),
+                    key=lambda node: (node.lineno, node.col_offset))
+    return ast.unparse(prints[0]) if prints else None
+
+
 def test_every_benchmark_prints_the_machine_line_first(capsys):
     from pathlib import Path
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    for script in [*benchmarks.glob("*.py"), benchmarks / "gpu_smoke.sh"]:
-        assert "describe()" in script.read_text(), script.name
+    for script in benchmarks.glob("*.py"):  # the first thing main() prints (a word in a comment would not do)
+        assert _first_print_in_main(script) == "print(machine.describe(), flush=True)", script.name
+    smoke = (benchmarks / "gpu_smoke.sh").read_text().splitlines()
+    pytest_line = next(index for index, line in enumerate(smoke) if line.startswith("exec python -m pytest"))
+    assert smoke[pytest_line - 1] == 'python -c "from image_classification.machine import describe; print(describe())"'
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_precision", benchmarks / "bench_precision.py")
     bench = importlib.util.module_from_spec(spec)

@@ -147,12 +147,6 @@ def test_one_signalled_rank_stops_every_rank_at_the_next_step(signalled_rank):
     assert outcome == [(0, 8, True), (1, 8, True)]
 
 
-def test_the_performance_notes_describe_the_stop_vote_the_code_runs():
-    text = " ".join((REPO / "docs" / "performance.md").read_text().split())
-    assert "every 20 steps" not in text  # the interval GracefulStop had before its vote after every step
-    assert "after every optimizer step" in text
-
-
 def _signal_set(status_path: str, field: str) -> set[int]:
     for line in open(status_path):
         if line.startswith(field + ":"):

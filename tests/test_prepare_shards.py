@@ -126,23 +126,18 @@ def test_shard_size_is_respected(folder, tmp_path, data_format):
 
 @pytest.mark.parametrize("data_format, kept_name", [("tfrecord", "train-00001-of-00007"),
                                                     ("webdataset", "train-000001.tar")])
-def test_an_interrupted_conversion_resumes_to_the_same_bytes(folder, tmp_path, monkeypatch, capsys, data_format,
-                                                             kept_name):
+def test_an_interrupted_conversion_resumes_to_the_same_bytes(folder, tmp_path, capsys, data_format, kept_name):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     argv = ("--to", data_format, "--shard-samples", 4)
     assert convert_to(*argv, folder, whole) == 0
-    finish, finished = convert._SplitWriter._finish, []
 
-    def interrupted_after_three(self, shard, shards, end, bad):
-        if len(finished) == 3:
+    def interrupted_after_three(split: str, shards: int) -> None:
+        if shards == 3:
             raise KeyboardInterrupt
-        finish(self, shard, shards, end, bad)
-        finished.append(end)
 
-    monkeypatch.setattr(convert._SplitWriter, "_finish", interrupted_after_three)
+    settings = convert.Settings(data_format, shard_bytes=None, shard_samples=4, max_size=None, quality=90)  # = argv's
     with pytest.raises(KeyboardInterrupt):
-        convert_to(*argv, folder, resumed)
-    monkeypatch.undo()
+        convert.write_shards(str(folder), str(resumed), settings, workers=1, on_shard=interrupted_after_three)
     left = sorted(os.listdir(resumed))
     assert left == [".prepare-train.json", ".train-000000.done", ".train-000001.done", ".train-000002.done",
                     "classes.txt"]  # no part file, nothing under a real shard name yet

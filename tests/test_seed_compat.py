@@ -20,10 +20,11 @@ for path in (ROOT, ROOT / "tests" / "helpers"):
         sys.path.insert(0, str(path))
 
 import classify  # noqa: E402
-from image_classification import cli, config  # noqa: E402
+from image_classification import cli, config, flag_rules, settings  # noqa: E402
 from image_classification.data import registry as data_registry  # noqa: E402
 from image_classification.errors import UserError  # noqa: E402
 from image_classification.models import registry  # noqa: E402
+from image_classification.models.resnet import INIT_PRESETS  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
 from tiny_data import write_imagefolder  # noqa: E402
 
@@ -87,7 +88,7 @@ def _same_default(ours, stated: str) -> bool:
 
 def help_differences() -> dict[str, str]:
     """Seed -h option -> how ours differs, for every option that does not match exactly."""
-    actions = {option: action for action in config.build_parser()._actions for option in action.option_strings}
+    actions = {option: action for action in config.parser_actions(config.build_parser()) for option in action.option_strings}
     found = {}
     for options, metavar, default in SEED_HELP_OPTIONS:
         action = actions.get(options[0])
@@ -126,7 +127,7 @@ def test_the_seed_help_choices_exist():
     with pytest.raises(UserError, match="nearest: resnext101-32x8d "):
         registry.get("resnext101-32x8d-basic")
     assert set(SEED_DATA_BACKENDS) <= set(data_registry.names())
-    assert list(config.MODEL_CONFIGS) == SEED_MODEL_CONFIGS
+    assert list(INIT_PRESETS) == SEED_MODEL_CONFIGS
 
 
 def test_data_backends_is_the_readme_spelling_of_data_backend():
@@ -143,25 +144,25 @@ def _conv_std(options: dict) -> float:
 
 @pytest.mark.parametrize("conf, fan", [("classic", 1152), ("fanin", 576), ("grp-fanin", 576), ("grp-fanout", 1152)])
 def test_model_config_presets_conv_init_and_no_last_bn_zero_init(conf, fan):
-    options = config.model_options(config.parse_args(["-c", conf, "d"]))
+    options = settings.model_options(config.parse_args(["-c", conf, "d"]))
     assert options["last_bn_0_init"] is False
     assert _conv_std(options) == pytest.approx(math.sqrt(2 / fan), rel=0.03)
     assert config.parse_args(["--model-config", conf, "d"]).model_config == conf
 
 
 def test_without_model_config_the_model_flags_keep_their_defaults():
-    assert config.model_options(config.parse_args(["d"])) == {}
+    assert settings.model_options(config.parse_args(["d"])) == {}
     assert _conv_std({}) == pytest.approx(math.sqrt(2 / 576), rel=0.03)  # fan_in, as the published recipes
     assert "--model-config CONF, -c CONF" in config.build_parser().format_help()
 
 
 def test_an_agreeing_model_flag_is_accepted_and_a_contradicting_one_is_an_error():
     agreeing = config.parse_args(["-c", "classic", "--conv-init", "fan_out", "--last-bn-0-init", "false", "d"])
-    assert config.model_options(agreeing) == {"conv_init": "fan_out", "last_bn_0_init": False}
+    assert settings.model_options(agreeing) == {"conv_init": "fan_out", "last_bn_0_init": False}
     with pytest.raises(UserError, match="-c classic means --conv-init fan_out, but --conv-init fan_in was given"):
-        config.validate(config.parse_args(["-c", "classic", "--conv-init", "fan_in", "d"]))
+        flag_rules.check(config.parse_args(["-c", "classic", "--conv-init", "fan_in", "d"]))
     with pytest.raises(UserError, match="-c fanin means --last-bn-0-init false, but --last-bn-0-init true"):
-        config.validate(config.parse_args(["d", "-c", "fanin", "--last-bn-0-init"]))
+        flag_rules.check(config.parse_args(["d", "-c", "fanin", "--last-bn-0-init"]))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -29,6 +29,7 @@ from image_classification.errors import UserError
 from image_classification.models import registry as models
 from tests.helpers.faults import sigterm_at_step
 from tests.helpers.net import free_port
+from tests.helpers.registered import registered_model
 
 REPO = Path(__file__).resolve().parents[1]
 TFSLIM = REPO / "tests" / "data" / "tfslim_digits"
@@ -406,8 +407,13 @@ def _tiny(num_classes: int = 10) -> nn.Module:
                          nn.Linear(8, num_classes))
 
 
-if "shards-tiny" not in models.names():
-    models.register(models.ModelSpec("shards-tiny", "test", _tiny, default_image_size=16))
+@pytest.fixture(scope="module", autouse=True)
+def _shards_tiny_registered():
+    """The test-only architecture, registered while this module's tests run."""
+    with registered_model(models.ModelSpec("shards-tiny", "test", _tiny, default_image_size=16)):
+        yield
+
+
 TINY = ["--arch", "shards-tiny", "--image-size", "16", "--val-resize-size", "16", "-b", "8", "--lr", "0.05",
         "--seed", "7", "--device", "cpu", "--workers", "2", "--print-freq", "100"]
 

@@ -42,6 +42,11 @@ def register(name: str, factory: Callable[[], Backend]) -> None:
     _BACKENDS[name] = factory
 
 
+def unregister(name: str) -> None:
+    """Remove the backend registered as ``name`` (a plugin's or a test's)."""
+    del _BACKENDS[name]
+
+
 def names() -> list[str]:
     return list(_BACKENDS)
 

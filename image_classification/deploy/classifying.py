@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 from PIL import UnidentifiedImageError
 
-from image_classification import compiling, config, models, preprocessing, quantization, runtime
+from image_classification import compiling, models, preprocessing, quantization, runtime, settings
 from image_classification.data.sources.folder import is_image_file
 from image_classification.data.loaders.transforms import open_rgb
 from image_classification.deploy import fast_cpu, loading
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = runtime.select_device("cpu" if args.cpu else "auto", 0)
     loaded = _load(args, device)
-    topk = config.topk_for(topk, loaded.num_classes, "the model")
+    topk = settings.topk_for(topk, loaded.num_classes, "the model")
     names = class_names(loaded, args.labels)
 
     # On the CPU the default (AMP) runs the measured fastest path: BatchNorm folded, precision and

@@ -18,7 +18,7 @@ from typing import Any, Collection, Mapping
 import torch
 from torch import nn
 
-from image_classification import config, models, preprocessing, quantization
+from image_classification import config, models, preprocessing, quantization, settings
 from image_classification.checkpoints.contents import ModelRecord, SavedRun, read_weights
 from image_classification.errors import UserError
 from image_classification.models import weights
@@ -33,15 +33,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="same as --pretrained-from-file")
     parser.add_argument("--ema", action="store_true",
                         help="use the EMA weights (state_dict_ema) of a training checkpoint")
-    config.add_model_flags(parser)
-    helps = {
+    config.add_model_flags(parser, helps={
         "num_classes": "output classes (default: the checkpoint's, else the classifier size in the "
                        "weights file, else 1000)",
         "pretrained_from_file": "weights file (ours, NGC or torchvision) or training checkpoint",
-    }
-    for action in parser._actions:
-        if action.dest in helps and action.option_strings[0] != "--weights":
-            action.help = helps[action.dest]
+    })
 
 
 @dataclass
@@ -152,7 +148,7 @@ def load_from_flags(args: argparse.Namespace, without_weights: str) -> LoadedMod
     from image_classification.models import catalogue
     if args.pretrained and args.pretrained_from_file:
         raise UserError("--pretrained and --pretrained-from-file/--weights exclude each other")
-    options = config.model_options(args)
+    options = settings.model_options(args)
     if args.pretrained:
         return load_published(catalogue.for_flag(args.pretrained, args.arch), num_classes=args.num_classes, options=options, ema=args.ema)
     if args.pretrained_from_file is None:

@@ -71,12 +71,6 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, 
     """
     if name not in OPTIMIZERS:
         raise UserError(f"unknown --optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    if nesterov and (momentum <= 0 or name not in ("sgd", "lars")):
-        raise UserError("--nesterov needs --optimizer sgd or lars and --momentum > 0")
-    if max_grad_norm and name != "lamb":
-        raise UserError("--max-grad-norm clips LAMB's gradients; it needs --optimizer lamb")
-    if trust_clip and name not in ("lars", "lamb"):
-        raise UserError("--trust-clip clips the trust ratio of --optimizer lars or lamb")
     layerwise = name in LARGE_BATCH_OPTIMIZERS
     groups = parameter_groups(model, weight_decay, bn_weight_decay, exclude_biases=layerwise,
                               backbone_lr_scale=backbone_lr_scale)

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from image_classification.errors import UserError
+
 
 def step_policy(epoch: float, *, base: float, warmup: int, milestones: Sequence[int], gamma: float, **_) -> float:
     if epoch < warmup:
@@ -110,6 +112,16 @@ class Batching:
     base_batch: int | None   # --lr-base-batch
     rule: str                # --lr-scaling
 
+    @classmethod
+    def plan(cls, *, batch_size: int, processes: int, optimizer_batch_size: int, lr: float,
+             base_batch: int | None, rule: str | None) -> Batching:
+        """The global batch (reached by accumulation where ``--optimizer-batch-size`` asks) and its LR."""
+        steps = accumulation_steps(optimizer_batch_size, batch_size, processes)
+        global_batch = batch_size * processes * steps
+        return cls(batch_size=batch_size, processes=processes, accumulation_steps=steps, global_batch=global_batch,
+                   lr=scaled_lr(lr, global_batch=global_batch, base_batch=base_batch, rule=rule), given_lr=lr,
+                   base_batch=base_batch, rule=rule or "linear")
+
     def describe(self) -> str:
         how = (f"--lr {self.given_lr:g} per {self.base_batch} images, {self.rule} scaling" if self.base_batch
                else "--lr as given")
@@ -119,3 +131,15 @@ class Batching:
     def record(self) -> dict:
         """The fields the raport's PARAMETER record carries."""
         return {"global_batch": self.global_batch, "effective_lr": self.lr}
+
+
+def accumulation_steps(optimizer_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step so that ``batch x processes x steps == optimizer batch``."""
+    if optimizer_batch_size == -1:
+        return 1
+    per_step = batch_size * world_size
+    if optimizer_batch_size < per_step or optimizer_batch_size % per_step:
+        raise UserError(
+            f"--optimizer-batch-size {optimizer_batch_size} must be a multiple of --batch-size x processes "
+            f"= {batch_size} x {world_size} = {per_step}")
+    return optimizer_batch_size // per_step

@@ -42,10 +42,6 @@ class StageSchedule:
 
     def __init__(self, *, n_stages: int, epochs: int, base_size: int, final_size: int, mixup: float = 0.0,
                  cutmix: float = 0.0, randaugment_magnitude: int = 9):
-        if n_stages < 1:
-            raise UserError(f"--n-stages must be >= 1, got {n_stages}")
-        if n_stages > epochs:
-            raise UserError(f"--n-stages {n_stages} is more than --epochs {epochs}: every stage needs an epoch")
         if base_size > final_size:
             raise UserError(f"--base-image-size {base_size} is larger than the final --image-size {final_size}")
         floor = min(MAGNITUDE_FLOOR, randaugment_magnitude)

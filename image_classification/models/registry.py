@@ -53,6 +53,11 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def unregister(name: str) -> None:
+    """Remove the architecture registered as ``name`` (a plugin's or a test's)."""
+    del _REGISTRY[name]
+
+
 def register_unavailable(name: str, reason: str) -> None:
     """Make ``--arch name`` a one-line error carrying ``reason`` instead of "unknown --arch"."""
     _UNAVAILABLE[name] = reason

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,14 @@ FAMILY = "resnet"
 SE_HIDDEN = 16  # absolute width, not C/16: the NGC SE-ResNeXt weights are shaped for it
 OPTIONS = frozenset({"last_bn_0_init", "conv_init", "trt", "fused_se"})
 DEFAULTS = {"last_bn_0_init": False, "conv_init": "fan_in", "trt": False, "fused_se": True}
+# -c/--model-config CONF: presets of the init options, as the reference's config table had them
+# (all four use ReLU; none zero-inits the last BN of a block).
+INIT_PRESETS: dict[str, dict[str, Any]] = {
+    "classic": {"conv_init": "fan_out", "last_bn_0_init": False},
+    "fanin": {"conv_init": "fan_in", "last_bn_0_init": False},
+    "grp-fanin": {"conv_init": "fan_in", "last_bn_0_init": False},
+    "grp-fanout": {"conv_init": "fan_out", "last_bn_0_init": False},
+}
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ def register_converter(family: str, fn: Converter) -> Converter:
     return fn
 
 
+def unregister_converter(family: str, fn: Converter) -> None:
+    """Remove a converter :func:`register_converter` added (a plugin's or a test's)."""
+    _CONVERTERS[family].remove(fn)
+
+
 # ---------------------------------------------------------------- names
 
 def strip_prefixes(state_dict: Mapping[str, object], path: str) -> StateDict:

@@ -344,8 +344,6 @@ class DaliLoader(SamplerEpochs):
         self.description = self.source.describe()
         self.batch_size = config.batch_size
         self.sampler = source_sampler(self.source, config, train=train)
-        if config.workers < 0:
-            raise UserError(f"--workers must be >= 0, got {config.workers}")
         self.channels_last = config.memory_format == torch.channels_last
         gpu = self.device.type == "cuda"
         self.spec = PipelineSpec(

@@ -39,7 +39,6 @@ from image_classification.data.loaders.priority import WorkerInit
 from image_classification.data.loaders.sampling import ShardSampler, source_sampler
 from image_classification.data.loaders.transforms import Transform, open_rgb, train_transform, val_transform
 from image_classification.data.sources import SampleSource, open_split
-from image_classification.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -244,12 +243,8 @@ def _stop_workers(iterator_ref: weakref.ref) -> None:
 
 
 def _worker_options(config: LoaderConfig) -> dict:
-    if config.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {config.workers}")
     if config.workers == 0:
         return {"num_workers": 0}
-    if config.prefetch < 1:
-        raise UserError(f"--prefetch must be >= 1 with --workers > 0, got {config.prefetch}")
     return {"num_workers": config.workers, "prefetch_factor": config.prefetch, "persistent_workers": True,
             "worker_init_fn": WorkerInit(idle=config.idle_priority)}
 

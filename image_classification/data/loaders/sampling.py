@@ -200,8 +200,6 @@ def shuffle_window(requested: int | None, streamed: bool) -> int:
     """The shard-window size: ``--shard-shuffle-window`` if given, else 0 (global) or STREAMED_WINDOW."""
     if requested is None:
         return STREAMED_WINDOW if streamed else 0
-    if requested < 0:
-        raise UserError(f"--shard-shuffle-window must be >= 0, got {requested}")
     return requested
 
 

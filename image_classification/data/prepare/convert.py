@@ -56,6 +56,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -111,8 +112,11 @@ class SplitResult:
     kept: int = 0      # shards found complete from an earlier run
 
 
-def write_shards(src: str, dst: str, settings: Settings, workers: int) -> list[SplitResult]:
-    """Convert every split of the ImageFolder ``src`` into shards in ``dst`` (see the module docstring)."""
+def write_shards(src: str, dst: str, settings: Settings, workers: int,
+                 on_shard: Callable[[str, int], None] | None = None) -> list[SplitResult]:
+    """Convert every split of the ImageFolder ``src`` into shards in ``dst`` (see the module docstring).
+    ``on_shard(split, shards)`` runs each time a shard is finished and recorded (``shards`` of the
+    split so far): an interruption from there on leaves them to the next run."""
     splits = [split for split in SPLITS if os.path.isdir(os.path.join(src, split))]
     if not splits:
         raise UserError(f"SRC {src} has neither train/ nor val/: "
@@ -121,7 +125,8 @@ def write_shards(src: str, dst: str, settings: Settings, workers: int) -> list[S
     class_names = scans[splits[0]].class_names
     os.makedirs(dst, exist_ok=True)
     _write_classes(os.path.join(dst, CLASSES_FILE), class_names)
-    return [_SplitWriter(src, dst, split, scans[split], class_names, settings).run(workers) for split in splits]
+    return [_SplitWriter(src, dst, split, scans[split], class_names, settings, on_shard).run(workers)
+            for split in splits]
 
 
 def train_command(dst: str, data_format: str) -> str:
@@ -130,8 +135,10 @@ def train_command(dst: str, data_format: str) -> str:
 
 
 class _SplitWriter:
-    def __init__(self, src: str, dst: str, split: str, scan, class_names: list[str], settings: Settings):
+    def __init__(self, src: str, dst: str, split: str, scan, class_names: list[str], settings: Settings,
+                 on_shard: Callable[[str, int], None] | None = None):
         self.dst, self.split, self.settings, self.class_names = dst, split, settings, class_names
+        self.on_shard = on_shard or (lambda split, shards: None)
         self.root = os.path.join(src, split)
         self.prefix = SPLIT_PREFIXES[settings.format][split][0]
         samples = [(os.path.relpath(path, self.root), label) for path, label in scan.samples]
@@ -173,12 +180,14 @@ class _SplitWriter:
                     if shard is not None and shard.full(record):
                         self._finish(shard, shards, end=position, bad=bad)
                         shard, bad = None, []
+                        self.on_shard(self.split, len(shards))
                     if shard is None:
                         shard = _OpenShard(self.settings, self._hidden(len(shards), "part"), start=position)
                     shard.add(record)
             if shard is not None:
                 self._finish(shard, shards, end=len(self.samples), bad=bad)
                 shard = None
+                self.on_shard(self.split, len(shards))
             elif shards:  # only unreadable images after the last shard's last sample
                 shards[-1]["bad"].extend(bad)
                 shards[-1]["end"] = len(self.samples)
