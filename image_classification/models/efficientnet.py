@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from image_classification.errors import UserError
-from image_classification.models import registry, weights
+from image_classification.models import spec, weights
 from image_classification.models.layers import (
     SqueezeExcitation,
     batch_norm,
@@ -401,7 +401,7 @@ def _register_all() -> None:
         for variant, base in CONFIGS.items():
             config = replace(base, wide_se=wide_se)
             name = prefix + variant
-            registry.register(registry.ModelSpec(
+            spec.register(spec.ModelSpec(
                 name=name,
                 family=FAMILY,
                 builder=functools.partial(EfficientNet, config, arch=name),
@@ -412,7 +412,7 @@ def _register_all() -> None:
             ))
     for variant, config in CONFIGS.items():  # the reference's QAT archs: B0-B7 that imply --quantize
         name = "efficientnet-quant-" + variant
-        registry.register(registry.ModelSpec(
+        spec.register(spec.ModelSpec(
             name=name, family=FAMILY, builder=functools.partial(EfficientNet, config, arch=name),
             default_image_size=config.image_size, options=OPTIONS, defaults=_defaults(config, variant),
             quantized=True))

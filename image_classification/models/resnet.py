@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from image_classification.errors import UserError
-from image_classification.models import registry
+from image_classification.models import spec
 from image_classification.models.layers import (
     SqueezeExcitation,
     batch_norm,
@@ -204,7 +204,7 @@ CONFIGS: dict[str, tuple[ResNetConfig, str | None]] = {
 
 def _register_all() -> None:
     for name, (config, hub_name) in CONFIGS.items():
-        registry.register(registry.ModelSpec(
+        spec.register(spec.ModelSpec(
             name=name,
             family=FAMILY,
             builder=functools.partial(ResNet, config, arch=name),
@@ -215,7 +215,7 @@ def _register_all() -> None:
         ))
     # The reference README's --help lists it, but neither the reference's code (any version), nor
     # torchvision, timm or the ResNeXt paper defines it: refuse rather than guess an architecture.
-    registry.register_unavailable(
+    spec.register_unavailable(
         "resnext101-32x8d-basic",
         "listed in the reference README's --help, but no public source defines it (not the reference's "
         "code, torchvision, timm or the ResNeXt paper); nearest: resnext101-32x8d (same depth, 32 groups "
