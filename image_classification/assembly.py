@@ -23,7 +23,7 @@ from image_classification.engine import loop, trainer
 from image_classification.engine.ema import ModelEma
 from image_classification.engine.finetune import FineTune
 from image_classification.engine.losses import SmoothedCrossEntropy
-from image_classification.engine.optim import build_optimizer
+from image_classification.engine.optim import OptimizerOptions, build_optimizer
 from image_classification.engine.schedules import Batching, build_scheduler
 from image_classification.engine.stages import Stage, StagedTraining, StageSchedule
 from image_classification.engine.trainer import TrainComponents
@@ -187,18 +187,22 @@ def batch_transform(mixup: float, cutmix: float, num_classes: int):
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
+def optimizer_options(flags) -> OptimizerOptions:
+    """``--optimizer`` and its settings, as the optimizer factory takes them."""
+    return OptimizerOptions(name=flags.optimizer, momentum=flags.momentum, weight_decay=flags.weight_decay,
+                            nesterov=flags.nesterov, bn_weight_decay=flags.bn_weight_decay,
+                            rmsprop_alpha=flags.rmsprop_alpha, rmsprop_eps=flags.rmsprop_eps,
+                            trust_coefficient=flags.trust_coefficient, trust_clip=flags.trust_clip,
+                            betas=flags.adam_betas, eps=flags.optimizer_eps, max_grad_norm=flags.max_grad_norm,
+                            backbone_lr_scale=flags.backbone_lr_scale)
+
+
 def training_parts(flags, model, staged: StagedTraining, rt, context, resume, batching: Batching,
                     compiler: compiling.Compiler | None, hooks: trainer.Hooks) -> tuple[TrainComponents, loop.RunState]:
     """Optimizer, loss scaler, the DDP-wrapped (and compiled) model, EMA and LR schedule, restored
     from ``resume`` when given; and where training starts."""
     steps = batching.accumulation_steps
-    optimizer = build_optimizer(model, name=flags.optimizer, lr=batching.lr, momentum=flags.momentum,
-                                weight_decay=flags.weight_decay, nesterov=flags.nesterov,
-                                bn_weight_decay=flags.bn_weight_decay, rmsprop_alpha=flags.rmsprop_alpha,
-                                rmsprop_eps=flags.rmsprop_eps, trust_coefficient=flags.trust_coefficient,
-                                trust_clip=flags.trust_clip, betas=flags.adam_betas, eps=flags.optimizer_eps,
-                                max_grad_norm=flags.max_grad_norm, backbone_lr_scale=flags.backbone_lr_scale,
-                                device=rt.device)
+    optimizer = build_optimizer(model, optimizer_options(flags), lr=batching.lr, device=rt.device)
     loader = staged(0).loader  # every stage splits an epoch the same way
     loader.set_epoch(0)
     steps_per_epoch = -(-len(loader) // steps)

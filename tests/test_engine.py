@@ -11,7 +11,7 @@ from image_classification.data.loaders.sampling import SamplerEpochs, ShardSampl
 from image_classification.engine import schedules
 from image_classification.engine.ema import ModelEma, effective_decay
 from image_classification.engine.losses import SmoothedCrossEntropy
-from image_classification.engine.optim import build_optimizer, parameter_groups
+from image_classification.engine.optim import OptimizerOptions, build_optimizer, parameter_groups
 from image_classification.engine.trainer import TrainComponents, train_epoch
 from image_classification.runtime import build_runtime
 
@@ -139,7 +139,8 @@ def _tiny_net():
 
 
 def _parts(model, accumulation_steps=1, lr=0.5, optimizer_name="sgd"):
-    optimizer = build_optimizer(model, name=optimizer_name, lr=lr, momentum=0.9, weight_decay=1e-3)
+    optimizer = build_optimizer(model, OptimizerOptions(name=optimizer_name, momentum=0.9, weight_decay=1e-3),
+                                                        lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     runtime = build_runtime(device=torch.device("cpu"), amp=False, amp_dtype=None, memory_format="nchw", tf32=False)
     return TrainComponents(model=model, module=model, optimizer=optimizer, scheduler=scheduler,

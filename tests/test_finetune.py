@@ -6,7 +6,7 @@ import torch
 
 from image_classification import cli, models
 from image_classification.checkpoints.files import read_pth
-from image_classification.engine.optim import build_optimizer
+from image_classification.engine.optim import OptimizerOptions, build_optimizer
 from image_classification.engine.schedules import build_scheduler
 from image_classification.errors import UserError
 from image_classification.models import weights
@@ -141,7 +141,9 @@ def test_fine_tuning_flag_errors_are_one_line(argv, message, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["sgd", "rmsprop", "lars", "lamb", "adamw"])
 def test_backbone_lr_scale_groups_for_every_optimizer(name):
     model = models.get("resnet18").build(num_classes=3)
-    optimizer = build_optimizer(model, name=name, lr=0.4, momentum=0.9, weight_decay=1e-4, backbone_lr_scale=0.25)
+    optimizer = build_optimizer(model, OptimizerOptions(name=name, momentum=0.9, weight_decay=1e-4,
+                                                        backbone_lr_scale=0.25),
+                                lr=0.4)
     build_scheduler(optimizer, steps_per_epoch=10, granularity="epoch", base=0.4, policy="step", epochs=90,
                     warmup=0, end_lr=0.0, milestones=[30], gamma=0.1, power=2.0)
     groups = optimizer.param_groups

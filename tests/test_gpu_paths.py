@@ -121,16 +121,16 @@ def test_two_processes_on_one_gpu_stop_every_rank_with_one_line(keys, shared):
 
 def test_sgd_is_fused_on_cuda_and_resuming_keeps_this_runs_kernel():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    kwargs = dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
-    on_cuda = optim.build_optimizer(model, device=torch.device("cuda"), **kwargs)
-    on_cpu = optim.build_optimizer(model, device=torch.device("cpu"), **kwargs)
+    options = optim.OptimizerOptions(name="sgd", momentum=0.9, weight_decay=1e-4)
+    on_cuda = optim.build_optimizer(model, options, lr=0.1, device=torch.device("cuda"))
+    on_cpu = optim.build_optimizer(model, options, lr=0.1, device=torch.device("cpu"))
     assert [g["fused"] for g in on_cuda.param_groups] == [True, True]
     assert on_cuda._step_supports_amp_scaling  # what lets GradScaler.step skip its found_inf .item()
     assert not any(g["fused"] for g in on_cpu.param_groups)
     optim.load_optimizer_state(on_cuda, on_cpu.state_dict())  # a checkpoint written on the CPU
     assert [g["fused"] for g in on_cuda.param_groups] == [True, True]
-    rmsprop = optim.build_optimizer(model, name="rmsprop", lr=0.1, momentum=0.9, weight_decay=0,
-                                    device=torch.device("cuda"))
+    rmsprop = optim.build_optimizer(model, optim.OptimizerOptions(name="rmsprop", momentum=0.9, weight_decay=0),
+                                    lr=0.1, device=torch.device("cuda"))
     assert "fused" not in rmsprop.defaults  # PyTorch 2.14 has no fused RMSprop
 
 
@@ -224,7 +224,8 @@ def test_step_metrics_are_read_one_interval_late_without_device_syncs(monkeypatc
         return loss
 
     monkeypatch.setattr(runtime.Runtime, "synchronize", lambda self: syncs.append(len(losses)))
-    optimizer = optim.build_optimizer(model, name="sgd", lr=0.1, momentum=0.9, weight_decay=0)
+    optimizer = optim.build_optimizer(model, optim.OptimizerOptions(name="sgd", momentum=0.9, weight_decay=0),
+                                                                    lr=0.1)
     parts = TrainComponents(model=model, module=model, optimizer=optimizer,
                             scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
                             scaler=rt.grad_scaler(1.0), criterion=criterion, runtime=rt)

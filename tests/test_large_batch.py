@@ -12,7 +12,7 @@ from image_classification import cli, config, flag_rules
 from image_classification.checkpoints.files import read_pth
 from image_classification.engine import schedules
 from image_classification.engine.loop import EvalPlan
-from image_classification.engine.optim import build_optimizer
+from image_classification.engine.optim import OptimizerOptions, build_optimizer
 from image_classification.errors import UserError
 from image_classification.models.registry import ModelSpec
 from tests.helpers.registered import registered_model
@@ -85,8 +85,9 @@ def _lars_by_hand(w, g, v, lr, adapted: bool, wd: float, trust_clip=False):
 @pytest.mark.parametrize("trust_clip", [False, True])
 def test_lars_two_steps_match_the_published_rule_and_skip_batchnorm_and_bias(trust_clip):
     model = ConvBn()
-    optimizer = build_optimizer(model, name="lars", lr=LR, momentum=MOMENTUM, weight_decay=WD,
-                                trust_coefficient=ETA, eps=0.0, trust_clip=trust_clip)
+    optimizer = build_optimizer(model, OptimizerOptions(name="lars", momentum=MOMENTUM, weight_decay=WD,
+                                                        trust_coefficient=ETA, eps=0.0, trust_clip=trust_clip),
+                                lr=LR)
     expected = {name: p.detach().double().clone() for name, p in model.named_parameters()}
     velocity = dict.fromkeys(expected)
     # The LR changes between the steps (momentum holds LR-scaled updates); with LARC clipping the LRs
@@ -112,8 +113,9 @@ def test_lars_two_steps_match_the_published_rule_and_skip_batchnorm_and_bias(tru
 
 def test_lars_bn_weight_decay_puts_batchnorm_under_decay_and_trust_ratio():
     model = ConvBn()
-    optimizer = build_optimizer(model, name="lars", lr=LR, momentum=0.0, weight_decay=WD, trust_coefficient=ETA,
-                                eps=0.0, bn_weight_decay=True)
+    optimizer = build_optimizer(model, OptimizerOptions(name="lars", momentum=0.0, weight_decay=WD,
+                                                        trust_coefficient=ETA, eps=0.0, bn_weight_decay=True),
+                                lr=LR)
     before = model.bn.weight.detach().double().clone()
     grad = _with_grads(model, seed=3)["bn.weight"]
     optimizer.step()
@@ -125,7 +127,9 @@ def test_lars_trust_ratio_is_one_for_a_zero_layer():
     model = ConvBn()
     with torch.no_grad():
         model.fc.weight.zero_()
-    optimizer = build_optimizer(model, name="lars", lr=LR, momentum=0.0, weight_decay=WD, trust_coefficient=ETA)
+    optimizer = build_optimizer(model, OptimizerOptions(name="lars", momentum=0.0, weight_decay=WD,
+                                                        trust_coefficient=ETA),
+                                lr=LR)
     grad = _with_grads(model, seed=1)["fc.weight"]
     optimizer.step()
     torch.testing.assert_close(model.fc.weight.detach(), -LR * grad)
@@ -152,8 +156,9 @@ def _lamb_by_hand(w, grads, lr, wd, adapted, betas=(0.9, 0.999), eps=1e-6, clip_
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
 def test_lamb_two_steps_match_the_paper_with_decoupled_decay_and_exclusions(max_grad_norm):
     model = ConvBn()
-    optimizer = build_optimizer(model, name="lamb", lr=0.01, momentum=0.0, weight_decay=WD,
-                                max_grad_norm=max_grad_norm)
+    optimizer = build_optimizer(model, OptimizerOptions(name="lamb", momentum=0.0, weight_decay=WD,
+                                                        max_grad_norm=max_grad_norm),
+                                lr=0.01)
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
     grads, divisors = [], []
     for step in range(2):
@@ -171,7 +176,7 @@ def test_lamb_two_steps_match_the_paper_with_decoupled_decay_and_exclusions(max_
 
 def test_adamw_decays_decoupled_and_spares_batchnorm_and_bias():
     model = ConvBn()
-    optimizer = build_optimizer(model, name="adamw", lr=0.1, momentum=0.0, weight_decay=0.5)
+    optimizer = build_optimizer(model, OptimizerOptions(name="adamw", momentum=0.0, weight_decay=0.5), lr=0.1)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # no gradient: only the decoupled decay can move a weight
@@ -189,7 +194,7 @@ def test_fp16_grad_scaler_unscales_before_the_trust_ratio(name):
     results = []
     for scale in (None, 4096.0):
         model = ConvBn()
-        optimizer = build_optimizer(model, name=name, lr=0.1, momentum=MOMENTUM, weight_decay=WD)
+        optimizer = build_optimizer(model, OptimizerOptions(name=name, momentum=MOMENTUM, weight_decay=WD), lr=0.1)
         runtime = build_runtime(device=torch.device("cpu"), amp=scale is not None, amp_dtype="float16",
                                 memory_format="nchw", tf32=False)
         scaler = runtime.grad_scaler(scale, dynamic=False) if scale else runtime.grad_scaler()
@@ -434,8 +439,8 @@ def test_lars_under_ddp_with_accumulation_matches_one_process_with_the_same_glob
 def test_resuming_an_sgd_checkpoint_with_lars_is_a_one_line_error():
     from image_classification.engine.optim import load_optimizer_state
     model = ConvBn()
-    sgd = build_optimizer(model, name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
-    lars = build_optimizer(model, name="lars", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    sgd = build_optimizer(model, OptimizerOptions(name="sgd", momentum=0.9, weight_decay=1e-4), lr=0.1)
+    lars = build_optimizer(model, OptimizerOptions(name="lars", momentum=0.9, weight_decay=1e-4), lr=0.1)
     with pytest.raises(UserError, match="does not fit --optimizer lars"):
         load_optimizer_state(lars, sgd.state_dict())  # the biases sit in the other group
 
@@ -448,8 +453,8 @@ def test_on_cuda_the_step_matches_the_cpu_step_and_fp16_training_runs(name, smal
     after = []
     for device in ("cpu", "cuda"):
         model = ConvBn().to(device)
-        optimizer = build_optimizer(model, name=name, lr=0.1, momentum=MOMENTUM, weight_decay=WD,
-                                    device=torch.device(device))
+        optimizer = build_optimizer(model, OptimizerOptions(name=name, momentum=MOMENTUM, weight_decay=WD),
+                                    lr=0.1, device=torch.device(device))
         for step in range(2):
             for (_, p), g in zip(model.named_parameters(), _with_grads(ConvBn(), seed=step).values()):
                 p.grad = g.to(device)

@@ -2,6 +2,7 @@
 the large-batch optimizers)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -55,11 +56,25 @@ OPTIMIZERS = ("sgd", "rmsprop", *LARGE_BATCH_OPTIMIZERS)
 DEFAULT_EPS = {"lars": 1e-7, "lamb": 1e-6, "adamw": 1e-8}
 
 
-def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, weight_decay: float,
-                    nesterov: bool = False, bn_weight_decay: bool = False, rmsprop_alpha: float = 0.9,
-                    rmsprop_eps: float = 1e-3, trust_coefficient: float = 0.001, trust_clip: bool = False,
-                    betas: Sequence[float] = (0.9, 0.999), eps: float | None = None, max_grad_norm: float = 0.0,
-                    backbone_lr_scale: float = 1.0,
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """``--optimizer`` and the settings it reads (the LR comes from the run's :class:`Batching`)."""
+    name: str
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    bn_weight_decay: bool = False
+    rmsprop_alpha: float = 0.9
+    rmsprop_eps: float = 1e-3
+    trust_coefficient: float = 0.001
+    trust_clip: bool = False
+    betas: Sequence[float] = (0.9, 0.999)
+    eps: float | None = None
+    max_grad_norm: float = 0.0
+    backbone_lr_scale: float = 1.0
+
+
+def build_optimizer(model: nn.Module, options: OptimizerOptions, *, lr: float,
                     device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
     """The optimizer for ``model``, whose parameters are on ``device``.
 
@@ -69,29 +84,31 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, 
     RMSprop, LARS or LAMB keeps that one sync per optimizer step (bf16 AMP needs no GradScaler,
     hence no sync).
     """
-    if name not in OPTIMIZERS:
-        raise UserError(f"unknown --optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    layerwise = name in LARGE_BATCH_OPTIMIZERS
-    groups = parameter_groups(model, weight_decay, bn_weight_decay, exclude_biases=layerwise,
-                              backbone_lr_scale=backbone_lr_scale)
+    if options.name not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer {options.name!r}; choose from {', '.join(OPTIMIZERS)}")
+    layerwise = options.name in LARGE_BATCH_OPTIMIZERS
+    groups = parameter_groups(model, options.weight_decay, options.bn_weight_decay, exclude_biases=layerwise,
+                              backbone_lr_scale=options.backbone_lr_scale)
     for group in groups:
         group.setdefault("lr", lr * group.get("lr_scale", 1.0))
-    eps = DEFAULT_EPS.get(name) if eps is None else eps
+    eps = DEFAULT_EPS.get(options.name) if options.eps is None else options.eps
     fused = device.type == "cuda"
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=fused)
-    if name == "rmsprop":
+    if options.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=options.momentum, nesterov=options.nesterov, fused=fused)
+    if options.name == "rmsprop":
         # PyTorch adds eps outside the square root (v / (sqrt(s) + eps)); TensorFlow adds it inside
         # (sqrt(s + eps)). The reference recipes' eps 0.01 was tuned for the PyTorch form.
-        return torch.optim.RMSprop(groups, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps, momentum=momentum)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+        return torch.optim.RMSprop(groups, lr=lr, alpha=options.rmsprop_alpha, eps=options.rmsprop_eps,
+                                   momentum=options.momentum)
+    if options.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(options.betas), eps=eps, fused=fused)
     for group in groups[1::2]:
-        group["adapt"] = bn_weight_decay  # excluded from decay = excluded from the trust ratio
-    if name == "lars":
-        return Lars(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient, eps=eps,
-                    nesterov=nesterov, trust_clip=trust_clip)
-    return Lamb(groups, lr=lr, betas=tuple(betas), eps=eps, max_grad_norm=max_grad_norm, trust_clip=trust_clip)
+        group["adapt"] = options.bn_weight_decay  # excluded from decay = excluded from the trust ratio
+    if options.name == "lars":
+        return Lars(groups, lr=lr, momentum=options.momentum, trust_coefficient=options.trust_coefficient, eps=eps,
+                    nesterov=options.nesterov, trust_clip=options.trust_clip)
+    return Lamb(groups, lr=lr, betas=tuple(options.betas), eps=eps, max_grad_norm=options.max_grad_norm,
+                trust_clip=options.trust_clip)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
