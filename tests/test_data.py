@@ -195,6 +195,26 @@ def test_unreadable_files_are_skipped_and_reported(bad_folder):
     assert loader.take_skipped() == []
 
 
+def test_evaluate_names_the_validation_files_it_skipped(bad_folder, tmp_path, capsys):
+    """--evaluate scores the readable images and says which were left out (before: only the
+    training loop reported them, so an evaluation's top-1 silently covered fewer images)."""
+    from image_classification import cli
+    from image_classification.models.registry import ModelSpec
+    from tests.helpers.registered import registered_model
+
+    def tiny(num_classes: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   torch.nn.Linear(4, num_classes))
+    with registered_model(ModelSpec("evaluate-cnn", "test", tiny, default_image_size=16)):
+        assert cli.main(["--arch", "evaluate-cnn", "--data-backend", "pytorch", "--evaluate", "--image-size", "16",
+                         "-b", "4", "--workers", "0", "--device", "cpu", "--workspace", str(tmp_path / "ws"),
+                         str(bad_folder)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "unreadable file(s)" in line)
+    assert "epoch 0: skipped 3 unreadable file(s):" in line
+    assert all(name in line for name in ("corrupt.jpg", "notes.jpg", "truncated.jpg"))
+
+
 def test_batch_of_only_unreadable_files_is_dropped(bad_folder):
     loader = pytorch_backend.val_loader(config(bad_folder, batch_size=1, workers=2))
     assert len(loader) == 9
