@@ -1,7 +1,7 @@
 """Figures of the code's shape, to compare before and after a restructuring (issue 25).
 
-    python benchmarks/house_figures.py            # this checkout
-    python benchmarks/house_figures.py --top 8    # more of the longest parameter lists
+    python tools/house_figures.py            # this checkout
+    python tools/house_figures.py --top 8    # more of the longest parameter lists
 
 Prints: README lines (and lines over 200 characters), modules and lines under image_classification/,
 internal import edges (module -> module, each pair once, imports inside functions included) and the
