@@ -113,7 +113,8 @@ def functions(path: Path):
 
 
 def key_reads(path: Path) -> list[tuple[int, str]]:
-    pattern = re.compile(r"""(\[\s*|\.get\(\s*|\.pop\(\s*)["'](%s)["']""" % "|".join(CHECKPOINT_KEYS))
+    # (not ``helps.get("num_classes", ...)``: config.py's help texts are keyed by flag names)
+    pattern = re.compile(r"""(?<!helps)(\[\s*|\.get\(\s*|\.pop\(\s*)["'](%s)["']""" % "|".join(CHECKPOINT_KEYS))
     hits = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if pattern.search(line):
