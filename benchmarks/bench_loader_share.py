@@ -197,9 +197,11 @@ def timm_rate(data: Path, size: int, args, amp_dtype) -> float:
     log lines (``--log-interval 1``: the wall time between optimizer updates, data wait included, the
     first with worker start-up), the same arithmetic as ``epoch_rate`` and ``../shared/bench/parse_logs.py``."""
     with tempfile.TemporaryDirectory() as workspace:
-        command = [sys.executable, str(args.timm_train), str(data), "--model", args.arch, "--num-classes", "2",
+        # --data-dir with explicit splits (the folder has no val/; timm scores the train split after the epoch)
+        command = [sys.executable, str(args.timm_train), "--data-dir", str(data), "--train-split", "train",
+                   "--val-split", "train", "--model", args.arch, "--num-classes", "2",
                    "--img-size", str(size), "-b", str(args.batch_size), "-j", str(args.workers), "--epochs", "1",
-                   "--log-interval", "1", "--device", "cpu", "--val-split", "val", "--warmup-epochs", "0",
+                   "--log-interval", "1", "--device", "cpu", "--warmup-epochs", "0",
                    "--seed", "0", "--output", workspace]
         command.append("--channels-last")  # what --memory-format auto chose on the CPU
         if amp_dtype is not None:  # as main.py --amp chose on this CPU
@@ -271,6 +273,9 @@ def main() -> int:
                         help="training samples timed stage by stage per format (default: 256)")
     parser.add_argument("--fp32", dest="amp", action="store_false",
                         help="train without --amp (fp32), as a CPU without native bf16 does with --amp")
+    parser.add_argument("--no-synthetic", dest="synthetic", action="store_false",
+                        help="leave out the synthetic backend's run (in fp32 its fixed batch is learnt to a loss of 0 "
+                             "within the epoch, and denormal gradients then slow every step down)")
     parser.add_argument("--timm-train", type=Path, default=None, metavar="TRAIN_PY",
                         help="also run timm's train.py (from a pytorch-image-models checkout; timm installed) "
                              "on the JPEG folder in every round")
@@ -289,7 +294,8 @@ def main() -> int:
     generated = "" if args.data else f"-{args.images}x{args.copies}"  # the generated folder is rewritten per setting
     every = packed_forms(data, data.with_name(f"{data.name}-packed{generated}"), args.packed_max_size)
     forms = {name: every[name] for name in args.formats}
-    runs = [(BARE, None), ("synthetic", None)] + [(backend, name) for backend in args.backends for name in forms]
+    runs = [(BARE, None)] + ([("synthetic", None)] if args.synthetic else []) + [
+        (backend, name) for backend in args.backends for name in forms]
     if args.timm_train:
         runs.append((TIMM, None))
     print(f"{args.arch}, batch {args.batch_size}, {'--amp' if args.amp else 'no --amp'} ({chosen.name}), --memory-format auto, -j {args.workers}, {data}, "
