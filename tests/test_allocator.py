@@ -1,4 +1,5 @@
-"""The CPU training process keeps the memory a step frees (image_classification/allocator.py)."""
+"""A CPU training process keeps the memory a step frees (image_classification/allocator.py) and
+flushes denormal floats to zero while it runs."""
 from __future__ import annotations
 
 import subprocess
@@ -49,3 +50,19 @@ def test_a_cpu_run_applies_it_before_building_the_model(monkeypatch, tmp_path):
                      "--synthetic-epoch-size", "4", "--num-classes", "2", "--evaluate", "--prof", "1",
                      "--device", "cpu", "--workspace", str(tmp_path)]) == 0
     assert calls == ["applied"]
+
+
+def test_a_cpu_run_flushes_denormals_while_it_trains_and_not_after(tmp_path):
+    import torch
+
+    from image_classification.engine import trainer
+    seen = []
+
+    def tiny_value(epoch, batches):
+        seen.append(torch.tensor([1e-323], dtype=torch.float64).item())
+    assert cli.main(["--data-backend", "synthetic", "--arch", "resnet18", "--image-size", "32", "-b", "2",
+                     "--synthetic-epoch-size", "4", "--num-classes", "2", "--epochs", "1", "--training-only",
+                     "--no-checkpoints", "--device", "cpu", "--workspace", str(tmp_path)],
+                    hooks=trainer.Hooks(after_step=tiny_value)) == 0
+    assert seen == [0.0, 0.0]  # flushed during the run (1e-323 is a float64 denormal)
+    assert torch.tensor([1e-323], dtype=torch.float64).item() > 0  # and the process is as it was after it
