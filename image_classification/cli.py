@@ -52,7 +52,6 @@ def main(argv: Sequence[str] | None = None, defaults: dict[str, Any] | None = No
     finally:
         compiling.release_graphs()
         distributed.shutdown()
-        torch.set_flush_denormal(False)
 
 
 def run(args, hooks: trainer.Hooks | None = None) -> int:
@@ -129,12 +128,8 @@ def _start_runtime(args, context: distributed.DistributedContext) -> runtime.Run
                             "does not); use --gpu-affinity none")
         set_affinity(bus_id, args.gpu_affinity)
     device = runtime.select_device(args.device, context.local_rank)
-    if device.type == "cpu":
-        allocator.keep_freed_memory()  # before the model's first buffers: steps reuse the heap (allocator.py)
-        # Denormal floats (below 1.2e-38 in fp32) take a slow microcode path on x86: a model whose
-        # gradients shrink that far (a loss near 0) ran 60x slower per step (docs/performance.md).
-        # Flushed to zero, as GPUs do under AMP; main() sets it back when the run ends.
-        torch.set_flush_denormal(True)
+    if device.type == "cpu":  # before the model's first buffers: steps reuse the heap (allocator.py)
+        allocator.keep_freed_memory()
     rt = runtime.build_runtime(device=device, amp=args.amp, amp_dtype=args.amp_dtype,
                                memory_format=args.memory_format, tf32=args.tf32,
                                path="infer" if args.evaluate else "train")

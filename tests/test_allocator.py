@@ -1,5 +1,4 @@
-"""A CPU training process keeps the memory a step frees (image_classification/allocator.py) and
-flushes denormal floats to zero while it runs."""
+"""The CPU training process keeps the memory a step frees (image_classification/allocator.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -12,35 +11,36 @@ from image_classification import allocator, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A step's pattern: large buffers, written, freed; the page faults of steps 3-12, per step.
-STEPS = """
-import resource, sys, torch
+# glibc's own account of its heap after a 1 MiB buffer is allocated and freed (mallinfo2, glibc >= 2.33).
+# Page-fault counts would be the direct measure, but transparent huge pages make them vary from run to
+# run; the speed-up itself is a benchmark's figure (docs/performance.md), not a test's.
+HEAP = """
+import ctypes, sys, torch
 sys.path.insert(0, {root!r})
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
 if {tuned}:
     from image_classification import allocator
     assert allocator.keep_freed_memory()
-def step():
-    buffers = [torch.ones(n << 20, dtype=torch.uint8) for n in (24, 16, 28, 12, 20)]
-    del buffers
-step(); step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+buffer = torch.ones(1 << 20, dtype=torch.uint8)
+del buffer
+print(libc.mallinfo2().arena)
 """
 
 
-def faults_per_step(tuned: bool) -> float:
-    code = STEPS.format(root=str(ROOT), tuned=tuned)
-    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+def heap_bytes(tuned: bool) -> int:
+    code = HEAP.format(root=str(ROOT), tuned=tuned)
+    return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_freed_buffers_are_reused_without_page_faults():
-    default, tuned = faults_per_step(False), faults_per_step(True)
-    # 100 MiB a step is 25,600 pages: with glibc's defaults most are handed back and faulted in again
-    assert default > 5000
-    assert tuned < default / 10
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and mallinfo2")
+def test_the_heap_grows_by_the_top_pad_and_keeps_what_is_freed():
+    default, tuned = heap_bytes(False), heap_bytes(True)
+    # glibc's default grows the heap 128 KiB beyond a request; tuned, by 256 MiB, kept after the free
+    assert tuned - default >= allocator.TOP_PAD - (32 << 20)
 
 
 def test_a_cpu_run_applies_it_before_building_the_model(monkeypatch, tmp_path):
@@ -51,18 +51,3 @@ def test_a_cpu_run_applies_it_before_building_the_model(monkeypatch, tmp_path):
                      "--device", "cpu", "--workspace", str(tmp_path)]) == 0
     assert calls == ["applied"]
 
-
-def test_a_cpu_run_flushes_denormals_while_it_trains_and_not_after(tmp_path):
-    import torch
-
-    from image_classification.engine import trainer
-    seen = []
-
-    def tiny_value(epoch, batches):
-        seen.append(torch.tensor([1e-323], dtype=torch.float64).item())
-    assert cli.main(["--data-backend", "synthetic", "--arch", "resnet18", "--image-size", "32", "-b", "2",
-                     "--synthetic-epoch-size", "4", "--num-classes", "2", "--epochs", "1", "--training-only",
-                     "--no-checkpoints", "--device", "cpu", "--workspace", str(tmp_path)],
-                    hooks=trainer.Hooks(after_step=tiny_value)) == 0
-    assert seen == [0.0, 0.0]  # flushed during the run (1e-323 is a float64 denormal)
-    assert torch.tensor([1e-323], dtype=torch.float64).item() > 0  # and the process is as it was after it
