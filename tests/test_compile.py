@@ -16,8 +16,7 @@ from torch import nn
 from image_classification import cli
 from image_classification.checkpoints.files import read_pth
 from image_classification.engine import trainer
-from image_classification.models.registry import ModelSpec
-from tests.helpers.registered import registered_model
+from tests.helpers.registered import model_for_module
 from image_classification.reporting.dllogger import read_raport
 from tests.helpers.net import free_port
 
@@ -29,11 +28,7 @@ def _compile_cnn(num_classes: int = 10) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cnn_registered():
-    """The test-only architecture, registered while this module's tests run."""
-    with registered_model(ModelSpec("compile-cnn", "test", _compile_cnn, default_image_size=16)):
-        yield
+_compile_cnn_registered = model_for_module("compile-cnn", _compile_cnn)
 
 
 COMMON = ["--arch", "compile-cnn", "--data-backend", "synthetic", "--synthetic-epoch-size", "24", "-b", "4",

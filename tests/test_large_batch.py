@@ -14,8 +14,7 @@ from image_classification.engine import schedules
 from image_classification.engine.loop import EvalPlan
 from image_classification.engine.optim import OptimizerOptions, build_optimizer
 from image_classification.errors import UserError
-from image_classification.models.registry import ModelSpec
-from tests.helpers.registered import registered_model
+from tests.helpers.registered import model_for_module
 from image_classification.reporting.dllogger import read_raport
 from image_classification.runtime import build_runtime
 from tests.helpers.net import free_port
@@ -43,11 +42,7 @@ class ConvBn(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _lars_bn_cnn():
-    """The test-only architecture, registered while this module's tests run."""
-    with registered_model(ModelSpec("lars-bn-cnn", "test", ConvBn, default_image_size=16)):
-        yield
+_lars_bn_cnn = model_for_module("lars-bn-cnn", ConvBn)
 
 
 

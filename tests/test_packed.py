@@ -28,10 +28,9 @@ from image_classification.data.prepare import cli as prepare
 from image_classification.data.prepare.digits import write_digits
 from image_classification.data.prepare.resize import target_size
 from image_classification.errors import UserError
-from image_classification.models import registry as models
 from image_classification.reporting.dllogger import read_raport
 from tests.helpers.faults import sigterm_at_step
-from tests.helpers.registered import registered_model
+from tests.helpers.registered import model_for_module
 
 try:
     import nvidia.dali  # noqa: F401
@@ -317,11 +316,7 @@ def _tiny(num_classes: int = 10) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _packed_tiny_registered():
-    """The test-only architecture, registered while this module's tests run."""
-    with registered_model(models.ModelSpec("packed-tiny", "test", _tiny, default_image_size=16)):
-        yield
+_packed_tiny_registered = model_for_module("packed-tiny", _tiny)
 
 
 TINY = ["--arch", "packed-tiny", "--image-size", "16", "--val-resize-size", "16", "-b", "32", "--lr", "0.2",

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from image_classification import cli, config, machine, precision, runtime, settings
-from image_classification.models.registry import ModelSpec
-from tests.helpers.registered import registered_model
+from tests.helpers.registered import model_for_module
 from image_classification.reporting.dllogger import read_raport
 
 
@@ -15,11 +14,7 @@ def _tiny(num_classes: int = 10) -> nn.Module:
                          nn.Linear(4, num_classes))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _precision_cnn():
-    """The test-only architecture, registered while this module's tests run."""
-    with registered_model(ModelSpec("precision-cnn", "test", _tiny, default_image_size=24)):
-        yield
+_precision_cnn = model_for_module("precision-cnn", _tiny, default_image_size=24)
 
 
 TINY = ["--arch", "precision-cnn", "--data-backend", "synthetic", "--device", "cpu", "-b", "4", "--epochs", "1",

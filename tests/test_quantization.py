@@ -21,9 +21,8 @@ import model2onnx  # noqa: E402
 from image_classification import cli, models, quantization  # noqa: E402
 from image_classification.checkpoints.files import read_pth  # noqa: E402
 from image_classification.deploy import runners  # noqa: E402
-from image_classification.models.registry import ModelSpec  # noqa: E402
-from tests.helpers.registered import registered_model  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402
+from tests.helpers.registered import model_for_module  # noqa: E402
 
 ARCH = "tiny-bn-cnn"
 
@@ -35,11 +34,7 @@ def tiny_bn_cnn(num_classes: int = 10) -> nn.Module:
                          nn.Linear(64, num_classes))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tiny_bn_cnn_registered():
-    """The test-only architecture, registered while this module's tests run."""
-    with registered_model(ModelSpec(ARCH, "test", tiny_bn_cnn, default_image_size=32)):
-        yield
+_tiny_bn_cnn_registered = model_for_module(ARCH, tiny_bn_cnn, default_image_size=32)
 
 
 COMMON = ["--arch", ARCH, "--data-backend", "pytorch", "--image-size", "32", "--val-resize-size", "32", "-b", "32",

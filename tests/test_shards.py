@@ -26,10 +26,9 @@ from image_classification.data import registry, sources
 from image_classification.data.contract import EpochProgress, LoaderConfig
 from image_classification.data.loaders import sampling
 from image_classification.errors import UserError
-from image_classification.models import registry as models
 from tests.helpers.faults import sigterm_at_step
 from tests.helpers.net import free_port
-from tests.helpers.registered import registered_model
+from tests.helpers.registered import model_for_module
 
 REPO = Path(__file__).resolve().parents[1]
 TFSLIM = REPO / "tests" / "data" / "tfslim_digits"
@@ -407,11 +406,7 @@ def _tiny(num_classes: int = 10) -> nn.Module:
                          nn.Linear(8, num_classes))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _shards_tiny_registered():
-    """The test-only architecture, registered while this module's tests run."""
-    with registered_model(models.ModelSpec("shards-tiny", "test", _tiny, default_image_size=16)):
-        yield
+_shards_tiny_registered = model_for_module("shards-tiny", _tiny)
 
 
 TINY = ["--arch", "shards-tiny", "--image-size", "16", "--val-resize-size", "16", "-b", "8", "--lr", "0.05",

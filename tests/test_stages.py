@@ -9,8 +9,7 @@ from image_classification.checkpoints.files import read_pth
 from image_classification.engine import trainer
 from image_classification.engine.stages import StageSchedule
 from image_classification.errors import UserError
-from image_classification.models.registry import ModelSpec
-from tests.helpers.registered import registered_model
+from tests.helpers.registered import model_for_module
 from image_classification.reporting.dllogger import read_raport
 from tests.helpers.faults import sigterm_at_step
 
@@ -21,11 +20,7 @@ def _stage_cnn(num_classes: int = 10) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stage_cnn_registered():
-    """The test-only architecture, registered while this module's tests run."""
-    with registered_model(ModelSpec("stage-cnn", "test", _stage_cnn, default_image_size=16)):
-        yield
+_stage_cnn_registered = model_for_module("stage-cnn", _stage_cnn)
 
 
 # 100 training images, batch 8: 12 batches per epoch; stage 0 = epochs 0-1 at 16 px, stage 1 = 2-3 at 24 px.

@@ -5,6 +5,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import pytest
+from torch import nn
+
 from image_classification.data import registry as data_registry
 from image_classification.models import registry as model_registry
 
@@ -25,3 +28,14 @@ def registered_backend(name: str, factory: Callable[[], data_registry.Backend]) 
         yield name
     finally:
         data_registry.unregister(name)
+
+
+def model_for_module(name: str, builder: Callable[..., nn.Module], default_image_size: int = 16):
+    """An autouse fixture that registers a test-only architecture while one test module runs:
+    ``_registered = model_for_module("tiny-cnn", tiny_cnn)`` at the module's top level."""
+    @pytest.fixture(scope="module", autouse=True)
+    def registered() -> Iterator[None]:
+        with registered_model(model_registry.ModelSpec(name, "test", builder,
+                                                       default_image_size=default_image_size)):
+            yield
+    return registered
