@@ -11,8 +11,8 @@ sensor noise, each linked four times; written once under the temp folder) with e
 each data format (``--formats``: the JPEG folder; the same images ``prepare --to packed`` with the
 shorter side capped at ``--packed-max-size``, stored raw and as JPEG q90) and with the ``synthetic``
 backend (main.py without a loader). The reference is a bare loop -- the same model, optimizer,
-precision, memory format (what --amp picks on this CPU) and allocator settings (image_classification/allocator.py,
-as main.py on the CPU), one fixed in-memory batch, nothing else, timed the same way: the limit a loader can reach, as ``../shared/bench/bare_loop.py
+precision, memory format (what --amp picks on this CPU), allocator settings and denormal mode
+(image_classification/allocator.py and denormals.py, as main.py on the CPU), one fixed in-memory batch, nothing else, timed the same way: the limit a loader can reach, as ``../shared/bench/bare_loop.py
 --compute`` measures it. Every run is a fresh process.
 
 A run's rate is the epoch throughput from its per-iteration records: all images / the sum of the
@@ -231,9 +231,10 @@ def run_fixed_batch(size: int, args) -> None:
     """The bare loop: as many steps as a loader epoch has, each timed from the end of the last."""
     import torch  # noqa: PLC0415 -- only this child process needs it
 
-    from image_classification import allocator, models, precision  # noqa: PLC0415
+    from image_classification import allocator, denormals, models, precision  # noqa: PLC0415
 
     allocator.keep_freed_memory()  # as main.py does on the CPU: the same process conditions
+    denormals.flush()
 
     torch.manual_seed(0)
     amp_dtype = precision.choose("cpu", amp=args.amp).amp_dtype  # as main.py [--amp] --memory-format auto
