@@ -275,8 +275,7 @@ def main() -> int:
     parser.add_argument("--fp32", dest="amp", action="store_false",
                         help="train without --amp (fp32), as a CPU without native bf16 does with --amp")
     parser.add_argument("--no-synthetic", dest="synthetic", action="store_false",
-                        help="leave out the synthetic backend's run (in fp32 its fixed batch is learnt to a loss of 0 "
-                             "within the epoch, and denormal gradients then slow every step down)")
+                        help="leave out the synthetic backend's run (main.py without a loader)")
     parser.add_argument("--timm-train", type=Path, default=None, metavar="TRAIN_PY",
                         help="also run timm's train.py (from a pytorch-image-models checkout; timm installed) "
                              "on the JPEG folder in every round")

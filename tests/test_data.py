@@ -17,7 +17,7 @@ from PIL import Image
 from image_classification.data import registry
 from image_classification.data.contract import IMAGENET_MEAN, IMAGENET_STD, EpochProgress, LoaderConfig
 from image_classification.data.loaders import sampling
-from image_classification.data.loaders.device import DeviceLoader
+from image_classification.data.loaders.device import DeviceLoader, Normalize
 from image_classification.data.loaders.transforms import open_rgb, train_transform, val_transform
 from image_classification.data.prepare.digits import write_digits
 from image_classification.data.sources.folder import check_dataset, scan_split
@@ -230,6 +230,15 @@ def test_device_loader_drops_empty_batches():
                           sampler=sampling.ShardSampler(2, batch_size=1, rank=0, world_size=1, seed=0, train=False))
     assert [labels.tolist() for _, labels in loader] == [[0]]
     assert loader.take_skipped() == ["x.jpg"]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_normalize_gives_imagenet_floats_in_the_batch_layout(memory_format):
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    normalized = Normalize(torch.device("cpu"), memory_format)(images)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert normalized.dtype == torch.float32 and normalized.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(normalized, (images.float() / 255 - mean) / std)
 
 
 def _odd_images(directory) -> dict[str, str]:

