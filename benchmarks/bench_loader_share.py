@@ -17,9 +17,11 @@ precision, memory format (what --amp picks on this CPU), allocator settings and 
 
 A run's rate is the epoch throughput from its per-iteration records: all images / the sum of the
 iterations' data-wait + compute times (the first one includes starting the loader's workers, and
-the bare loop's first one its warm-up). The best of ``--rounds`` runs counts. The printed ratio,
-rate / bare-loop rate, is the share of the epoch left to the model (1.0: the loader costs nothing);
-the loader's cost is 1 - ratio (the ``synthetic`` row shows how much of it is main.py's own loop).
+the bare loop's first one its warm-up). Each round's ratio to that round's bare loop is printed,
+then the best of ``--rounds`` runs against the best bare loop. The ratio, rate / bare-loop rate,
+is the share of the epoch left to the model (1.0: the loader costs nothing); the loader's cost is
+1 - ratio (the ``synthetic`` row shows how much of it is main.py's own loop). A fresh process's
+speed varies by a few % from run to run, the bare loop's too, so one round's ratio carries both.
 
 Where the rest goes: for each format, the pytorch backend's stages are timed in this process on one
 thread, on ``--breakdown-samples`` training samples -- read (the stored bytes), decode (the image,
@@ -119,7 +121,7 @@ def stage_costs(data: Path, size: int, args) -> dict[str, float]:
     import io  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from image_classification import precision  # noqa: PLC0415
+    from image_classification import allocator, precision  # noqa: PLC0415
     from image_classification.data import sources  # noqa: PLC0415
     from image_classification.data.loaders.decode import split_crop  # noqa: PLC0415
     from image_classification.data.loaders.device import Normalize  # noqa: PLC0415
@@ -127,6 +129,7 @@ def stage_costs(data: Path, size: int, args) -> dict[str, float]:
     from image_classification.data.loaders.transforms import train_transform  # noqa: PLC0415
 
     torch.set_num_threads(1)
+    allocator.keep_freed_memory()  # the batch buffers reused, as in main.py's process
     amp_dtype = precision.choose("cpu", amp=True).amp_dtype
     memory_format = precision.memory_format("auto", "cpu", "train", amp_dtype)
     source = sources.open_source(str(data), "train")
@@ -289,10 +292,10 @@ def main() -> int:
     from image_classification import machine, precision  # noqa: PLC0415
     print(machine.describe(), flush=True)
     chosen = precision.choose("cpu", amp=args.amp)
-    root = Path(tempfile.gettempdir()) / "convnets-bench-loader-share"
+    # a generated folder per setting: one with other images must not be mixed into it
+    root = Path(tempfile.gettempdir()) / f"convnets-bench-loader-share-{args.images}x{args.copies}"
     data = args.data or make_dataset(root, args.images, args.copies)
-    generated = "" if args.data else f"-{args.images}x{args.copies}"  # the generated folder is rewritten per setting
-    every = packed_forms(data, data.with_name(f"{data.name}-packed{generated}"), args.packed_max_size)
+    every = packed_forms(data, data.with_name(f"{data.name}-packed"), args.packed_max_size)
     forms = {name: every[name] for name in args.formats}
     runs = [(BARE, None)] + ([("synthetic", None)] if args.synthetic else []) + [
         (backend, name) for backend in args.backends for name in forms]
@@ -301,6 +304,7 @@ def main() -> int:
     print(f"{args.arch}, batch {args.batch_size}, {'--amp' if args.amp else 'no --amp'} ({chosen.name}), --memory-format auto, -j {args.workers}, {data}, "
           f"packed <= {args.packed_max_size} px, {os.cpu_count()} CPUs, best of {args.rounds} round(s)", flush=True)
     best: dict[tuple[int, str], float] = {}
+    rounds: dict[tuple[int, str], list[float]] = {}  # every round's rate, in order
     for size in args.sizes:
         for turn in range(args.rounds):
             for backend, form in runs:
@@ -310,6 +314,12 @@ def main() -> int:
                         epoch_rate(backend, forms[form] if form else data, size, args))
                 print(f"  {size:4d} px  round {turn + 1}  {label:<22} {rate:7.1f} img/s", flush=True)
                 best[size, label] = max(best.get((size, label), 0.0), rate)
+                rounds.setdefault((size, label), []).append(rate)
+    print(f"\nper round, the ratio to the same round's bare loop (lowest .. highest)")
+    for (size, label), rates in rounds.items():
+        ratios = [rate / bare for rate, bare in zip(rates, rounds[size, BARE])]
+        print(f"{size:5d}  {label:<22} " + " ".join(f"{ratio:6.3f}" for ratio in ratios)
+              + f"   ({min(ratios):.3f} .. {max(ratios):.3f})")
     print(f"\n{'size':>5}  {'run':<22} {'img/s':>7}  {'ratio to bare loop':>18}")
     for size in args.sizes:
         limit = best[size, BARE]
