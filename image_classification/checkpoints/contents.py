@@ -297,11 +297,11 @@ def _check_format(state: Mapping[str, Any], path: str | Path) -> None:
 def load(path: str | Path) -> SavedRun:
     """The training checkpoint at ``path`` (``--resume``), read safely and its format checked."""
     state = files.read_pth(path, "checkpoint", hint="; use an earlier checkpoint_XXXX.pth.tar or model_best.pth.tar")
-    if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
+    run = SavedRun.of(state, path)
+    if run is None:
         raise UserError(f"{path} is not a training checkpoint (no 'state_dict'/'epoch'); "
                         "to start from plain weights use --pretrained-from-file")
-    _check_format(state, path)
-    return SavedRun(state, path)
+    return run
 
 
 # ---------------------------------------------------------------- weights files of any origin
