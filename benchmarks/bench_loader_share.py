@@ -12,8 +12,9 @@ each data format (``--formats``: the JPEG folder; the same images ``prepare --to
 shorter side capped at ``--packed-max-size``, stored raw and as JPEG q90) and with the ``synthetic``
 backend (main.py without a loader). The reference is a bare loop -- the same model, optimizer,
 precision, memory format (what --amp picks on this CPU), allocator settings and denormal mode
-(image_classification/allocator.py and denormals.py, as main.py on the CPU), one fixed in-memory batch, nothing else, timed the same way: the limit a loader can reach, as ``../shared/bench/bare_loop.py
---compute`` measures it. Every run is a fresh process.
+(image_classification/allocator.py and denormals.py, as main.py on the CPU), one fixed in-memory
+batch, nothing else, timed the same way: the limit a loader can reach, as
+``../shared/bench/bare_loop.py --compute`` measures it. Every run is a fresh process.
 
 A run's rate is the epoch throughput from its per-iteration records: all images / the sum of the
 iterations' data-wait + compute times (the first one includes starting the loader's workers, and
@@ -130,7 +131,7 @@ def stage_costs(data: Path, size: int, args) -> dict[str, float]:
 
     torch.set_num_threads(1)
     allocator.keep_freed_memory()  # the batch buffers reused, as in main.py's process
-    amp_dtype = precision.choose("cpu", amp=True).amp_dtype
+    amp_dtype = precision.choose("cpu", amp=args.amp).amp_dtype  # the runs' layout, as in epoch_rate
     memory_format = precision.memory_format("auto", "cpu", "train", amp_dtype)
     source = sources.open_source(str(data), "train")
     decoder, rest = split_crop(train_transform(size, augment=args.augmentation))
@@ -277,8 +278,6 @@ def main() -> int:
                         help="training samples timed stage by stage per format (default: 256)")
     parser.add_argument("--fp32", dest="amp", action="store_false",
                         help="train without --amp (fp32), as a CPU without native bf16 does with --amp")
-    parser.add_argument("--no-synthetic", dest="synthetic", action="store_false",
-                        help="leave out the synthetic backend's run (main.py without a loader)")
     parser.add_argument("--timm-train", type=Path, default=None, metavar="TRAIN_PY",
                         help="also run timm's train.py (from a pytorch-image-models checkout; timm installed) "
                              "on the JPEG folder in every round")
@@ -297,12 +296,13 @@ def main() -> int:
     data = args.data or make_dataset(root, args.images, args.copies)
     every = packed_forms(data, data.with_name(f"{data.name}-packed"), args.packed_max_size)
     forms = {name: every[name] for name in args.formats}
-    runs = [(BARE, None)] + ([("synthetic", None)] if args.synthetic else []) + [
-        (backend, name) for backend in args.backends for name in forms]
+    runs = [(BARE, None), ("synthetic", None)] + [(backend, name) for backend in args.backends for name in forms]
     if args.timm_train:
         runs.append((TIMM, None))
-    print(f"{args.arch}, batch {args.batch_size}, {'--amp' if args.amp else 'no --amp'} ({chosen.name}), --memory-format auto, -j {args.workers}, {data}, "
-          f"packed <= {args.packed_max_size} px, {os.cpu_count()} CPUs, best of {args.rounds} round(s)", flush=True)
+    amp = "--amp" if args.amp else "no --amp"
+    print(f"{args.arch}, batch {args.batch_size}, {amp} ({chosen.name}), --memory-format auto, -j {args.workers}, "
+          f"{data}, packed <= {args.packed_max_size} px, {os.cpu_count()} CPUs, best of {args.rounds} round(s)",
+          flush=True)
     best: dict[tuple[int, str], float] = {}
     rounds: dict[tuple[int, str], list[float]] = {}  # every round's rate, in order
     for size in args.sizes:
@@ -315,7 +315,7 @@ def main() -> int:
                 print(f"  {size:4d} px  round {turn + 1}  {label:<22} {rate:7.1f} img/s", flush=True)
                 best[size, label] = max(best.get((size, label), 0.0), rate)
                 rounds.setdefault((size, label), []).append(rate)
-    print(f"\nper round, the ratio to the same round's bare loop (lowest .. highest)")
+    print("\nper round, the ratio to the same round's bare loop (lowest .. highest)")
     for (size, label), rates in rounds.items():
         ratios = [rate / bare for rate, bare in zip(rates, rounds[size, BARE])]
         print(f"{size:5d}  {label:<22} " + " ".join(f"{ratio:6.3f}" for ratio in ratios)
