@@ -55,7 +55,6 @@ def test_a_cpu_run_applies_it_before_building_the_model(monkeypatch, tmp_path):
     assert calls == ["applied"]
 
 
-
 # A CPU run computes denormal floats as zero on every intra-op thread (image_classification/denormals.py).
 # In a fresh process, as main.py runs: the mode is per thread, and the pool's threads must copy it.
 FLUSHING = """

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import classify  # noqa: E402
 import model2onnx  # noqa: E402
-from image_classification import cli, models, quantization  # noqa: E402
+from image_classification import cli, models  # noqa: E402
 from image_classification.checkpoints.files import read_pth  # noqa: E402
 from image_classification.deploy import runners  # noqa: E402
 from image_classification.reporting.dllogger import read_raport  # noqa: E402

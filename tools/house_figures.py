@@ -143,7 +143,7 @@ def main() -> int:
     signatures = [(len(names), f"{module_name(path).removeprefix(PACKAGE + '.')}.{fn}", names)
                   for path in found.values() for fn, _, names in functions(path)]
     signatures.sort(key=lambda s: -s[0])
-    print(f"longest parameter lists:")
+    print("longest parameter lists:")
     for count, where, _ in signatures[: args.top]:
         print(f"  {count:3d}  {where}")
     whole_flags = sorted(where for _, where, names in signatures if "flags" in names or "args" in names)
