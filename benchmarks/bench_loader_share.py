@@ -122,7 +122,7 @@ def stage_costs(data: Path, size: int, args) -> dict[str, float]:
     import io  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from image_classification import allocator, precision  # noqa: PLC0415
+    from image_classification import precision, runtime  # noqa: PLC0415
     from image_classification.data import sources  # noqa: PLC0415
     from image_classification.data.loaders.decode import split_crop  # noqa: PLC0415
     from image_classification.data.loaders.device import Normalize  # noqa: PLC0415
@@ -130,7 +130,7 @@ def stage_costs(data: Path, size: int, args) -> dict[str, float]:
     from image_classification.data.loaders.transforms import train_transform  # noqa: PLC0415
 
     torch.set_num_threads(1)
-    allocator.keep_freed_memory()  # the batch buffers reused, as in main.py's process
+    runtime.prepare_cpu_process()  # as in main.py's process (the batch buffers reused)
     amp_dtype = precision.choose("cpu", amp=args.amp).amp_dtype  # the runs' layout, as in epoch_rate
     memory_format = precision.memory_format("auto", "cpu", "train", amp_dtype)
     source = sources.open_source(str(data), "train")
@@ -235,10 +235,9 @@ def run_fixed_batch(size: int, args) -> None:
     """The bare loop: as many steps as a loader epoch has, each timed from the end of the last."""
     import torch  # noqa: PLC0415 -- only this child process needs it
 
-    from image_classification import allocator, denormals, models, precision  # noqa: PLC0415
+    from image_classification import models, precision, runtime  # noqa: PLC0415
 
-    allocator.keep_freed_memory()  # as main.py does on the CPU: the same process conditions
-    denormals.flush()
+    runtime.prepare_cpu_process()  # as main.py on the CPU: the same process conditions
 
     torch.manual_seed(0)
     amp_dtype = precision.choose("cpu", amp=args.amp).amp_dtype  # as main.py [--amp] --memory-format auto

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import torch
 
-from image_classification import (allocator, assembly, compiling, config, denormals, distributed, flag_rules, models,
-                                  precision, preprocessing, runtime, settings)
+from image_classification import (assembly, compiling, config, distributed, flag_rules, models, precision,
+                                  preprocessing, runtime, settings)
 from image_classification.checkpoints import contents, writer
 from image_classification.checkpoints.contents import SavedRun
 from image_classification.data import registry as data_registry
@@ -128,9 +128,8 @@ def _start_runtime(args, context: distributed.DistributedContext) -> runtime.Run
                             "does not); use --gpu-affinity none")
         set_affinity(bus_id, args.gpu_affinity)
     device = runtime.select_device(args.device, context.local_rank)
-    if device.type == "cpu":  # before the model's first buffers: steps reuse the heap (allocator.py)
-        allocator.keep_freed_memory()
-        denormals.flush()  # before the intra-op threads exist, which copy the mode (denormals.py)
+    if device.type == "cpu":
+        runtime.prepare_cpu_process()
     rt = runtime.build_runtime(device=device, amp=args.amp, amp_dtype=args.amp_dtype,
                                memory_format=args.memory_format, tf32=args.tf32,
                                path="infer" if args.evaluate else "train")

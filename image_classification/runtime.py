@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from image_classification import precision
+from image_classification import allocator, denormals, precision
 from image_classification.errors import UserError
 
 
@@ -118,6 +118,15 @@ def pci_bus_id(index: int) -> str | None:
 def device_identity(index: int) -> str:
     """A name of physical GPU ``index`` that is the same in every process: PCI bus id, else UUID."""
     return pci_bus_id(index) or f"uuid {torch.cuda.get_device_properties(index).uuid}"
+
+
+def prepare_cpu_process() -> None:
+    """The process conditions a CPU run needs, set before its model's first buffers and before
+    PyTorch's intra-op threads exist (which copy the denormal mode): the heap keeps what a step frees
+    (:mod:`~image_classification.allocator`) and denormal floats compute as zero
+    (:mod:`~image_classification.denormals`)."""
+    allocator.keep_freed_memory()
+    denormals.flush()
 
 
 def build_runtime(*, device: torch.device, amp: bool, amp_dtype: str | None, memory_format: str,
